@@ -1,0 +1,635 @@
+#!/usr/bin/env python3
+"""Build a tiny Linux guest (kernel + initramfs) for vmspawnd's QEMU tests.
+
+Inputs come from Debian packages: ``linux-image-amd64`` (``/boot/vmlinuz-*``
+plus ``/lib/modules/<ver>``) and ``busybox-static`` (``/bin/busybox``).  The
+result lives in a cache dir and is rebuilt only when its inputs change.
+
+The guest speaks a line protocol on its serial console (ttyS0)::
+
+    VMSPAWN-PCI <bdf> <vendor>:<device> class=<class>   # one per PCI function
+    VMSPAWN-BLOCK <name> serial=<serial>                # one per disk at boot
+    VMSPAWN-NVME-COUNT <n>                              # nvme controllers
+    VMSPAWN-GUEST-READY                                 # boot snapshot done
+    VMSPAWN-BLOCK-ADD <name> serial=<serial>            # hotplugged disk
+    VMSPAWN-BLOCK-REMOVE <name>                         # unplugged disk
+    VMSPAWN-POWEROFF                                    # ACPI power button
+
+CLI: ``python3 tools/tinyguest.py [--cache DIR]`` prints ``KERNEL=``,
+``INITRD=`` and ``CMDLINE=`` lines that a shell can ``eval``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import lzma
+import os
+import re
+import shlex
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Guest", "build", "find_kernel", "CMDLINE", "default_cache_dir"]
+
+BUSYBOX = Path("/bin/busybox")
+MODULES_ROOT = Path("/lib/modules")
+
+# Kernel command line.  Beyond the required bits, every extra flag removes a
+# probe/calibration that is slow or pointless under TCG:
+#   tsc=reliable / no_timer_check  skip TSC watchdog and the IO-APIC timer check
+#   8250.nr_uarts=1                 probe only ttyS0 instead of 4 legacy ports
+#   random.trust_cpu=on             do not wait for entropy
+#   i8042.noaux                     skip the slow PS/2 mouse probe (no AUX port)
+#   mitigations=off                 throwaway test VM: skip speculation setup
+#   scsi_mod/nvme_core params are passed to insmod by /init (module args on
+#   the kernel command line are ignored for modules loaded by busybox insmod).
+# `quiet` keeps console_loglevel at 4, so kernel warnings still reach the log;
+# the VMSPAWN lines are written to /dev/console by userspace and never depend
+# on printk levels.
+CMDLINE = (
+    "console=ttyS0 rdinit=/init panic=-1 quiet"
+    " tsc=reliable no_timer_check 8250.nr_uarts=1 random.trust_cpu=on"
+    " i8042.noaux mitigations=off"
+)
+
+# Modules we want, in load-preference order (nvme first: its controller
+# reset runs asynchronously, so starting it early overlaps with the rest).
+WANTED_MODULES = (
+    # crc-t10dif / crc64-rocksoft (pulled in by sd_mod and nvme_core) look up
+    # their crypto backend via request_module(); there is no modprobe in the
+    # guest, so ship the generic implementations and load them first.
+    "crct10dif_generic",
+    "crc64_rocksoft_generic",
+    "nvme_core",
+    "nvme",
+    "virtio_pci",
+    "virtio",
+    "virtio_ring",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_blk",
+    "scsi_mod",
+    "sd_mod",
+    "sr_mod",
+    "virtio_scsi",
+    "virtio_net",
+    "virtio_rng",
+    "virtio_balloon",
+    "virtio_console",
+    "vmw_vsock_virtio_transport",
+    "button",
+    "evdev",
+)
+
+# Extra insmod arguments (kernel-cmdline "mod.param=" does not reach insmod).
+MODULE_ARGS = {
+    # Synchronous scan: SCSI disks present at boot exist once insmod returns.
+    "scsi_mod": "scan=sync",
+    # Each QEMU nvme device is its own subsystem, so native multipath buys
+    # nothing and would name disks after the subsystem, not the controller.
+    "nvme_core": "multipath=N",
+}
+
+# Bump to force re-extraction of cached vmlinux files (the initramfs is keyed
+# on this file's hash instead, so editing /init never re-extracts the kernel).
+_KERNEL_FORMAT = 1
+# Cache entries not used for this long are removed by build().
+_PRUNE_AFTER_S = 7 * 24 * 3600
+
+# PID 1.  Kept trivial so that it cannot fail: any error in the real init
+# script (e.g. a failed redirection, which makes a non-interactive shell
+# exit) ends only that child, never PID 1, so the kernel never panics.
+_INIT = r"""#!/bin/sh
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+/bin/sh /etc/tinyguest-init.sh
+echo "tinyguest: init script exited ($?)" > /dev/console
+# Sleeping in a loop also reaps orphans reparented to PID 1.
+while :; do sleep 3600; done
+"""
+
+_MAIN = r"""#!/bin/sh
+# tinyguest main init script, run by /init (PID 1).
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+# No modules.dep in here, so kernel-initiated modprobe could only fail; an
+# empty path makes request_module() fail fast instead of spawning helpers.
+echo > /proc/sys/kernel/modprobe
+. /etc/tinyguest.sh
+
+@INSMOD@
+
+# Hotplug notifications.  Debian's kernel has no CONFIG_UEVENT_HELPER, so
+# /proc/sys/kernel/hotplug is usually absent: fall back to busybox `uevent`,
+# which listens on netlink and runs the helper once per event, in order.
+if [ -w /proc/sys/kernel/hotplug ]; then
+    echo /sbin/hotplug > /proc/sys/kernel/hotplug
+    : > /run/uevent-alive
+else
+    uevent /sbin/hotplug &
+    # Round-trip a synthetic event so we know the netlink socket is open
+    # before READY; otherwise an early hotplug could be missed.
+    i=0
+    while [ ! -e /run/uevent-alive ] && [ $i -lt 100 ]; do
+        echo change > /sys/devices/virtual/mem/null/uevent
+        usleep 20000
+        i=$((i + 1))
+    done
+fi
+
+# Wait (bounded, ~5 s) for boot-time devices to settle: every nvme PCI
+# function must have a live controller with a namespace (nvme probes
+# asynchronously), and the PCI/block/nvme listing must be unchanged twice.
+prev= stable=0 i=0
+while [ $i -lt 250 ]; do
+    busy=0 want=0 have=0
+    for d in /sys/bus/pci/devices/*; do
+        read -r c < "$d/class"
+        [ "$c" = 0x010802 ] && want=$((want + 1))
+    done
+    for c in /sys/class/nvme/*; do
+        [ -e "$c" ] || continue
+        have=$((have + 1))
+        read -r st < "$c/state"
+        set -- "$c"/nvme*n*
+        [ "$st" = live ] && [ -e "$1" ] || busy=1
+    done
+    [ $have -lt $want ] && busy=1
+    set -- /sys/bus/pci/devices/* /sys/block/* /sys/class/nvme/*
+    cur="$*"
+    if [ $busy = 0 ] && [ "$cur" = "$prev" ]; then
+        stable=$((stable + 1))
+        [ $stable -ge 2 ] && break
+    else
+        stable=0
+    fi
+    prev=$cur
+    usleep 20000
+    i=$((i + 1))
+done
+
+# Arm the power-button watcher before READY: evdev only queues events for
+# readers that already have the device open, so open it here synchronously.
+fd=3
+for e in /sys/class/input/event*; do
+    [ -e "$e/device/name" ] || continue
+    read -r nm < "$e/device/name"
+    [ "$nm" = "Power Button" ] || continue
+    [ $fd -le 9 ] || break
+    [ -c "/dev/input/${e##*/}" ] || continue
+    eval "exec $fd</dev/input/${e##*/}"
+    (
+        # One input_event is 24 bytes on x86_64; any event means a press.
+        dd bs=24 count=1 of=/dev/null 2>/dev/null <&$fd
+        mkdir /run/poweroff 2>/dev/null || exit 0
+        echo VMSPAWN-POWEROFF
+        sync
+        poweroff -f
+    ) &
+    eval "exec $fd<&-"
+    fd=$((fd + 1))
+done
+
+# From here on the hotplug helper reports; events racing with the snapshot
+# below may show up both as BLOCK and BLOCK-ADD (consumers must dedupe).
+: > /run/vmspawn-ready
+for d in /sys/bus/pci/devices/*; do
+    read -r v < "$d/vendor"; read -r p < "$d/device"; read -r c < "$d/class"
+    echo "VMSPAWN-PCI ${d##*/} ${v#0x}:${p#0x} class=${c#0x}"
+done
+for d in /sys/block/*; do
+    n=${d##*/}
+    case $n in ram*|loop*|\*) continue ;; esac
+    echo "VMSPAWN-BLOCK $n serial=$(serial_of "$n")"
+done
+set -- /sys/class/nvme/*
+[ -e "$1" ] || set --
+echo "VMSPAWN-NVME-COUNT $#"
+echo VMSPAWN-GUEST-READY
+
+if grep -q tinyguest.shell /proc/cmdline; then
+    # Debug aid: interactive shell on the console (prompts may interleave
+    # with VMSPAWN lines, hence opt-in).
+    while :; do setsid cttyhack sh; sleep 1; done
+fi
+"""
+
+_HOTPLUG = r"""#!/bin/sh
+# Run once per kernel uevent (by busybox `uevent` or the kernel helper).
+# The environment holds only the uevent variables, so set PATH ourselves.
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+if [ "$DEVPATH" = /devices/virtual/mem/null ]; then
+    : > /run/uevent-alive
+    exit 0
+fi
+[ "$SUBSYSTEM" = block ] && [ "$DEVTYPE" = disk ] || exit 0
+[ -e /run/vmspawn-ready ] || exit 0
+n=${DEVNAME:-${DEVPATH##*/}}
+n=${n##*/}
+case $n in ram*|loop*) exit 0 ;; esac
+case $ACTION in
+add)
+    . /etc/tinyguest.sh
+    echo "VMSPAWN-BLOCK-ADD $n serial=$(serial_of "$n")" > /dev/console
+    ;;
+remove)
+    echo "VMSPAWN-BLOCK-REMOVE $n" > /dev/console
+    ;;
+esac
+exit 0
+"""
+
+_LIB = r"""# Shared by /init and /sbin/hotplug.
+# serial_of NAME: print the serial of /sys/block/NAME (may be empty).
+serial_of() {
+    d=/sys/block/$1 s=
+    if [ -r "$d/device/serial" ]; then
+        read -r s < "$d/device/serial"      # nvme (controller attribute)
+    elif [ -r "$d/serial" ]; then
+        read -r s < "$d/serial"             # virtio-blk
+    elif [ -r "$d/device/vpd_pg80" ]; then
+        # SCSI unit serial VPD page: 4 header bytes, then the serial.
+        # (busybox tr -c with [:print:] is broken, hence explicit ranges.)
+        s=$(tail -c +5 "$d/device/vpd_pg80" | tr -d '\000-\037\177-\377')
+    elif [ -r "$d/device/model" ]; then
+        read -r s < "$d/device/model"
+    fi
+    # `read` trims the surrounding whitespace.
+    read -r s <<EOF
+$s
+EOF
+    echo "$s"
+}
+"""
+
+
+@dataclass(frozen=True)
+class Guest:
+    """A bootable guest: pass to QEMU as -kernel/-initrd/-append."""
+
+    kernel: Path
+    initrd: Path
+    cmdline: str
+
+
+def _version_key(ver: str) -> list[tuple[int, str]]:
+    # Natural sort so that 6.1.0-10 sorts after 6.1.0-9.
+    return [(int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"(\d+)", ver)]
+
+
+def find_kernel() -> Path:
+    """Return the newest /boot/vmlinuz-* that has a matching modules dir."""
+    candidates = []
+    for path in Path("/boot").glob("vmlinuz-*"):
+        ver = path.name.removeprefix("vmlinuz-")
+        if (MODULES_ROOT / ver / "modules.dep").is_file():
+            candidates.append((_version_key(ver), path))
+    if not candidates:
+        raise RuntimeError(
+            "no usable kernel: need /boot/vmlinuz-<ver> and "
+            "/lib/modules/<ver>/modules.dep (hint: apt-get install linux-image-amd64)"
+        )
+    return max(candidates)[1]
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "vmspawnd-guest"
+
+
+# --------------------------------------------------------------------------
+# Kernel: bzImage -> ELF vmlinux
+#
+# QEMU boots an ELF vmlinux with a PVH note directly (no real-mode setup, no
+# in-guest decompression): measured ~2x faster to userspace under TCG than
+# the bzImage.  Debian's kernel has CONFIG_PVH=y, so the note is present.
+# --------------------------------------------------------------------------
+
+_XZ_MAGIC = b"\xfd7zXZ\x00"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_GZIP_MAGIC = b"\x1f\x8b\x08"
+
+
+def _elf_complete(data: bytes) -> bool:
+    """True if data is a 64-bit ELF whose program segments are all present.
+
+    Guards against truncated output from a decompressor that stopped early.
+    """
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2:
+        return False
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    if phnum == 0 or phoff + phentsize * phnum > len(data):
+        return False
+    for i in range(phnum):
+        off = phoff + i * phentsize
+        _p_type, _flags, p_offset, _vaddr, _paddr, p_filesz = struct.unpack_from(
+            "<IIQQQQ", data, off
+        )
+        if p_offset + p_filesz > len(data):
+            return False
+    return True
+
+
+def _decompress(kind: str, blob: bytes) -> bytes | None:
+    try:
+        if kind == "xz":
+            # The decompressor stops at the end of the stream and ignores
+            # whatever follows (the bzImage appends the size and more).
+            return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(blob)
+        if kind == "gzip":
+            return zlib.decompressobj(wbits=31).decompress(blob)
+        if kind == "zstd":
+            # Python 3.11 has no zstd module.  Trailing bytes make zstd exit
+            # non-zero after writing the frame, so judge the output instead.
+            proc = subprocess.run(
+                ["zstd", "-dcq"], input=blob, capture_output=True, check=False
+            )
+            return proc.stdout
+    except (lzma.LZMAError, zlib.error, OSError):
+        return None
+    return None
+
+
+def _payload_candidates(image: bytes) -> Iterator[tuple[int, str]]:
+    # Start at the protected-mode part; the compressed payload lives there.
+    start = 0
+    if image[0x202:0x206] == b"HdrS":
+        start = ((image[0x1F1] or 4) + 1) * 512
+    hits: list[tuple[int, str]] = []
+    for magic, kind in ((_XZ_MAGIC, "xz"), (_ZSTD_MAGIC, "zstd"), (_GZIP_MAGIC, "gzip")):
+        pos = image.find(magic, start)
+        while pos >= 0:
+            hits.append((pos, kind))
+            pos = image.find(magic, pos + 1)
+    yield from sorted(hits)
+
+
+def extract_vmlinux(bzimage: Path) -> bytes:
+    """Return the ELF vmlinux embedded in a bzImage (RuntimeError if none)."""
+    image = bzimage.read_bytes()
+    for pos, kind in _payload_candidates(image):
+        out = _decompress(kind, image[pos:])
+        if out is not None and _elf_complete(out):
+            return out
+    raise RuntimeError(f"{bzimage}: no xz/zstd/gzip payload decompresses to an ELF vmlinux")
+
+
+# --------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------
+
+_KO_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
+
+
+def _modname(path: str) -> str:
+    base = path.rsplit("/", 1)[-1]
+    for suffix in _KO_SUFFIXES:
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    # modprobe treats '-' and '_' as equivalent; so do we.
+    return base.replace("-", "_")
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def resolve_modules(moddir: Path, wanted: Iterable[str]) -> list[tuple[str, Path]]:
+    """Wanted modules plus dependencies, in load order, as (name, file).
+
+    Built-in and absent modules are skipped silently.
+    """
+    deps: dict[str, list[str]] = {}
+    paths: dict[str, Path] = {}
+    for line in _read_lines(moddir / "modules.dep"):
+        target, _, rest = line.partition(":")
+        name = _modname(target)
+        paths[name] = moddir / target
+        deps[name] = [_modname(d) for d in rest.split()]
+    builtin = {_modname(line) for line in _read_lines(moddir / "modules.builtin") if line}
+
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        # Depth-first: dependencies are emitted before their users.
+        if name in seen or name in builtin or name not in paths:
+            return
+        seen.add(name)
+        for dep in deps[name]:
+            visit(dep)
+        order.append(name)
+
+    for want in wanted:
+        visit(want.replace("-", "_"))
+    return [(name, paths[name]) for name in order]
+
+
+def _module_bytes(path: Path) -> bytes:
+    # busybox insmod wants plain ELF, so decompress at build time.
+    name = path.name
+    if name.endswith(".ko.xz"):
+        return lzma.decompress(path.read_bytes())
+    if name.endswith(".ko.gz"):
+        return gzip.decompress(path.read_bytes())
+    if name.endswith(".ko.zst"):
+        return subprocess.run(
+            ["zstd", "-dcq", str(path)], capture_output=True, check=True
+        ).stdout
+    return path.read_bytes()
+
+
+# --------------------------------------------------------------------------
+# initramfs (newc cpio, uncompressed: the guest would only burn TCG cycles
+# decompressing it, and it is only a few MB)
+# --------------------------------------------------------------------------
+
+
+class _Cpio:
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._ino = 1
+
+    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+        namez = name.encode() + b"\0"
+        fields = (
+            self._ino, mode, 0, 0, 1 if not stat.S_ISDIR(mode) else 2, 0,
+            len(data), 0, 0, rdev[0], rdev[1], len(namez), 0,
+        )
+        self._ino += 1
+        hdr = b"070701" + b"".join(b"%08X" % f for f in fields)
+        self._parts += [hdr, namez, b"\0" * (-(len(hdr) + len(namez)) % 4)]
+        self._parts += [data, b"\0" * (-len(data) % 4)]
+
+    def dir(self, name: str) -> None:
+        self._entry(name, stat.S_IFDIR | 0o755)
+
+    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
+        self._entry(name, stat.S_IFREG | mode, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
+
+    def chardev(self, name: str, major: int, minor: int) -> None:
+        self._entry(name, stat.S_IFCHR | 0o600, rdev=(major, minor))
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0)
+        return b"".join(self._parts)
+
+
+def _check_static(busybox: Path) -> None:
+    # A dynamically linked busybox (package "busybox") cannot run in an
+    # initramfs without libc; catch that here instead of as a guest panic.
+    head = busybox.read_bytes()[:4096]
+    if head[:4] != b"\x7fELF" or head[4] != 2:
+        raise RuntimeError(f"{busybox} is not a 64-bit ELF binary")
+    phoff, = struct.unpack_from("<Q", head, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
+    for i in range(phnum):
+        off = phoff + i * phentsize
+        if off + 4 <= len(head) and struct.unpack_from("<I", head, off)[0] == 3:  # PT_INTERP
+            raise RuntimeError(
+                f"{busybox} is dynamically linked (hint: apt-get install busybox-static)"
+            )
+
+
+def build_initramfs(kver: str, busybox: Path = BUSYBOX) -> bytes:
+    if not busybox.is_file():
+        raise RuntimeError(f"{busybox} missing (hint: apt-get install busybox-static)")
+    _check_static(busybox)
+    applets = subprocess.run(
+        [str(busybox), "--list-full"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    modules = resolve_modules(MODULES_ROOT / kver, WANTED_MODULES)
+
+    cpio = _Cpio()
+    for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys",
+              "run", "tmp", "etc", "lib", "lib/modules", "root"):
+        cpio.dir(d)
+    # init's stdio is opened before devtmpfs is mounted, so ship the node.
+    cpio.chardev("dev/console", 5, 1)
+    cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
+    for applet in applets:
+        if applet != "bin/busybox":
+            cpio.symlink(applet, "/bin/busybox")
+
+    insmod = []
+    for name, path in modules:
+        cpio.file(f"lib/modules/{name}.ko", _module_bytes(path))
+        args = MODULE_ARGS.get(name, "")
+        insmod.append(f"insmod /lib/modules/{name}.ko {args}".rstrip())
+    cpio.file("init", _INIT.encode(), 0o755)
+    main = _MAIN.replace("@INSMOD@", "\n".join(insmod))
+    cpio.file("etc/tinyguest-init.sh", main.encode(), 0o755)
+    cpio.file("sbin/hotplug", _HOTPLUG.encode(), 0o755)
+    cpio.file("etc/tinyguest.sh", _LIB.encode())
+    return cpio.finish()
+
+
+# --------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------
+
+
+def _stat_id(path: Path) -> str:
+    st = path.stat()
+    return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def _publish(cache_dir: Path, final: Path, files: dict[str, bytes]) -> None:
+    """Atomically create directory `final` holding `files`.
+
+    Built in a temp dir and renamed, so a present entry is always complete
+    and concurrent builders (parallel test runs) cannot corrupt each other.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from others
+    try:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            # Lost the race to another builder; theirs is identical.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prune(cache_dir: Path, keep: set[Path]) -> None:
+    # Old entries accumulate as the kernel or this script change; drop those
+    # unused for a week (entries in use are touched on every build()).
+    cutoff = time.time() - _PRUNE_AFTER_S
+    for entry in cache_dir.iterdir():
+        try:
+            if entry not in keep and entry.stat().st_mtime < cutoff:
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def build(cache_dir: Path) -> Guest:
+    """Build (or reuse from cache_dir) the guest for the newest kernel."""
+    bzimage = find_kernel()
+    cache_dir = cache_dir.absolute()  # QEMU may run from another cwd
+    kver = bzimage.name.removeprefix("vmlinuz-")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+
+    kdir = cache_dir / f"kernel-{kver}-{_digest(str(_KERNEL_FORMAT), _stat_id(bzimage))}"
+    if not kdir.is_dir():
+        _publish(cache_dir, kdir, {"vmlinux": extract_vmlinux(bzimage)})
+
+    script_hash = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    moddir = MODULES_ROOT / kver
+    idir = cache_dir / f"initrd-{kver}-{_digest(script_hash, _stat_id(BUSYBOX), _stat_id(moddir / 'modules.dep'))}"
+    if not idir.is_dir():
+        _publish(cache_dir, idir, {"initrd.cpio": build_initramfs(kver)})
+
+    for entry in (kdir, idir):
+        os.utime(entry)
+    _prune(cache_dir, {kdir, idir})
+    return Guest(kernel=kdir / "vmlinux", initrd=idir / "initrd.cpio", cmdline=CMDLINE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--cache", type=Path, default=None, help="cache directory "
+                        "(default: $XDG_CACHE_HOME/vmspawnd-guest or ~/.cache/vmspawnd-guest)")
+    args = parser.parse_args(argv)
+    try:
+        guest = build(args.cache or default_cache_dir())
+    except RuntimeError as exc:
+        print(f"tinyguest: {exc}", file=sys.stderr)
+        return 1
+    print(f"KERNEL={shlex.quote(str(guest.kernel))}")
+    print(f"INITRD={shlex.quote(str(guest.initrd))}")
+    print(f"CMDLINE={shlex.quote(guest.cmdline)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Who is calling: the one place that knows the message behind a method call.
+
+dbus-fast's @dbus_method hands the method its arguments only. A message
+handler runs for every incoming message just before dispatch and records it
+in a context variable; the method's task is created right after, inside the
+same callback, so it inherits a copy of the context with its own message.
+"""
+
+from contextvars import ContextVar
+
+from dbus_fast import Message, MessageFlag, MessageType
+from dbus_fast.aio import MessageBus
+
+_message: ContextVar[Message | None] = ContextVar("vmspawnd_message", default=None)
+
+
+def _remember(msg: Message) -> None:
+    if msg.message_type is MessageType.METHOD_CALL:
+        _message.set(msg)
+
+
+def install(bus: MessageBus) -> None:
+    bus.add_message_handler(_remember)
+
+
+def current_message() -> Message:
+    msg = _message.get()
+    if msg is None:
+        raise RuntimeError("caller.current_message() outside a D-Bus method call")
+    return msg
+
+
+def sender() -> str:
+    return current_message().sender or ""
+
+
+def allows_interaction() -> bool:
+    return bool(current_message().flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
+
+
+async def uid(bus: MessageBus) -> int:
+    """The caller's uid, as the bus daemon vouches for it."""
+    reply = await bus.call(
+        Message(
+            destination="org.freedesktop.DBus",
+            path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus",
+            member="GetConnectionUnixUser",
+            signature="s",
+            body=[sender()],
+        )
+    )
+    if reply is None or reply.message_type is not MessageType.METHOD_RETURN:
+        raise RuntimeError(f"GetConnectionUnixUser failed: {reply.body if reply else 'no reply'}")
+    return int(reply.body[0])

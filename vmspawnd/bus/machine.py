@@ -1,0 +1,173 @@
+"""org.vmspawnd1.Machine: one object per VM."""
+
+import os
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from dbus_fast import PropertyAccess, Variant
+from dbus_fast.aio import MessageBus
+from dbus_fast.annotations import DBusSignature, DBusStr, DBusUInt32, DBusUInt64, DBusUnixFd
+from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
+
+from .. import opener
+from ..machine import Drive, Machine
+from . import MACHINE_IFACE, MANAGER_PATH, options
+from .errors import replies_errors
+
+Options = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
+DictList = Annotated[list[dict[str, Variant]], DBusSignature("aa{sv}")]
+DrivePort = Annotated[list[str], DBusSignature("ss")]
+UsedBudget = Annotated[list[int], DBusSignature("(uu)")]
+
+DEFAULT_UNPLUG_TIMEOUT = 10.0
+
+
+def object_path(name: str) -> str:
+    """systemd's bus label escaping: every byte outside [A-Za-z0-9] becomes _xx."""
+    label = "".join(c if c.isascii() and c.isalnum() else f"_{ord(c):02x}" for c in name) or "_"
+    return f"{MANAGER_PATH}/machine/{label}"
+
+
+def ports_value(machine: Machine) -> list[dict[str, Variant]]:
+    return [
+        {
+            "id": Variant("s", p.id),
+            "addr": Variant("s", p.addr),
+            "chassis": Variant("u", p.chassis),
+            "role": Variant("s", str(p.role)),
+            "device": Variant("s", machine.port_owner.get(p.id, "")),
+        }
+        for p in machine.plan.ports
+    ]
+
+
+def drives_value(machine: Machine) -> list[dict[str, Variant]]:
+    return [
+        {
+            "id": Variant("s", d.id),
+            "path": Variant("s", d.path),
+            "disk_type": Variant("s", str(d.disk_type)),
+            "port": Variant("s", d.port),
+            "state": Variant("s", str(d.state)),
+        }
+        for d in machine.drives.values()
+    ]
+
+
+class MachineInterface(ServiceInterface):
+    def __init__(self, machine: Machine, bus: MessageBus, authorize: Any) -> None:
+        super().__init__(MACHINE_IFACE)
+        self.machine = machine
+        self.bus = bus
+        self.path = object_path(machine.name)
+        self._authorize = authorize
+        self.unplug_timeout = DEFAULT_UNPLUG_TIMEOUT
+
+    # Observer of the machine: PropertiesChanged and signals.
+    def changed(self, machine: Machine, properties: set[str]) -> None:
+        getters: dict[str, Callable[[], object]] = {
+            "State": lambda: str(machine.state),
+            "Leader": lambda: machine.leader,
+            "Drives": lambda: drives_value(machine),
+            "Ports": lambda: ports_value(machine),
+            "FreeSparePorts": lambda: len(machine.free_spares),
+        }
+        self.emit_properties_changed({p: getters[p]() for p in properties if p in getters})
+
+    def drive_added(self, machine: Machine, drive: Drive) -> None:
+        self.DriveAdded(drive.id, drive.port)
+
+    def drive_removed(self, machine: Machine, drive_id: str) -> None:
+        self.DriveRemoved(drive_id)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Name(self) -> DBusStr:
+        return self.machine.name
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Id(self) -> DBusStr:
+        return self.machine.id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def State(self) -> DBusStr:
+        return str(self.machine.state)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Leader(self) -> DBusUInt32:
+        return self.machine.leader
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Ports(self) -> DictList:
+        return ports_value(self.machine)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Drives(self) -> DictList:
+        return drives_value(self.machine)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def FreeSparePorts(self) -> DBusUInt32:
+        return len(self.machine.free_spares)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def PcieSlots(self) -> UsedBudget:
+        return [self.machine.plan.used, self.machine.plan.budget]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ConsoleLog(self) -> DBusStr:
+        return str(self.machine.console_log)
+
+    @dbus_method()
+    @replies_errors
+    async def Terminate(self) -> None:
+        await self._authorize(self.machine)
+        await self.machine.terminate()
+
+    @dbus_method()
+    @replies_errors
+    async def AddDrive(self, path: DBusStr, opts: Options) -> DrivePort:
+        uid = await self._authorize(self.machine)
+        drive, drive_id = options.add_drive(path, opts)
+        self.machine.validate_drive(drive, drive_id)
+        fd = await opener.open_as(uid, path, drive.read_only)
+        try:
+            added = await self.machine.add_drive(drive, drive_id, fd)
+        finally:
+            os.close(fd)
+        return [added.id, added.port]
+
+    @dbus_method()
+    @replies_errors
+    async def AddDriveFd(self, fd: DBusUnixFd, opts: Options) -> DrivePort:
+        try:
+            await self._authorize(self.machine)
+            drive, drive_id = options.add_drive(os.readlink(f"/proc/self/fd/{fd}"), opts)
+            added = await self.machine.add_drive(drive, drive_id, fd)
+        finally:
+            os.close(fd)
+        return [added.id, added.port]
+
+    @dbus_method()
+    @replies_errors
+    async def RemoveDrive(self, drive_id: DBusStr) -> None:
+        await self._authorize(self.machine)
+        await self.machine.remove_drive(drive_id, self.unplug_timeout)
+
+    @dbus_method()
+    @replies_errors
+    async def RemoveDriveEx(self, drive_id: DBusStr, opts: Options) -> None:
+        await self._authorize(self.machine)
+        await self.machine.remove_drive(drive_id, options.remove_timeout(opts, self.unplug_timeout))
+
+    @dbus_method()
+    @replies_errors
+    async def PowerOff(self, timeout_usec: DBusUInt64) -> None:
+        await self._authorize(self.machine)
+        await self.machine.power_off(options.power_off_timeout(timeout_usec))
+
+    @dbus_signal()
+    def DriveAdded(self, drive_id: str, port: str) -> Annotated[list[str], DBusSignature("ss")]:
+        return [drive_id, port]
+
+    @dbus_signal()
+    def DriveRemoved(self, drive_id: str) -> DBusStr:
+        return drive_id

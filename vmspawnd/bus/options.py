@@ -1,0 +1,183 @@
+"""a{sv} option dicts -> validated model values.
+
+Unknown keys and wrong variant types are refused here, so the core only
+ever sees well-typed values.
+"""
+
+import enum
+import re
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dbus_fast import Variant
+
+from ..errors import InvalidArgument
+from ..model import (
+    Accel,
+    DiskType,
+    DriveSpec,
+    Firmware,
+    ImageFormat,
+    MachineSpec,
+    MiB,
+    MountSpec,
+    Network,
+    NetworkMode,
+)
+
+MACHINE_OPTIONS = {
+    "kernel": "s",
+    "initrd": "s",
+    "cmdline": "s",
+    "image": "s",
+    "image_format": "s",
+    "disk_type": "s",
+    "drives": "aa{sv}",
+    "directory": "s",
+    "mounts": "aa{sv}",
+    "network": "s",
+    "vsock": "b",
+    "memory": "t",
+    "cpus": "u",
+    "hotplug_spares": "u",
+    "accel": "s",
+    "qemu_extra": "as",
+    "firmware": "s",
+}
+DRIVE_OPTIONS = {"path": "s", "format": "s", "disk_type": "s", "read_only": "b", "serial": "s"}
+MOUNT_OPTIONS = {"source": "s", "tag": "s", "read_only": "b"}
+ADD_DRIVE_OPTIONS = {"disk_type": "s", "format": "s", "read_only": "b", "serial": "s", "id": "s"}
+REMOVE_DRIVE_OPTIONS = {"timeout_usec": "t"}
+
+MIN_MEMORY = 32 * MiB
+MAX_MEMORY = 1024 * 1024 * MiB
+MAX_CPUS = 288
+MAX_STRING = 4096
+IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+SERIAL = re.compile(r"[\x21-\x7e]*")
+
+E = TypeVar("E", bound=enum.StrEnum)
+
+
+def unpack(options: dict[str, Variant], schema: dict[str, str], where: str) -> dict[str, Any]:
+    """Check keys and variant signatures; return plain values."""
+    values = {}
+    for key, variant in options.items():
+        if key not in schema:
+            raise InvalidArgument(f"unknown {where} option {key!r}; known options: {', '.join(sorted(schema))}")
+        if not isinstance(variant, Variant) or variant.signature != schema[key]:
+            got = variant.signature if isinstance(variant, Variant) else type(variant).__name__
+            raise InvalidArgument(f"{where} option {key!r} must have type '{schema[key]}', got '{got}'")
+        value = variant.value
+        if isinstance(value, str) and len(value) > MAX_STRING:
+            raise InvalidArgument(f"{where} option {key!r} is longer than {MAX_STRING} characters")
+        values[key] = value
+    return values
+
+
+def choice(kind: type[E], value: str, key: str) -> E:
+    try:
+        return kind(value)
+    except ValueError:
+        raise InvalidArgument(f"unknown {key} {value!r}; use one of: {', '.join(kind)}") from None
+
+
+def path(value: str, key: str) -> Path:
+    if not value.startswith("/"):
+        raise InvalidArgument(f"{key} {value!r} must be an absolute path")
+    return Path(value)
+
+
+def serial(value: str) -> str:
+    if not SERIAL.fullmatch(value):
+        raise InvalidArgument(f"serial {value!r} may only hold printable ASCII without spaces")
+    return value
+
+
+def drive(values: dict[str, Any], default_type: DiskType, where: str) -> DriveSpec:
+    if "path" not in values:
+        raise InvalidArgument(f"{where} needs a 'path'")
+    return DriveSpec(
+        path=path(values["path"], f"{where} path"),
+        disk_type=choice(DiskType, values.get("disk_type", default_type), "disk_type"),
+        format=choice(ImageFormat, values.get("format", "raw"), "format"),
+        read_only=values.get("read_only", False),
+        serial=serial(values.get("serial", "")),
+    )
+
+
+def network(value: str) -> Network:
+    kind, _, tap = value.partition(":")
+    mode = choice(NetworkMode, kind, "network")
+    if mode is NetworkMode.TAP and not IFNAME.fullmatch(tap):
+        raise InvalidArgument(f"network {value!r}: use 'tap:NAME' with an interface name of 1-15 characters")
+    if mode is not NetworkMode.TAP and tap:
+        raise InvalidArgument(f"network {value!r}: only 'tap' takes ':NAME'; use 'none', 'user' or 'tap:NAME'")
+    return Network(mode, tap)
+
+
+def machine_spec(name: str, options: dict[str, Variant]) -> MachineSpec:
+    v = unpack(options, MACHINE_OPTIONS, "CreateMachine")
+    disk_type = choice(DiskType, v.get("disk_type", "virtio-blk"), "disk_type")
+    image = None
+    if "image" in v:
+        image = DriveSpec(
+            path=path(v["image"], "image"),
+            disk_type=disk_type,
+            format=choice(ImageFormat, v.get("image_format", "raw"), "image_format"),
+        )
+    drives = tuple(
+        drive(unpack(d, DRIVE_OPTIONS, f"drives[{i}]"), disk_type, f"drives[{i}]")
+        for i, d in enumerate(v.get("drives", []))
+    )
+    mounts = []
+    for i, m in enumerate(v.get("mounts", [])):
+        mv = unpack(m, MOUNT_OPTIONS, f"mounts[{i}]")
+        if "source" not in mv or "tag" not in mv:
+            raise InvalidArgument(f"mounts[{i}] needs 'source' and 'tag'")
+        mounts.append(MountSpec(path(mv["source"], "mount source"), mv["tag"], mv.get("read_only", False)))
+    memory = v.get("memory", 512 * MiB)
+    if not MIN_MEMORY <= memory <= MAX_MEMORY:
+        raise InvalidArgument(f"memory {memory} bytes is out of range; give {MIN_MEMORY // MiB} MiB to 1 TiB")
+    cpus = v.get("cpus", 1)
+    if not 1 <= cpus <= MAX_CPUS:
+        raise InvalidArgument(f"cpus {cpus} is out of range; q35 takes 1 to {MAX_CPUS}")
+    return MachineSpec(
+        name=name,
+        kernel=path(v["kernel"], "kernel") if "kernel" in v else None,
+        initrd=path(v["initrd"], "initrd") if "initrd" in v else None,
+        cmdline=v.get("cmdline", ""),
+        image=image,
+        drives=drives,
+        directory=path(v["directory"], "directory") if "directory" in v else None,
+        mounts=tuple(mounts),
+        network=network(v.get("network", "none")),
+        vsock=v.get("vsock", False),
+        memory=memory,
+        cpus=cpus,
+        hotplug_spares=v.get("hotplug_spares", 10),
+        accel=choice(Accel, v.get("accel", "auto"), "accel"),
+        qemu_extra=tuple(v.get("qemu_extra", [])),
+        firmware=choice(Firmware, v.get("firmware", "bios"), "firmware"),
+    )
+
+
+def add_drive(path_value: str, options: dict[str, Variant]) -> tuple[DriveSpec, str]:
+    """(the drive, the requested id or "") for AddDrive / AddDriveFd."""
+    v = unpack(options, ADD_DRIVE_OPTIONS, "AddDrive")
+    return drive({"path": path_value} | v, DiskType.VIRTIO_BLK, "AddDrive"), v.get("id", "")
+
+
+def remove_timeout(options: dict[str, Variant], default: float) -> float:
+    v = unpack(options, REMOVE_DRIVE_OPTIONS, "RemoveDrive")
+    timeout_usec = v.get("timeout_usec", int(default * 1_000_000))
+    if not 0 < timeout_usec <= 3600 * 1_000_000:
+        raise InvalidArgument(f"timeout_usec {timeout_usec} is out of range; give 1 to 3600000000")
+    return float(timeout_usec) / 1_000_000
+
+
+def power_off_timeout(timeout_usec: int) -> float:
+    """0 means the default of 30 s, as in systemd's PowerOff-style calls."""
+    if timeout_usec > 3600 * 1_000_000:
+        raise InvalidArgument(f"timeout_usec {timeout_usec} is out of range; give at most 3600000000 (1 hour)")
+    return float(timeout_usec) / 1_000_000 if timeout_usec else 30.0

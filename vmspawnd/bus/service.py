@@ -1,0 +1,75 @@
+"""Puts the manager and its machines on the bus and keeps them in step."""
+
+import logging
+
+from dbus_fast import BusType, NameFlag, RequestNameReply
+from dbus_fast.aio import MessageBus
+
+from .. import auth
+from ..errors import VmspawndError
+from ..machine import Machine
+from ..manager import Manager
+from . import BUS_NAME, MANAGER_PATH, caller
+from .machine import MachineInterface
+from .manager import ManagerInterface
+
+log = logging.getLogger(__name__)
+
+
+class NameTaken(VmspawndError):
+    pass
+
+
+class BusService:
+    def __init__(self, manager: Manager, bus: MessageBus) -> None:
+        self.manager = manager
+        self.bus = bus
+        self.iface = ManagerInterface(manager, self.may_create, self.may_manage)
+        self.objects: dict[str, MachineInterface] = {}
+        manager.on_new = self._machine_new
+        manager.on_removed = self._machine_removed
+
+    @classmethod
+    async def connect(cls, manager: Manager, user: bool) -> "BusService":
+        bus = await MessageBus(bus_type=BusType.SESSION if user else BusType.SYSTEM, negotiate_unix_fd=True).connect()
+        caller.install(bus)
+        return cls(manager, bus)
+
+    async def start(self) -> None:
+        self.bus.export(MANAGER_PATH, self.iface)
+        for machine in self.manager.machines.values():
+            self._machine_new(machine)
+        reply = await self.bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+            raise NameTaken(f"{BUS_NAME} is owned by another process; is vmspawnd running already?")
+
+    async def _authorize(self, action: auth.Action, owner_uid: int | None) -> int:
+        uid = await caller.uid(self.bus)
+        await auth.authorize(self.bus, caller.sender(), uid, action, owner_uid, caller.allows_interaction())
+        return uid
+
+    async def may_create(self) -> int:
+        return await self._authorize(auth.Action.CREATE, None)
+
+    async def may_manage(self, machine: Machine) -> int:
+        return await self._authorize(auth.Action.MANAGE, machine.owner_uid)
+
+    def _machine_new(self, machine: Machine) -> None:
+        iface = MachineInterface(machine, self.bus, self.may_manage)
+        machine.observer = iface
+        self.objects[machine.name] = iface
+        self.bus.export(iface.path, iface)
+        self.iface.MachineNew(machine.name, iface.path)
+        self.iface.emit_properties_changed({"Machines": len(self.manager.machines)})
+
+    def _machine_removed(self, machine: Machine) -> None:
+        iface = self.objects.pop(machine.name, None)
+        if iface is None:
+            return
+        machine.observer = None
+        self.bus.unexport(iface.path, iface)
+        self.iface.MachineRemoved(machine.name, iface.path)
+        self.iface.emit_properties_changed({"Machines": len(self.manager.machines)})
+
+    def close(self) -> None:
+        self.bus.disconnect()

@@ -1,0 +1,154 @@
+"""Plan + spec -> QEMU argv: pure, no I/O, one option per line."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .model import Accel, DiskType, DriveSpec, Firmware, MachineSpec, MiB, NetworkMode, PortRole
+from .topology import IMPLICIT_DEVICES, SCSI_CONTROLLER, Plan, drive_id
+
+QEMU = "qemu-system-x86_64"
+OVMF = Path("/usr/share/ovmf/OVMF.fd")
+
+_ACCEL = {Accel.KVM: "kvm", Accel.TCG: "tcg", Accel.AUTO: "kvm:tcg"}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this QEMU instance talks to the daemon."""
+
+    machine_id: str
+    qmp_fd: int
+    console_log: Path
+    vsock_cid: int = 0
+
+
+def escape(value: str) -> str:
+    """QEMU's key=value syntax doubles commas inside values."""
+    return value.replace(",", ",,")
+
+
+def opts(*parts: str, **props: str | int | None) -> str:
+    """`a,b,key=value,...`; None values are left out."""
+    items = list(parts) + [f"{k.replace('_', '-')}={v}" for k, v in props.items() if v is not None]
+    return ",".join(items)
+
+
+def node_name(device_id: str) -> str:
+    return f"{device_id}-node"
+
+
+def blockdev(device_id: str, drive: DriveSpec, filename: str | None = None) -> dict[str, object]:
+    """The -blockdev / QMP blockdev-add arguments for `drive`."""
+    read_only = drive.read_only or drive.disk_type is DiskType.VIRTIO_SCSI_CDROM
+    return {
+        "driver": str(drive.format),
+        "node-name": node_name(device_id),
+        "read-only": read_only,
+        "file": {"driver": "file", "filename": filename or str(drive.path), "read-only": read_only},
+    }
+
+
+def drive_device(device_id: str, drive: DriveSpec, bus: str, bootindex: int | None = None) -> dict[str, object]:
+    """The -device / QMP device_add arguments for `drive` on `bus`.
+
+    `bus` is a root port id, or the SCSI controller for SCSI disk types.
+    """
+    props: dict[str, object] = {"id": device_id, "drive": node_name(device_id)}
+    if drive.disk_type.is_scsi:
+        props["driver"] = "scsi-cd" if drive.disk_type is DiskType.VIRTIO_SCSI_CDROM else "scsi-hd"
+        props["bus"] = f"{bus}.0"
+    else:
+        props["driver"] = "nvme" if drive.disk_type is DiskType.NVME else "virtio-blk-pci"
+        # One device per root port, always at addr 0: any other addr is
+        # accepted by QEMU but invisible to the guest.
+        props["bus"] = bus
+        props["addr"] = "0"
+    serial = drive.serial or (device_id if drive.disk_type is DiskType.NVME else "")
+    if serial:
+        props["serial"] = serial
+    if bootindex is not None:
+        props["bootindex"] = bootindex
+    return props
+
+
+def scsi_controller(port: str) -> dict[str, object]:
+    return {"driver": "virtio-scsi-pci", "id": SCSI_CONTROLLER, "bus": port, "addr": "0"}
+
+
+def _device_args(props: dict[str, object]) -> list[str]:
+    return ["-device", json.dumps(props, separators=(",", ":"))]
+
+
+def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
+    argv = [
+        QEMU,
+        "-name", opts(f"guest={escape(spec.name)}"),
+        "-uuid", str(uuid.UUID(rt.machine_id)),
+        "-machine", opts("q35", accel=_ACCEL[spec.accel]),
+        "-cpu", "max",
+        "-smp", str(spec.cpus),
+        "-m", f"{spec.memory // MiB}M",
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-chardev", opts("socket", id="qmp", fd=rt.qmp_fd, server="on", wait="off"),
+        "-mon", opts(chardev="qmp", mode="control"),
+        "-chardev", opts("file", id="console", path=escape(str(rt.console_log))),
+        "-serial", "chardev:console",
+    ]  # fmt: skip
+    # Root ports first: an auto-addressed device placed earlier could take
+    # slot 0x10 before the packed ports claim it.
+    for port in plan.ports:
+        argv += [
+            "-device",
+            opts(
+                "pcie-root-port",
+                id=port.id,
+                bus="pcie.0",
+                addr=port.addr,
+                multifunction="on" if port.multifunction else None,
+                chassis=port.chassis,
+                slot=port.chassis,
+                # The guest must not eject what it booted with.
+                hotplug=None if port.role is PortRole.SPARE else "off",
+            ),
+        ]
+    for i, driver in enumerate(IMPLICIT_DEVICES):
+        argv += ["-device", opts(driver, id=f"implicit{i}")]
+
+    if any(p.carries == SCSI_CONTROLLER for p in plan.ports):
+        argv += _device_args(scsi_controller(plan.port_carrying(SCSI_CONTROLLER).id))
+    for i, drive in enumerate(spec.boot_drives):
+        dev = drive_id(i)
+        bus = SCSI_CONTROLLER if drive.disk_type.is_scsi else plan.port_carrying(dev).id
+        bootindex = 1 if spec.image is not None and i == 0 else None
+        argv += ["-blockdev", json.dumps(blockdev(dev, drive), separators=(",", ":"))]
+        argv += _device_args(drive_device(dev, drive, bus, bootindex))
+
+    if spec.network.mode is not NetworkMode.NONE:
+        if spec.network.mode is NetworkMode.TAP:
+            netdev = opts("tap", id="net0", ifname=escape(spec.network.tap), script="no", downscript="no")
+        else:
+            netdev = opts("user", id="net0")
+        argv += ["-netdev", netdev]
+        argv += [
+            "-device",
+            opts("virtio-net-pci", id="net0", netdev="net0", bus=plan.port_carrying("net0").id, addr="0"),
+        ]
+    if spec.vsock:
+        vsock_port = plan.port_carrying("vsock0").id
+        argv += ["-device", opts("vhost-vsock-pci", id="vsock0", guest_cid=rt.vsock_cid, bus=vsock_port, addr="0")]
+
+    if spec.firmware is Firmware.UEFI:
+        argv += ["-bios", str(OVMF)]
+    if spec.kernel is not None:
+        argv += ["-kernel", str(spec.kernel)]
+    if spec.initrd is not None:
+        argv += ["-initrd", str(spec.initrd)]
+    if spec.cmdline:
+        argv += ["-append", spec.cmdline]
+    return argv + list(spec.qemu_extra)

@@ -1,0 +1,59 @@
+"""Start-up, signals and readiness."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from . import __version__, systemd
+from .bus.service import BusService, NameTaken
+from .manager import Manager, default_runtime_dir
+
+log = logging.getLogger("vmspawnd")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="vmspawnd", description="Run QEMU virtual machines, served on D-Bus.")
+    parser.add_argument("--user", action="store_true", help="use the session bus instead of the system bus")
+    parser.add_argument(
+        "--runtime-dir", type=Path, help="state directory (default: $RUNTIME_DIRECTORY or /run/vmspawnd)"
+    )
+    parser.add_argument("--verbose", "-v", action="store_true")
+    parser.add_argument("--version", action="version", version=f"vmspawnd {__version__}")
+    return parser.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    runtime_dir = args.runtime_dir or default_runtime_dir(args.user)
+    manager = Manager(runtime_dir)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    service = await BusService.connect(manager, args.user)
+    try:
+        await service.start()
+    except NameTaken as e:
+        log.error("%s", e)
+        service.close()
+        return 1
+    systemd.notify("READY=1", "STATUS=serving, 0 machines")
+    log.info(
+        "vmspawnd %s serving on the %s bus, state in %s", __version__, "session" if args.user else "system", runtime_dir
+    )
+    await stop.wait()
+    systemd.notify("STOPPING=1")
+    log.info("stopping; machines keep running")
+    await manager.close()
+    service.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    systemd.setup_logging(args.verbose)
+    sys.exit(asyncio.run(serve(args)))

@@ -1,0 +1,77 @@
+"""The daemon's error hierarchy: one class per D-Bus error name.
+
+Every message says what went wrong and what to do about it; the bus layer
+turns a class into `org.vmspawnd1.Error.<ClassName>`.
+"""
+
+
+class VmspawndError(Exception):
+    """Base of every error a caller may see."""
+
+    @classmethod
+    def error_name(cls) -> str:
+        return cls.__name__
+
+
+class InvalidArgument(VmspawndError):
+    pass
+
+
+class NoSuchMachine(VmspawndError):
+    pass
+
+
+class MachineExists(VmspawndError):
+    pass
+
+
+class TooManyPorts(VmspawndError):
+    pass
+
+
+class PcieSlotsExhausted(VmspawndError):
+    pass
+
+
+class NoFreePort(VmspawndError):
+    pass
+
+
+class NoSuchDrive(VmspawndError):
+    pass
+
+
+class UnplugInProgress(VmspawndError):
+    pass
+
+
+class UnplugTimeout(VmspawndError):
+    pass
+
+
+class QemuFailed(VmspawndError):
+    pass
+
+
+class NotRunning(VmspawndError):
+    pass
+
+
+class AccessDenied(VmspawndError):
+    pass
+
+
+ALL_ERRORS: tuple[type[VmspawndError], ...] = (
+    InvalidArgument,
+    NoSuchMachine,
+    MachineExists,
+    TooManyPorts,
+    PcieSlotsExhausted,
+    NoFreePort,
+    NoSuchDrive,
+    UnplugInProgress,
+    UnplugTimeout,
+    QemuFailed,
+    NotRunning,
+    AccessDenied,
+)

@@ -1,0 +1,430 @@
+"""One virtual machine: its QEMU process, its monitor, its ports and drives."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shutil
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import cmdline
+from .errors import InvalidArgument, NoFreePort, NoSuchDrive, NotRunning, QemuFailed, UnplugInProgress, UnplugTimeout
+from .model import DiskType, DriveSpec, DriveState, MachineSpec, MachineState
+from .process import Process
+from .qmp import Monitor, QmpDisconnected, QmpError
+from .topology import SCSI_CONTROLLER, Plan, drive_id
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 30.0
+QUIT_TIMEOUT = 5.0
+# The guest cuts longer serials (nvme and virtio-blk: 20 bytes); QEMU's scsi-disk refuses over 36.
+SERIAL_MAX = {DiskType.VIRTIO_BLK: 20, DiskType.NVME: 20, DiskType.VIRTIO_SCSI: 36, DiskType.VIRTIO_SCSI_CDROM: 36}
+DRIVE_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,31}")
+
+
+@dataclass(frozen=True)
+class Drive:
+    id: str
+    path: str
+    disk_type: DiskType
+    # The root port the drive sits on; a SCSI drive names its controller's port.
+    port: str
+    state: DriveState = DriveState.ATTACHED
+    fdset: int | None = None
+    # Set for SCSI drives: the controller they hang off.
+    controller: str = ""
+
+
+class Observer(Protocol):
+    def changed(self, machine: Machine, properties: set[str]) -> None: ...
+    def drive_added(self, machine: Machine, drive: Drive) -> None: ...
+    def drive_removed(self, machine: Machine, drive_id: str) -> None: ...
+
+
+def qemu_errors(log_path: Path) -> str:
+    """QEMU's own error lines from its stderr log, the most useful first."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return "(no QEMU output)"
+    errors = [line for line in lines if line.startswith(cmdline.QEMU + ":")]
+    return "; ".join(errors or lines[-3:]) or "(no QEMU output)"
+
+
+class Machine:
+    def __init__(self, spec: MachineSpec, plan: Plan, machine_id: str, directory: Path, owner_uid: int) -> None:
+        self.spec = spec
+        self.plan = plan
+        self.id = machine_id
+        self.dir = directory
+        self.owner_uid = owner_uid
+        self.state = MachineState.STARTING
+        self.observer: Observer | None = None
+        self.on_ended: Callable[[Machine], None] | None = None
+        self.process: Process | None = None
+        self._monitor = Monitor(spec.name)
+        # Port id -> the device id occupying it (builtin and spare ports alike).
+        self.port_owner: dict[str, str] = {p.id: p.carries for p in plan.ports if p.carries}
+        self.drives: dict[str, Drive] = {}
+        # Serialises the requests to this machine; different machines run in parallel.
+        self._lock = asyncio.Lock()
+        self._unplugs: dict[str, asyncio.Future[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ended = asyncio.Event()
+        self._next_drive = len(spec.boot_drives)
+        self._next_fdset = 1
+        self._next_controller = 1
+        for i, drive in enumerate(spec.boot_drives):
+            dev = drive_id(i)
+            scsi = drive.disk_type.is_scsi
+            port = plan.port_carrying(SCSI_CONTROLLER if scsi else dev).id
+            self.drives[dev] = Drive(
+                dev, str(drive.path), drive.disk_type, port, controller=SCSI_CONTROLLER if scsi else ""
+            )
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def console_log(self) -> Path:
+        return self.dir / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.dir / "qemu.log"
+
+    @property
+    def leader(self) -> int:
+        return self.process.pid if self.process else 0
+
+    @property
+    def free_spares(self) -> list[str]:
+        return [p.id for p in self.plan.spares if p.id not in self.port_owner]
+
+    # -- life cycle ---------------------------------------------------------
+
+    async def start(self, vsock_cid: int) -> None:
+        """Start QEMU; returns once its monitor answered qmp_capabilities."""
+        self.dir.mkdir(parents=True)
+        dirfd = os.open(self.dir, os.O_PATH | os.O_DIRECTORY)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # Through the dirfd, so a long runtime dir does not hit sun_path's 108 bytes.
+            sock_path = f"/proc/self/fd/{dirfd}/qmp.sock"
+            listener.bind(sock_path)
+            listener.listen()
+            rt = cmdline.Runtime(self.id, listener.fileno(), self.console_log, vsock_cid)
+            argv = cmdline.build_argv(self.spec, self.plan, rt)
+            self.qemu_log.write_text("")
+            (self.dir / "argv").write_text("\n".join(argv) + "\n")
+            self.process = Process.spawn(argv, self.qemu_log, pass_fds=(listener.fileno(),))
+            # The socket is QEMU's now: were we to keep it open, a dead QEMU
+            # would leave our connection hanging in the backlog.
+            listener.close()
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.connect(sock_path)
+        finally:
+            listener.close()
+            os.close(dirfd)
+        await self._await_monitor(conn)
+        self.state = MachineState.RUNNING
+        self._spawn(self._watch_exit())
+        self._spawn(self._dispatch_events())
+        log.info("machine %s running, QEMU pid %d", self.name, self.leader, extra={"MACHINE": self.name})
+
+    async def _await_monitor(self, conn: socket.socket) -> None:
+        assert self.process is not None
+        connect = asyncio.ensure_future(self._monitor.connect(conn))
+        try:
+            await asyncio.wait(
+                {connect, self.process.exited}, timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            connect.cancel()
+        if connect.done() and not connect.cancelled() and connect.exception() is None:
+            return
+        if self.process.exited.done():
+            raise QemuFailed(f"QEMU exited during start-up: {qemu_errors(self.qemu_log)}")
+        await self.process.stop(QUIT_TIMEOUT)
+        if connect.done() and not connect.cancelled():
+            raise QemuFailed(
+                f"QEMU's monitor failed during start-up ({connect.exception()}): {qemu_errors(self.qemu_log)}"
+            )
+        raise QemuFailed(
+            f"QEMU did not answer on its monitor within {START_TIMEOUT:.0f} s: {qemu_errors(self.qemu_log)}"
+        )
+
+    async def discard(self) -> None:
+        """Undo a start that failed: no process, no runtime dir left behind."""
+        if self.process is not None and not self.process.exited.done():
+            await self.process.stop(QUIT_TIMEOUT)
+        await self._monitor.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watch_exit(self) -> None:
+        assert self.process is not None
+        await self.process.exited
+        code = self.process.returncode
+        stopping = self.state is MachineState.STOPPING
+        self.state = MachineState.STOPPED if stopping or code == 0 else MachineState.FAILED
+        if self.state is MachineState.FAILED:
+            log.warning(
+                "machine %s: QEMU exited unexpectedly (%s); its log: %s",
+                self.name, code, self.qemu_log, extra={"MACHINE": self.name},
+            )  # fmt: skip
+        self._notify("State")
+        await self._finish(keep_log=self.state is MachineState.FAILED)
+
+    async def _finish(self, keep_log: bool) -> None:
+        for fut in self._unplugs.values():
+            if not fut.done():
+                fut.set_exception(NotRunning(f"machine {self.name} stopped during the unplug"))
+        await self._monitor.close()
+        if keep_log:
+            for entry in self.dir.iterdir():
+                if entry != self.qemu_log:
+                    entry.unlink()
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        self._ended.set()
+        if self.on_ended:
+            self.on_ended(self)
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+
+    async def terminate(self) -> None:
+        """quit over QMP, then SIGTERM, then SIGKILL; returns once cleaned up."""
+        if self.process is None or self._ended.is_set():
+            return
+        self.state = MachineState.STOPPING
+        self._notify("State")
+        with contextlib.suppress(QmpDisconnected, QmpError):
+            await self._monitor.execute("quit")
+        if not await self.process.wait(QUIT_TIMEOUT):
+            await self.process.stop(QUIT_TIMEOUT)
+        await self._ended.wait()
+
+    async def close(self) -> None:
+        """Let go of QEMU without stopping it (daemon shutdown)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._monitor.close()
+
+    def _notify(self, *properties: str) -> None:
+        if self.observer:
+            self.observer.changed(self, set(properties))
+
+    def _check_running(self) -> None:
+        if self.state is not MachineState.RUNNING:
+            raise NotRunning(f"machine {self.name} is {self.state}, not running; start it again with CreateMachine")
+
+    # -- hotplug ------------------------------------------------------------
+
+    def _known_ids(self) -> set[str]:
+        return set(self.drives) | set(self.port_owner.values()) | {p.id for p in self.plan.ports}
+
+    def _take_spare(self, for_device: str) -> str:
+        free = self.free_spares
+        if not free:
+            holders = ", ".join(
+                f"{port}={dev}"
+                for port, dev in sorted(self.port_owner.items())
+                if port in {p.id for p in self.plan.spares}
+            )
+            raise NoFreePort(
+                f"all {len(self.plan.spares)} spare root ports of {self.name} are taken ({holders}); "
+                "remove a drive first, or create the machine with more hotplug_spares"
+            )
+        self.port_owner[free[0]] = for_device
+        return free[0]
+
+    async def _scsi_controller(self) -> tuple[str, str, bool]:
+        """(controller id, its port, whether it was created now) for a SCSI drive."""
+        for drive in self.drives.values():
+            if drive.controller and drive.state is DriveState.ATTACHED:
+                return drive.controller, drive.port, False
+        live = [dev for dev in self.port_owner.values() if dev.startswith("scsi") and dev not in self._unplugs]
+        if live:
+            controller = live[0]
+            port = next(p for p, d in self.port_owner.items() if d == controller)
+            return controller, port, False
+        controller = f"{SCSI_CONTROLLER[:-1]}{self._next_controller}"
+        self._next_controller += 1
+        port = self._take_spare(controller)
+        try:
+            await self._monitor.execute("device_add", cmdline.scsi_controller(port) | {"id": controller})
+        except QmpError as e:
+            del self.port_owner[port]
+            raise InvalidArgument(f"QEMU refused the SCSI controller on {port}: {e}") from e
+        return controller, port, True
+
+    def validate_drive(self, drive: DriveSpec, requested_id: str) -> str:
+        if requested_id:
+            if not DRIVE_ID.fullmatch(requested_id):
+                raise InvalidArgument(
+                    f"drive id {requested_id!r} is invalid: "
+                    "use 1-32 letters, digits, '_', '.', '-', starting with a letter"
+                )
+            if requested_id in self._known_ids():
+                raise InvalidArgument(f"drive id {requested_id!r} is already used on {self.name}; pick another id")
+        limit = SERIAL_MAX[drive.disk_type]
+        if len(drive.serial) > limit:
+            raise InvalidArgument(
+                f"serial {drive.serial!r} is {len(drive.serial)} characters; {drive.disk_type} allows at most {limit}"
+            )
+        return requested_id
+
+    async def add_drive(self, drive: DriveSpec, requested_id: str = "", fd: int | None = None) -> Drive:
+        """blockdev-add + device_add on the lowest free spare port; undone on failure."""
+        async with self._lock:
+            self._check_running()
+            self.validate_drive(drive, requested_id)
+            dev = requested_id or self._new_drive_id()
+            undo: list[tuple[str, dict[str, object]]] = []
+            port = ""
+            try:
+                filename = None
+                fdset = None
+                if fd is not None:
+                    fdset = self._next_fdset
+                    self._next_fdset += 1
+                    await self._monitor.pass_fd(fd, fdset)
+                    undo.append(("remove-fd", {"fdset-id": fdset}))
+                    filename = f"/dev/fdset/{fdset}"
+                controller = ""
+                if drive.disk_type.is_scsi:
+                    controller, port, created = await self._scsi_controller()
+                    if created:
+                        undo.append(("device_del", {"id": controller}))
+                    bus = controller
+                else:
+                    port = bus = self._take_spare(dev)
+                await self._monitor.execute("blockdev-add", cmdline.blockdev(dev, drive, filename))
+                undo.append(("blockdev-del", {"node-name": cmdline.node_name(dev)}))
+                await self._monitor.execute("device_add", cmdline.drive_device(dev, drive, bus))
+            except QmpError as e:
+                await self._undo(undo, port, dev)
+                raise InvalidArgument(f"QEMU refused drive {dev} ({drive.disk_type} {drive.path}): {e}") from e
+            except QmpDisconnected as e:
+                raise NotRunning(f"machine {self.name} stopped during AddDrive: {e}") from e
+            record = Drive(dev, str(drive.path), drive.disk_type, port, fdset=fdset, controller=controller)
+            self.drives[dev] = record
+        log.info("machine %s: drive %s added on %s", self.name, dev, port, extra={"MACHINE": self.name, "DRIVE": dev})
+        self._notify("Drives", "Ports", "FreeSparePorts")
+        if self.observer:
+            self.observer.drive_added(self, record)
+        return record
+
+    def _new_drive_id(self) -> str:
+        known = self._known_ids()
+        while (dev := drive_id(self._next_drive)) in known:
+            self._next_drive += 1
+        self._next_drive += 1
+        return dev
+
+    async def _undo(self, undo: list[tuple[str, dict[str, object]]], port: str, dev: str) -> None:
+        for command, args in reversed(undo):
+            with contextlib.suppress(QmpError, QmpDisconnected):
+                await self._monitor.execute(command, args)
+        # A controller created for this drive stays until its own unplug
+        # event; a plain port is ours to free now.
+        if self.port_owner.get(port) == dev:
+            del self.port_owner[port]
+        for command, args in undo:
+            if command == "device_del":
+                self._unplugs[str(args["id"])] = asyncio.get_running_loop().create_future()
+
+    async def remove_drive(self, dev: str, timeout: float) -> None:
+        """device_del, then wait for DEVICE_DELETED (freed later if it comes late)."""
+        async with self._lock:
+            self._check_running()
+            drive = self.drives.get(dev)
+            if drive is None:
+                raise NoSuchDrive(f"machine {self.name} has no drive {dev!r}; see its Drives property")
+            if drive.state is DriveState.REMOVING:
+                raise UnplugInProgress(f"drive {dev} is already being removed; wait for DriveRemoved")
+            if dev in {drive_id(i) for i in range(len(self.spec.boot_drives))}:
+                raise InvalidArgument(f"drive {dev} was attached at boot on a builtin port and cannot be unplugged")
+            # Listen before asking, so a quick event is not missed.
+            done = self._unplugs[dev] = asyncio.get_running_loop().create_future()
+            try:
+                await self._monitor.execute("device_del", {"id": dev})
+            except QmpError as e:
+                del self._unplugs[dev]
+                raise InvalidArgument(f"QEMU refused to unplug {dev}: {e}") from e
+            except QmpDisconnected as e:
+                raise NotRunning(f"machine {self.name} stopped during RemoveDrive: {e}") from e
+            self.drives[dev] = replace(drive, state=DriveState.REMOVING)
+        self._notify("Drives")
+        try:
+            await asyncio.wait_for(asyncio.shield(done), timeout)
+        except TimeoutError:
+            raise UnplugTimeout(
+                f"the guest has not released {dev} after {timeout:g} s (no DEVICE_DELETED); it stays listed "
+                "as 'removing' and its port is freed when the guest lets go. Is the guest OS running?"
+            ) from None
+
+    async def _dispatch_events(self) -> None:
+        while True:
+            name, data = await self._monitor.next_event()
+            if name == "DEVICE_DELETED" and "device" in data:
+                await self._device_deleted(str(data["device"]))
+
+    async def _device_deleted(self, dev: str) -> None:
+        async with self._lock:
+            drive = self.drives.pop(dev, None)
+            if drive is not None:
+                with contextlib.suppress(QmpError, QmpDisconnected):
+                    await self._monitor.execute("blockdev-del", {"node-name": cmdline.node_name(dev)})
+                    if drive.fdset is not None:
+                        await self._monitor.execute("remove-fd", {"fdset-id": drive.fdset})
+                if not drive.controller:
+                    self.port_owner.pop(drive.port, None)
+                elif not any(d.controller == drive.controller for d in self.drives.values()):
+                    # The controller goes with its last drive.
+                    self._unplugs[drive.controller] = asyncio.get_running_loop().create_future()
+                    with contextlib.suppress(QmpError, QmpDisconnected):
+                        await self._monitor.execute("device_del", {"id": drive.controller})
+            elif dev in self.port_owner.values():
+                # A SCSI controller's own unplug finished.
+                port = next(p for p, d in self.port_owner.items() if d == dev)
+                del self.port_owner[port]
+            waiter = self._unplugs.pop(dev, None)
+        if waiter and not waiter.done():
+            waiter.set_result(None)
+        if drive is not None:
+            log.info("machine %s: drive %s removed", self.name, dev, extra={"MACHINE": self.name, "DRIVE": dev})
+            if self.observer:
+                self.observer.drive_removed(self, dev)
+        self._notify("Drives", "Ports", "FreeSparePorts")
+
+    async def power_off(self, timeout: float) -> None:
+        """ACPI power button; past `timeout` quit, then SIGTERM, then SIGKILL."""
+        self._check_running()
+        assert self.process is not None
+        try:
+            await self._monitor.execute("system_powerdown")
+        except QmpDisconnected as e:
+            raise NotRunning(f"machine {self.name} stopped during PowerOff: {e}") from e
+        if await self.process.wait(timeout):
+            await self._ended.wait()
+            return
+        log.info("machine %s ignored the ACPI power button for %g s; stopping QEMU", self.name, timeout)
+        await self.terminate()

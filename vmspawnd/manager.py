@@ -1,0 +1,124 @@
+"""The set of machines: create, look up, terminate."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import secrets
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import InvalidArgument, MachineExists, NoSuchMachine
+from .machine import Machine
+from .model import MachineSpec
+from .topology import Plan, plan_machine
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def check_name(name: str) -> None:
+    if not NAME.fullmatch(name) or name in (".", ".."):
+        raise InvalidArgument(
+            f"invalid machine name {name!r}: use 1-64 characters from A-Z a-z 0-9 . _ - (not '.' or '..')"
+        )
+
+
+def check_file(what: str, path: Path) -> None:
+    """The daemon's own view: exists and is a regular file (or block device)."""
+    if not path.is_absolute():
+        raise InvalidArgument(f"{what} {str(path)!r} must be an absolute path")
+    if not path.exists():
+        raise InvalidArgument(f"{what} {str(path)!r} does not exist")
+    if path.is_dir():
+        raise InvalidArgument(f"{what} {str(path)!r} is a directory; give a file")
+
+
+def check_spec(spec: MachineSpec) -> None:
+    check_name(spec.name)
+    if spec.kernel is None and spec.image is None:
+        raise InvalidArgument("no boot source: give 'kernel' (direct kernel boot) or 'image' (a disk image)")
+    if spec.initrd is not None and spec.kernel is None:
+        raise InvalidArgument("'initrd' needs 'kernel'")
+    for what, path in (("kernel", spec.kernel), ("initrd", spec.initrd)):
+        if path is not None:
+            check_file(what, path)
+    for drive in spec.boot_drives:
+        check_file("drive", drive.path)
+    if spec.directory is not None or spec.mounts:
+        raise InvalidArgument("'directory' and 'mounts' (virtiofs) are not supported yet")
+    if spec.vsock and not Path("/dev/vhost-vsock").exists():
+        raise InvalidArgument("vsock needs /dev/vhost-vsock on the host: run 'modprobe vhost_vsock' or drop 'vsock'")
+
+
+class Manager:
+    def __init__(self, runtime_dir: Path) -> None:
+        self.runtime_dir = runtime_dir
+        self.machines: dict[str, Machine] = {}
+        # Names being created: a second CreateMachine of the same name is refused at once.
+        self._reserved: set[str] = set()
+        self.on_new: Callable[[Machine], None] = lambda m: None
+        self.on_removed: Callable[[Machine], None] = lambda m: None
+
+    @property
+    def machines_dir(self) -> Path:
+        return self.runtime_dir / "machines"
+
+    def plan(self, spec: MachineSpec) -> Plan:
+        check_spec(spec)
+        return plan_machine(spec)
+
+    def get(self, name: str) -> Machine:
+        machine = self.machines.get(name)
+        if machine is None:
+            raise NoSuchMachine(f"no machine named {name!r}; ListMachines shows the ones there are")
+        return machine
+
+    async def create(self, spec: MachineSpec, owner_uid: int) -> Machine:
+        check_name(spec.name)
+        if spec.name in self.machines or spec.name in self._reserved:
+            raise MachineExists(f"a machine named {spec.name!r} exists already; pick another name or terminate it")
+        plan = self.plan(spec)
+        directory = self.machines_dir / spec.name
+        # A dead machine's leftovers (its kept qemu.log) make way for the new one.
+        shutil.rmtree(directory, ignore_errors=True)
+        machine = Machine(spec, plan, uuid.uuid4().hex, directory, owner_uid)
+        machine.on_ended = self._ended
+        self._reserved.add(spec.name)
+        try:
+            await machine.start(vsock_cid=3 + secrets.randbelow(2**31))
+        except BaseException:
+            await asyncio.shield(machine.discard())
+            raise
+        finally:
+            self._reserved.discard(spec.name)
+        self.machines[spec.name] = machine
+        self.on_new(machine)
+        return machine
+
+    def _ended(self, machine: Machine) -> None:
+        if self.machines.get(machine.name) is machine:
+            del self.machines[machine.name]
+            self.on_removed(machine)
+
+    async def terminate(self, name: str) -> None:
+        await self.get(name).terminate()
+
+    async def close(self) -> None:
+        """Daemon shutdown: let go of every machine, leaving QEMU running."""
+        await asyncio.gather(*(m.close() for m in self.machines.values()))
+        self.machines.clear()
+
+
+def default_runtime_dir(user: bool) -> Path:
+    env = os.environ.get("RUNTIME_DIRECTORY")
+    if env:
+        return Path(env.split(":")[0])
+    if user:
+        return Path(os.environ.get("XDG_RUNTIME_DIR", f"/run/user/{os.getuid()}")) / "vmspawnd"
+    return Path("/run/vmspawnd")

@@ -1,0 +1,110 @@
+"""Frozen value types shared by the planner, the command line and the runtime."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class DiskType(enum.StrEnum):
+    VIRTIO_BLK = "virtio-blk"
+    VIRTIO_SCSI = "virtio-scsi"
+    VIRTIO_SCSI_CDROM = "virtio-scsi-cdrom"
+    NVME = "nvme"
+
+    @property
+    def is_scsi(self) -> bool:
+        return self in (DiskType.VIRTIO_SCSI, DiskType.VIRTIO_SCSI_CDROM)
+
+
+class ImageFormat(enum.StrEnum):
+    RAW = "raw"
+    QCOW2 = "qcow2"
+
+
+class Accel(enum.StrEnum):
+    KVM = "kvm"
+    TCG = "tcg"
+    AUTO = "auto"
+
+
+class Firmware(enum.StrEnum):
+    BIOS = "bios"
+    UEFI = "uefi"
+
+
+class NetworkMode(enum.StrEnum):
+    NONE = "none"
+    USER = "user"
+    TAP = "tap"
+
+
+class MachineState(enum.StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class PortRole(enum.StrEnum):
+    BUILTIN = "builtin"
+    SPARE = "spare"
+
+
+class DriveState(enum.StrEnum):
+    ATTACHED = "attached"
+    REMOVING = "removing"
+
+
+@dataclass(frozen=True)
+class DriveSpec:
+    path: Path
+    disk_type: DiskType = DiskType.VIRTIO_BLK
+    format: ImageFormat = ImageFormat.RAW
+    read_only: bool = False
+    serial: str = ""
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    source: Path
+    tag: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class Network:
+    mode: NetworkMode = NetworkMode.NONE
+    tap: str = ""
+
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """Everything CreateMachine was asked for, validated for types and ranges."""
+
+    name: str
+    kernel: Path | None = None
+    initrd: Path | None = None
+    cmdline: str = ""
+    image: DriveSpec | None = None
+    drives: tuple[DriveSpec, ...] = ()
+    directory: Path | None = None
+    mounts: tuple[MountSpec, ...] = ()
+    network: Network = field(default_factory=Network)
+    vsock: bool = False
+    memory: int = 512 * MiB
+    cpus: int = 1
+    hotplug_spares: int = 10
+    accel: Accel = Accel.AUTO
+    qemu_extra: tuple[str, ...] = ()
+    firmware: Firmware = Firmware.BIOS
+
+    @property
+    def boot_drives(self) -> tuple[DriveSpec, ...]:
+        """The image first (it boots), then the extra drives, in request order."""
+        return ((self.image,) if self.image else ()) + self.drives

@@ -1,0 +1,86 @@
+"""QEMU processes: spawn in their own session, watch their exit with a pidfd."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+
+def start_time(pid: int) -> int:
+    """The process start time in clock ticks (/proc/PID/stat field 22).
+
+    Together with the pid it names one process: a reused pid has another.
+    """
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # The command name may hold spaces and parentheses: split after the last ')'.
+    return int(stat.rpartition(")")[2].split()[19])
+
+
+class Process:
+    """A QEMU process, ours or re-attached; its exit is an awaitable future."""
+
+    def __init__(self, pid: int, pidfd: int) -> None:
+        self.pid = pid
+        self._pidfd = pidfd
+        self.returncode: int | None = None
+        loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(pidfd, self._on_exit)
+
+    @classmethod
+    def spawn(cls, argv: list[str], log: Path, pass_fds: tuple[int, ...]) -> Process:
+        with open(log, "ab") as out:
+            popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                pass_fds=pass_fds,
+                # QEMU must outlive a daemon restart or crash.
+                start_new_session=True,
+            )
+        # Popen's own bookkeeping is not needed: the pidfd watches, waitpid reaps.
+        popen.returncode = 0
+        return cls(popen.pid, os.pidfd_open(popen.pid))
+
+    @classmethod
+    def attach(cls, pid: int) -> Process:
+        return cls(pid, os.pidfd_open(pid))
+
+    def _on_exit(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._pidfd)
+        try:
+            _, status = os.waitpid(self.pid, os.WNOHANG)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            # Re-attached after a daemon restart: not our child, its parent reaps it.
+            pass
+        os.close(self._pidfd)
+        self._pidfd = -1
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self._pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, sig)
+
+    async def wait(self, timeout: float) -> bool:
+        """True once the process has exited, False if `timeout` passed first."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self, timeout: float) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within `timeout`."""
+        self.signal(signal.SIGTERM)
+        if not await self.wait(timeout):
+            self.signal(signal.SIGKILL)
+            await self.exited
