@@ -40,7 +40,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Guest", "build", "find_kernel", "CMDLINE", "default_cache_dir"]
+__all__ = ["CMDLINE", "Guest", "build", "default_cache_dir", "find_kernel"]
 
 BUSYBOX = Path("/bin/busybox")
 MODULES_ROOT = Path("/lib/modules")
@@ -330,15 +330,13 @@ def _elf_complete(data: bytes) -> bool:
     """
     if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2:
         return False
-    phoff, = struct.unpack_from("<Q", data, 0x20)
+    (phoff,) = struct.unpack_from("<Q", data, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
     if phnum == 0 or phoff + phentsize * phnum > len(data):
         return False
     for i in range(phnum):
         off = phoff + i * phentsize
-        _p_type, _flags, p_offset, _vaddr, _paddr, p_filesz = struct.unpack_from(
-            "<IIQQQQ", data, off
-        )
+        _p_type, _flags, p_offset, _vaddr, _paddr, p_filesz = struct.unpack_from("<IIQQQQ", data, off)
         if p_offset + p_filesz > len(data):
             return False
     return True
@@ -355,9 +353,7 @@ def _decompress(kind: str, blob: bytes) -> bytes | None:
         if kind == "zstd":
             # Python 3.11 has no zstd module.  Trailing bytes make zstd exit
             # non-zero after writing the frame, so judge the output instead.
-            proc = subprocess.run(
-                ["zstd", "-dcq"], input=blob, capture_output=True, check=False
-            )
+            proc = subprocess.run(["zstd", "-dcq"], input=blob, capture_output=True, check=False)
             return proc.stdout
     except (lzma.LZMAError, zlib.error, OSError):
         return None
@@ -451,9 +447,7 @@ def _module_bytes(path: Path) -> bytes:
     if name.endswith(".ko.gz"):
         return gzip.decompress(path.read_bytes())
     if name.endswith(".ko.zst"):
-        return subprocess.run(
-            ["zstd", "-dcq", str(path)], capture_output=True, check=True
-        ).stdout
+        return subprocess.run(["zstd", "-dcq", str(path)], capture_output=True, check=True).stdout
     return path.read_bytes()
 
 
@@ -471,8 +465,19 @@ class _Cpio:
     def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
         namez = name.encode() + b"\0"
         fields = (
-            self._ino, mode, 0, 0, 1 if not stat.S_ISDIR(mode) else 2, 0,
-            len(data), 0, 0, rdev[0], rdev[1], len(namez), 0,
+            self._ino,
+            mode,
+            0,
+            0,
+            1 if not stat.S_ISDIR(mode) else 2,
+            0,
+            len(data),
+            0,
+            0,
+            rdev[0],
+            rdev[1],
+            len(namez),
+            0,
         )
         self._ino += 1
         hdr = b"070701" + b"".join(b"%08X" % f for f in fields)
@@ -502,28 +507,38 @@ def _check_static(busybox: Path) -> None:
     head = busybox.read_bytes()[:4096]
     if head[:4] != b"\x7fELF" or head[4] != 2:
         raise RuntimeError(f"{busybox} is not a 64-bit ELF binary")
-    phoff, = struct.unpack_from("<Q", head, 0x20)
+    (phoff,) = struct.unpack_from("<Q", head, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
     for i in range(phnum):
         off = phoff + i * phentsize
         if off + 4 <= len(head) and struct.unpack_from("<I", head, off)[0] == 3:  # PT_INTERP
-            raise RuntimeError(
-                f"{busybox} is dynamically linked (hint: apt-get install busybox-static)"
-            )
+            raise RuntimeError(f"{busybox} is dynamically linked (hint: apt-get install busybox-static)")
 
 
 def build_initramfs(kver: str, busybox: Path = BUSYBOX) -> bytes:
     if not busybox.is_file():
         raise RuntimeError(f"{busybox} missing (hint: apt-get install busybox-static)")
     _check_static(busybox)
-    applets = subprocess.run(
-        [str(busybox), "--list-full"], capture_output=True, text=True, check=True
-    ).stdout.split()
+    applets = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, check=True).stdout.split()
     modules = resolve_modules(MODULES_ROOT / kver, WANTED_MODULES)
 
     cpio = _Cpio()
-    for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys",
-              "run", "tmp", "etc", "lib", "lib/modules", "root"):
+    for d in (
+        "bin",
+        "sbin",
+        "usr",
+        "usr/bin",
+        "usr/sbin",
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "tmp",
+        "etc",
+        "lib",
+        "lib/modules",
+        "root",
+    ):
         cpio.dir(d)
     # init's stdio is opened before devtmpfs is mounted, so ship the node.
     cpio.chardev("dev/console", 5, 1)
@@ -617,8 +632,12 @@ def build(cache_dir: Path) -> Guest:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--cache", type=Path, default=None, help="cache directory "
-                        "(default: $XDG_CACHE_HOME/vmspawnd-guest or ~/.cache/vmspawnd-guest)")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="cache directory (default: $XDG_CACHE_HOME/vmspawnd-guest or ~/.cache/vmspawnd-guest)",
+    )
     args = parser.parse_args(argv)
     try:
         guest = build(args.cache or default_cache_dir())

@@ -145,20 +145,24 @@ class Machine:
         assert self.process is not None
         connect = asyncio.ensure_future(self._monitor.connect(conn))
         try:
-            await asyncio.wait({connect, self.process.exited}, timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {connect, self.process.exited}, timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             connect.cancel()
         if connect.done() and not connect.cancelled() and connect.exception() is None:
             return
         # A broken monitor usually means QEMU is on its way out: let it finish
         # so its stderr is complete.
-        if connect.done() and not connect.cancelled() or self.process.exited.done():
+        if (connect.done() and not connect.cancelled()) or self.process.exited.done():
             if await self.process.wait(QUIT_TIMEOUT):
                 raise QemuFailed(f"QEMU exited during start-up: {qemu_errors(self.qemu_log)}")
             await self.process.stop(QUIT_TIMEOUT)
             raise QemuFailed(f"QEMU's monitor failed during start-up: {qemu_errors(self.qemu_log)}")
         await self.process.stop(QUIT_TIMEOUT)
-        raise QemuFailed(f"QEMU did not answer on its monitor within {START_TIMEOUT:.0f} s: {qemu_errors(self.qemu_log)}")
+        raise QemuFailed(
+            f"QEMU did not answer on its monitor within {START_TIMEOUT:.0f} s: {qemu_errors(self.qemu_log)}"
+        )
 
     async def discard(self) -> None:
         """Undo a start that failed: no process, no runtime dir left behind."""

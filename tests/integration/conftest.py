@@ -14,8 +14,8 @@ import pytest
 from .harness import ROOT, Client, Daemon, qemu_pids
 
 sys.path.insert(0, str(ROOT / "tools"))
-import testbus  # noqa: E402
-import tinyguest  # noqa: E402
+import testbus
+import tinyguest
 
 
 @pytest.fixture(scope="session")

@@ -84,7 +84,9 @@ async def test_duplicate_name(client: Client, daemon: Daemon, guest: Any) -> Non
 async def test_121_ports_refused_before_qemu(client: Client, daemon: Daemon, guest: Any, tmp_path: Path) -> None:
     (tmp_path / "d").write_bytes(b"\0" * 4096)
     opts = guest_options(guest, image=str(tmp_path / "d"), hotplug_spares=120)
-    msg = await expect_error(client, daemon, "m", opts, "TooManyPorts", "Too many PCIe root ports requested (121, max 120)")
+    msg = await expect_error(
+        client, daemon, "m", opts, "TooManyPorts", "Too many PCIe root ports requested (121, max 120)"
+    )
     assert "hotplug_spares" in msg
     assert not (daemon.runtime_dir / "machines" / "m").exists()
 
@@ -101,7 +103,9 @@ async def test_slot_budget_overflow(client: Client, daemon: Daemon, guest: Any) 
 async def test_qemu_exiting_at_start_reports_its_stderr(client: Client, daemon: Daemon, guest: Any) -> None:
     opts = guest_options(guest, qemu_extra=["-device", "no-such-device,bus=rp0"])
     msg = await expect_error(client, daemon, "m", opts, "QemuFailed", "exited during start-up")
-    assert "qemu-system-x86_64: -device no-such-device,bus=rp0: 'no-such-device' is not a valid device model name" in msg
+    assert (
+        "qemu-system-x86_64: -device no-such-device,bus=rp0: 'no-such-device' is not a valid device model name" in msg
+    )
 
 
 async def test_vsock_without_vhost_vsock_says_what_to_do(client: Client, daemon: Daemon, guest: Any) -> None:

@@ -76,7 +76,7 @@ async def test_busctl_creates_a_packed_20_nvme_machine_the_guest_sees(
     client: Client, daemon: Daemon, guest: Any, disks: dict[str, Path], tmp_path: Path
 ) -> None:
     monitor = tmp_path / "test-qmp.sock"
-    extra = nvme_extra(NVME_EXTRA) + ["-qmp", f"unix:{monitor},server=on,wait=off"]
+    extra = [*nvme_extra(NVME_EXTRA), "-qmp", f"unix:{monitor},server=on,wait=off"]
     # 4 builtin ports (image, 2 drives, network) + 10 spares = 14 ports in 2 slots.
     opts = {
         "kernel": ("s", guest.kernel),
@@ -200,12 +200,12 @@ async def test_unpacked_layout_of_the_same_machine_fails_in_qemu(
             arg = ",".join(kv for kv in arg.split(",") if not kv.startswith(("addr=", "multifunction=")))
         unpacked.append(arg)
     unpacked = standalone(unpacked, tmp_path / "u")
-    result = subprocess.run(unpacked + ["-S"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([*unpacked, "-S"], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "PCI: no slot/function available for nvme, all in use or reserved" in result.stderr
     # And the packed argv, run the same way, does start.
     packed = standalone(argv, tmp_path / "p")
-    proc = subprocess.Popen(packed + ["-S"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*packed, "-S"], stderr=subprocess.PIPE, text=True)
     try:
         with pytest.raises(subprocess.TimeoutExpired):
             proc.wait(3)
@@ -214,9 +214,7 @@ async def test_unpacked_layout_of_the_same_machine_fails_in_qemu(
         proc.wait()
 
 
-async def test_terminate_machine_removes_object_and_runtime_dir(
-    client: Client, daemon: Daemon, guest: Any
-) -> None:
+async def test_terminate_machine_removes_object_and_runtime_dir(client: Client, daemon: Daemon, guest: Any) -> None:
     removed: list[list[str]] = []
 
     def on_signal(msg: Any) -> None:

@@ -11,7 +11,8 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus
 
 from .. import opener
 from ..machine import Drive, Machine
-from . import MACHINE_IFACE, MANAGER_PATH, options
+from . import MACHINE_IFACE, MANAGER_PATH
+from . import options as parse
 from .errors import replies_errors
 
 Options = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
@@ -124,9 +125,9 @@ class MachineInterface(ServiceInterface):
 
     @dbus_method()
     @replies_errors
-    async def AddDrive(self, path: DBusStr, opts: Options) -> DrivePort:
+    async def AddDrive(self, path: DBusStr, options: Options) -> DrivePort:
         uid = await self._authorize(self.machine)
-        drive, drive_id = options.add_drive(path, opts)
+        drive, drive_id = parse.add_drive(path, options)
         self.machine.validate_drive(drive, drive_id)
         fd = await opener.open_as(uid, path, drive.read_only)
         try:
@@ -137,10 +138,10 @@ class MachineInterface(ServiceInterface):
 
     @dbus_method()
     @replies_errors
-    async def AddDriveFd(self, fd: DBusUnixFd, opts: Options) -> DrivePort:
+    async def AddDriveFd(self, fd: DBusUnixFd, options: Options) -> DrivePort:
         try:
             await self._authorize(self.machine)
-            drive, drive_id = options.add_drive(os.readlink(f"/proc/self/fd/{fd}"), opts)
+            drive, drive_id = parse.add_drive(os.readlink(f"/proc/self/fd/{fd}"), options)
             added = await self.machine.add_drive(drive, drive_id, fd)
         finally:
             os.close(fd)
@@ -154,15 +155,15 @@ class MachineInterface(ServiceInterface):
 
     @dbus_method()
     @replies_errors
-    async def RemoveDriveEx(self, drive_id: DBusStr, opts: Options) -> None:
+    async def RemoveDriveEx(self, drive_id: DBusStr, options: Options) -> None:
         await self._authorize(self.machine)
-        await self.machine.remove_drive(drive_id, options.remove_timeout(opts, self.unplug_timeout))
+        await self.machine.remove_drive(drive_id, parse.remove_timeout(options, self.unplug_timeout))
 
     @dbus_method()
     @replies_errors
     async def PowerOff(self, timeout_usec: DBusUInt64) -> None:
         await self._authorize(self.machine)
-        await self.machine.power_off(options.power_off_timeout(timeout_usec))
+        await self.machine.power_off(parse.power_off_timeout(timeout_usec))
 
     @dbus_signal()
     def DriveAdded(self, drive_id: str, port: str) -> Annotated[list[str], DBusSignature("ss")]:

@@ -11,7 +11,8 @@ from .. import __version__
 from ..machine import Machine
 from ..manager import Manager
 from ..topology import Plan
-from . import MANAGER_IFACE, options
+from . import MANAGER_IFACE
+from . import options as parse
 from .errors import replies_errors
 from .machine import object_path
 
@@ -60,16 +61,16 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_method()
     @replies_errors
-    async def CreateMachine(self, name: DBusStr, opts: Options) -> DBusObjectPath:
-        spec = options.machine_spec(name, opts)
+    async def CreateMachine(self, name: DBusStr, options: Options) -> DBusObjectPath:
+        spec = parse.machine_spec(name, options)
         uid = await self._may_create()
         machine = await self.manager.create(spec, owner_uid=uid)
         return object_path(machine.name)
 
     @dbus_method()
     @replies_errors
-    async def PlanMachine(self, name: DBusStr, opts: Options) -> DictList:
-        return plan_value(self.manager.plan(options.machine_spec(name, opts)))
+    async def PlanMachine(self, name: DBusStr, options: Options) -> DictList:
+        return plan_value(self.manager.plan(parse.machine_spec(name, options)))
 
     @dbus_method()
     def ListMachines(self) -> MachineList:

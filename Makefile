@@ -1,0 +1,50 @@
+# Two entry points on a fresh Debian 12 machine: `make demo` and `make test`.
+# Each installs what it needs itself (apt, then a venv at .venv).
+
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+APT_PACKAGES := qemu-system-x86 qemu-utils qemu-system-common libsystemd-dev pkg-config gcc \
+	python3-venv python3-dev linux-image-amd64 busybox-static polkitd ovmf dbus cpio zstd xz-utils \
+	systemd util-linux
+PREFIX ?= /usr
+DESTDIR ?=
+
+.PHONY: all deps test lint unit integration demo bench install clean
+
+all: test
+
+deps: $(STAMP)
+
+$(STAMP): pyproject.toml
+	apt-get update
+	apt-get install -y --no-install-recommends $(APT_PACKAGES)
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -e '.[test]'
+	touch $@
+
+lint: deps
+	$(VENV)/bin/ruff check vmspawnd tests tools bench
+	$(VENV)/bin/ruff format --check vmspawnd tests tools bench
+	$(VENV)/bin/mypy
+
+test: lint
+	$(PY) -m pytest -v -p no:cacheprovider tests
+
+demo: deps
+	bash tools/demo.sh
+
+bench: deps
+	$(PY) bench/run.py
+
+install:
+	install -Dm644 units/vmspawnd.service $(DESTDIR)$(PREFIX)/lib/systemd/system/vmspawnd.service
+	install -Dm644 dbus/org.vmspawnd1.conf $(DESTDIR)$(PREFIX)/share/dbus-1/system.d/org.vmspawnd1.conf
+	install -Dm644 dbus/org.vmspawnd1.service $(DESTDIR)$(PREFIX)/share/dbus-1/system-services/org.vmspawnd1.service
+	install -Dm644 dbus/org.vmspawnd1.Manager.xml $(DESTDIR)$(PREFIX)/share/dbus-1/interfaces/org.vmspawnd1.Manager.xml
+	install -Dm644 dbus/org.vmspawnd1.Machine.xml $(DESTDIR)$(PREFIX)/share/dbus-1/interfaces/org.vmspawnd1.Machine.xml
+	install -Dm644 dbus/org.vmspawnd1.policy $(DESTDIR)$(PREFIX)/share/polkit-1/actions/org.vmspawnd1.policy
+	install -Dm644 completion/vmspawnctl.bash $(DESTDIR)$(PREFIX)/share/bash-completion/completions/vmspawnctl
+
+clean:
+	rm -rf $(VENV) build *.egg-info
