@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import re
@@ -79,7 +80,6 @@ class Machine:
         self._unplugs: dict[str, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._ended = asyncio.Event()
-        self._next_drive = len(spec.boot_drives)
         self._next_fdset = 1
         self._next_controller = 1
         for i, drive in enumerate(spec.boot_drives):
@@ -334,16 +334,18 @@ class Machine:
         return record
 
     def _new_drive_id(self) -> str:
+        """The lowest free diskN: derived, so a refused request uses up nothing."""
         known = self._known_ids()
-        while (dev := drive_id(self._next_drive)) in known:
-            self._next_drive += 1
-        self._next_drive += 1
-        return dev
+        return next(dev for i in itertools.count() if (dev := drive_id(i)) not in known)
 
     async def _undo(self, undo: list[tuple[str, dict[str, object]]], port: str, dev: str) -> None:
         for command, args in reversed(undo):
-            with contextlib.suppress(QmpError, QmpDisconnected):
+            try:
                 await self._monitor.execute(command, args)
+            except (QmpError, QmpDisconnected) as e:
+                # QEMU 7.2's nvme keeps its node "in use" after a failed
+                # realize; nothing but QEMU itself can release it.
+                log.warning("machine %s: rollback %s %s failed: %s", self.name, command, args, e)
         # A controller created for this drive stays until its own unplug
         # event; a plain port is ours to free now.
         if self.port_owner.get(port) == dev:

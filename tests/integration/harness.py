@@ -216,5 +216,9 @@ async def wait_console(path: Path | str, pattern: str, timeout: float = 30, star
     raise AssertionError(f"console {path} never matched {pattern!r} in {timeout} s; it ends with:\n{text[-2000:]}")
 
 
-def busctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["busctl", "--system", *args], capture_output=True, text=True, check=check, timeout=120)
+def busctl(*args: str, check: bool = True, as_user: str = "") -> subprocess.CompletedProcess[str]:
+    """busctl on the private system bus, as root or as another real user."""
+    prefix = ["runuser", "-u", as_user, "--"] if as_user else []
+    return subprocess.run(
+        [*prefix, "busctl", "--system", *args], capture_output=True, text=True, check=check, timeout=120
+    )

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import re
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,24 +10,9 @@ from typing import Any
 import pytest
 
 from .harness import Client, Daemon, busctl, guest_options, qemu_pids, wait_console
+from .qmp_probe import Probe
 
 NVME_EXTRA = 20
-
-
-def qmp_session(path: Path, commands: list[tuple[str, dict[str, Any]]]) -> list[Any]:
-    """Raw QMP on the test's own monitor socket (QEMU allows several monitors)."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(str(path))
-        f = s.makefile("rw")
-        json.loads(f.readline())
-        results = []
-        for cmd, args in [("qmp_capabilities", {}), *commands]:
-            f.write(json.dumps({"execute": cmd, "arguments": args}) + "\n")
-            f.flush()
-            while "return" not in (reply := json.loads(f.readline())) and "error" not in reply:
-                pass
-            results.append(reply.get("return", reply.get("error")))
-        return results[1:]
 
 
 def busctl_dict(opts: dict[str, tuple[str, Any]]) -> list[str]:
@@ -112,7 +95,7 @@ async def test_busctl_creates_a_packed_20_nvme_machine_the_guest_sees(
     for p in ports:
         cmds.append(("qom-get", {"path": f"/machine/peripheral/{p['id']}", "property": "addr"}))
         cmds.append(("qom-get", {"path": f"/machine/peripheral/{p['id']}", "property": "multifunction"}))
-    replies = qmp_session(monitor, cmds)
+    replies = Probe(monitor).run(*cmds)
     for i, p in enumerate(ports):
         slot, function = (int(x, 16) for x in p["addr"].split("."))
         assert replies[2 * i] == slot << 3 | function, p
