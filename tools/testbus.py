@@ -7,7 +7,7 @@ starts one in the foreground and prints its address.
 from __future__ import annotations
 
 import argparse
-import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -75,12 +75,14 @@ def main() -> None:
     parser.add_argument("--polkit", action="store_true", help="also include polkit's own bus policy")
     args = parser.parse_args()
     proc, address = start(args.directory, (POLKIT_POLICY,) if args.polkit else ())
+    # Our own end is the bus's end: SIGTERM or Ctrl-C stop dbus-daemon too.
+    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
     print(address, flush=True)
     try:
         sys.exit(proc.wait())
     except KeyboardInterrupt:
         proc.terminate()
-        os._exit(0)
+        sys.exit(proc.wait())
 
 
 if __name__ == "__main__":
