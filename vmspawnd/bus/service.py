@@ -8,6 +8,7 @@ from dbus_fast.aio import MessageBus
 from .. import auth
 from ..errors import VmspawndError
 from ..machine import Machine
+from ..machined import Machined
 from ..manager import Manager
 from . import BUS_NAME, MANAGER_PATH, caller
 from .machine import MachineInterface
@@ -26,6 +27,8 @@ class BusService:
         self.bus = bus
         self.iface = ManagerInterface(manager, self.may_create, self.may_manage)
         self.objects: dict[str, MachineInterface] = {}
+        # systemd-machined registration: owned tasks, never in a reply's way.
+        self.machined = Machined(bus)
         manager.on_new = self._machine_new
         manager.on_removed = self._machine_removed
 
@@ -61,6 +64,7 @@ class BusService:
         self.bus.export(iface.path, iface)
         self.iface.MachineNew(machine.name, iface.path)
         self.iface.emit_properties_changed({"Machines": len(self.manager.machines)})
+        self.machined.register(machine)
 
     def _machine_removed(self, machine: Machine) -> None:
         iface = self.objects.pop(machine.name, None)
@@ -70,6 +74,7 @@ class BusService:
         self.bus.unexport(iface.path, iface)
         self.iface.MachineRemoved(machine.name, iface.path)
         self.iface.emit_properties_changed({"Machines": len(self.manager.machines)})
+        self.machined.unregister(machine)
 
     def close(self) -> None:
         self.bus.disconnect()
