@@ -1,0 +1,1209 @@
+"""vmspawnctl: a machinectl-style command line for vmspawnd.
+
+It speaks only the public D-Bus API (org.vmspawnd1, DESIGN.md section 2) and
+holds no daemon logic: values are translated to a{sv} dicts, replies to text
+or JSON, and org.vmspawnd1.Error.* replies to an exit status plus a hint.
+The pure parts (size and time parsing, option building, the PCIe tree, the
+error table) are plain functions, tested without a bus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import errno
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Awaitable, Callable, Sequence
+from fractions import Fraction
+from typing import Any
+
+from dbus_fast import BusType, DBusError, Message, MessageFlag, MessageType, Variant
+from dbus_fast.aio import MessageBus
+from dbus_fast.errors import DBusFastError
+
+from . import __version__
+
+PROG = "vmspawnctl"
+BUS_NAME = "org.vmspawnd1"
+MANAGER_PATH = "/org/vmspawnd1"
+MANAGER_IFACE = "org.vmspawnd1.Manager"
+MACHINE_IFACE = "org.vmspawnd1.Machine"
+PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
+ERROR_PREFIX = "org.vmspawnd1.Error."
+DBUS_ERROR_PREFIX = "org.freedesktop.DBus.Error."
+DEFAULT_SYSTEM_BUS = "unix:path=/run/dbus/system_bus_socket"
+
+# The values the daemon documents; offered in --help and by the completion,
+# but the daemon stays the judge (it names the valid ones when it refuses).
+DISK_TYPES = ("virtio-blk", "virtio-scsi", "virtio-scsi-cdrom", "nvme")
+IMAGE_FORMATS = ("raw", "qcow2")
+NETWORKS = ("none", "user", "tap:NAME")
+ACCELS = ("kvm", "tcg", "auto")
+FIRMWARES = ("bios", "uefi")
+
+# Options whose value may start with '-': argparse would take "-device" for
+# an option, so `--qemu-extra -device` is rewritten to `--qemu-extra=-device`.
+DASH_VALUE_OPTIONS = ("--qemu-extra", "--qemu-extra-string", "--cmdline")
+
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
+POLL_INTERVAL = 0.2
+
+
+class Exit(enum.IntEnum):
+    """vmspawnctl's exit status; the table in --help and docs/vmspawnctl.md."""
+
+    OK = 0
+    FAILED = 1
+    INVALID = 2
+    NOT_FOUND = 3
+    DENIED = 4
+    BUSY = 5
+    UNAVAILABLE = 6
+    INTERRUPTED = 130
+
+
+EXIT_STATUS_HELP = """\
+exit status:
+  0  success
+  1  failed: QemuFailed, UnplugTimeout, NotRunning, any other error
+  2  invalid argument or usage: InvalidArgument, TooManyPorts,
+     PcieSlotsExhausted, a bad command line
+  3  not found: NoSuchMachine, NoSuchDrive, a file that does not exist
+  4  access denied: AccessDenied (the daemon's or the bus policy's),
+     a file you may not open
+  5  busy or no room: NoFreePort, UnplugInProgress, MachineExists
+  6  vmspawnd not reachable: the daemon is not running, or no bus
+On an error, stderr has one line 'vmspawnctl: <message>' and one 'hint: <what to do>'."""
+
+
+# -- errors ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What the hints may refer to."""
+
+    verb: str = ""
+    name: str = ""
+    user: bool = False
+
+
+class CtlError(Exception):
+    """An error to report: one message line, one hint line, an exit status."""
+
+    def __init__(self, message: str, code: Exit, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.hint = hint
+
+
+def _start_hint(ctx: Context) -> str:
+    if ctx.user:
+        return "vmspawnd is not running on your session bus: start it with 'vmspawnd --user'"
+    return "vmspawnd is not running: start it with 'systemctl start vmspawnd' (or run 'vmspawnd' as root)"
+
+
+def _denied_hint(ctx: Context) -> str:
+    action = "org.vmspawnd1.create-machine" if ctx.verb == "create" else "org.vmspawnd1.manage-machine"
+    return (
+        f"run it as root (sudo {PROG} {ctx.verb} ...), or ask the administrator to grant you the polkit action {action}"
+    )
+
+
+_Hint = Callable[[Context], str]
+
+# Error name (after org.vmspawnd1.Error.) -> exit status and hint.
+ERRORS: dict[str, tuple[Exit, _Hint]] = {
+    "InvalidArgument": (Exit.INVALID, lambda c: f"see '{PROG} {c.verb} --help'" if c.verb else f"see '{PROG} --help'"),
+    "TooManyPorts": (
+        Exit.INVALID,
+        lambda c: (
+            "ask for fewer --spares, or fewer --drive/--image/--network/--vsock devices "
+            "(at most 120 root ports; SCSI drives share one port)"
+        ),
+    ),
+    "PcieSlotsExhausted": (
+        Exit.INVALID,
+        lambda c: (
+            "pass fewer --qemu-extra devices, give them a bus=, or lower --spares; "
+            f"'{PROG} plan' shows the slot budget before anything starts"
+        ),
+    ),
+    "NoSuchMachine": (Exit.NOT_FOUND, lambda c: f"'{PROG} list' shows the machines there are"),
+    "NoSuchDrive": (Exit.NOT_FOUND, lambda c: f"'{PROG} status {c.name or 'NAME'}' lists the machine's drives"),
+    "AccessDenied": (Exit.DENIED, _denied_hint),
+    "NoFreePort": (
+        Exit.BUSY,
+        lambda c: (
+            f"remove a drive first ('{PROG} remove-drive {c.name or 'NAME'} ID'), or create the machine "
+            f"with more hotplug ports: '{PROG} create {c.name or 'NAME'} --spares N ...'"
+        ),
+    ),
+    "UnplugInProgress": (
+        Exit.BUSY,
+        lambda c: f"wait until the guest releases the drive; '{PROG} status {c.name or 'NAME'}' shows it as removing",
+    ),
+    "MachineExists": (
+        Exit.BUSY,
+        lambda c: f"pick another name, or stop the old machine first: '{PROG} terminate {c.name or 'NAME'}'",
+    ),
+    "QemuFailed": (
+        Exit.FAILED,
+        lambda c: (
+            "the message quotes QEMU's own error; look at the daemon's log ('journalctl -u vmspawnd') and "
+            f"at /run/vmspawnd/machines/{c.name or 'NAME'}/qemu.log"
+        ),
+    ),
+    "UnplugTimeout": (
+        Exit.FAILED,
+        lambda c: (
+            "the drive stays listed as removing until the guest lets go; check that the guest OS is up "
+            f"('{PROG} console {c.name or 'NAME'}') or retry with a longer --timeout"
+        ),
+    ),
+    "NotRunning": (
+        Exit.FAILED,
+        lambda c: f"'{PROG} status {c.name or 'NAME'}' shows its state; a stopped machine has to be created again",
+    ),
+}
+
+# Errors from the bus itself, not from vmspawnd.
+BUS_ERRORS: dict[str, tuple[Exit, _Hint]] = {
+    "ServiceUnknown": (Exit.UNAVAILABLE, _start_hint),
+    "NameHasNoOwner": (Exit.UNAVAILABLE, _start_hint),
+    "Spawn.ChildExited": (Exit.UNAVAILABLE, _start_hint),
+    "Spawn.Failed": (Exit.UNAVAILABLE, _start_hint),
+    "AccessDenied": (
+        Exit.DENIED,
+        lambda c: (
+            "the D-Bus policy refused the call: run it as root, or check the installed "
+            "policy /usr/share/dbus-1/system.d/org.vmspawnd1.conf"
+        ),
+    ),
+    "InteractiveAuthorizationRequired": (
+        Exit.DENIED,
+        lambda c: "polkit wants to ask for a password: run it from a terminal with a polkit agent, or as root",
+    ),
+    "UnknownObject": (
+        Exit.NOT_FOUND,
+        lambda c: f"the machine went away meanwhile; '{PROG} list' shows the machines there are",
+    ),
+    "NoReply": (Exit.FAILED, lambda c: "vmspawnd did not answer; look at its log ('journalctl -u vmspawnd')"),
+    "Timeout": (Exit.FAILED, lambda c: "vmspawnd did not answer; look at its log ('journalctl -u vmspawnd')"),
+}
+
+
+def _default_hint(ctx: Context) -> str:
+    return "look at the daemon's log ('journalctl -u vmspawnd') for details"
+
+
+def map_error(error_name: str, text: str, ctx: Context) -> CtlError:
+    """A D-Bus error reply -> what vmspawnctl reports and exits with."""
+    table: dict[str, tuple[Exit, _Hint]] = {}
+    short = error_name
+    if error_name.startswith(ERROR_PREFIX):
+        table, short = ERRORS, error_name.removeprefix(ERROR_PREFIX)
+    elif error_name.startswith(DBUS_ERROR_PREFIX):
+        table, short = BUS_ERRORS, error_name.removeprefix(DBUS_ERROR_PREFIX)
+    code, hint = table.get(short, (Exit.FAILED, _default_hint))
+    message = " ".join(text.split()) or error_name
+    return CtlError(message, code, hint(ctx))
+
+
+def format_error(error: CtlError) -> str:
+    """Exactly two lines: the message and the hint."""
+    message = " ".join(error.message.split())
+    lines = [f"{PROG}: {message}"]
+    if error.hint:
+        lines.append(f"hint: {' '.join(error.hint.split())}")
+    return "\n".join(lines) + "\n"
+
+
+DRIVE_DENIED_HINT = (
+    "you need read and write access to the file (or read access and --read-only); "
+    "vmspawnctl opens it with your own rights and passes the open file to vmspawnd"
+)
+
+
+def file_error(
+    e: OSError, what: str, path: str, denied_hint: str = DRIVE_DENIED_HINT, missing_hint: str = "check the path"
+) -> CtlError:
+    """A local open() that failed, in the same exit-status scheme."""
+    reason = e.strerror or str(e)
+    if e.errno == errno.ENOENT:
+        return CtlError(f"cannot open {what} {path!r}: {reason}", Exit.NOT_FOUND, missing_hint)
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return CtlError(f"cannot open {what} {path!r}: {reason}", Exit.DENIED, denied_hint)
+    if e.errno == errno.EISDIR:
+        return CtlError(f"cannot use {what} {path!r}: it is a directory", Exit.INVALID, "give a file or block device")
+    return CtlError(f"cannot open {what} {path!r}: {reason}", Exit.FAILED, "check the path and its permissions")
+
+
+# -- parsing values ---------------------------------------------------------------
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGTPE]?)(i?B)?\s*", re.IGNORECASE)
+_SIZE_FACTORS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50, "E": 1 << 60}
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1.5GiB', '4096' -> bytes; suffixes are powers of 1024 as in systemd."""
+    m = _SIZE.fullmatch(text)
+    if m is None:
+        raise ValueError(f"invalid size {text!r}: give a number with an optional K, M, G or T suffix, e.g. 512M or 2G")
+    number, unit = m.group(1), m.group(2).upper()
+    exact = Fraction(number) * _SIZE_FACTORS[unit]
+    if exact.denominator != 1 and not unit:
+        raise ValueError(f"invalid size {text!r}: bytes come whole; use a unit for fractions, e.g. 1.5G")
+    value = int(exact)
+    if value <= 0 or value > UINT64_MAX:
+        raise ValueError(f"invalid size {text!r}: out of range")
+    return value
+
+
+def parse_memory(text: str) -> int:
+    value = parse_size(text)
+    if value < 1 << 20 and not re.search(r"[A-Za-z]", text):
+        raise ValueError(f"memory {text!r} would be {value} bytes; give a unit, e.g. {text.strip()}M")
+    return value
+
+
+_TIMESPAN = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(us|usec|ms|msec|s|sec|m|min|h|hr)?\s*", re.IGNORECASE)
+_TIMESPAN_USEC = {
+    "us": 1, "usec": 1, "ms": 1000, "msec": 1000, "": 1_000_000, "s": 1_000_000, "sec": 1_000_000,
+    "m": 60_000_000, "min": 60_000_000, "h": 3_600_000_000, "hr": 3_600_000_000,
+}  # fmt: skip
+
+
+def parse_timespan_usec(text: str) -> int:
+    """'10', '2.5s', '500ms', '1min' -> microseconds (a plain number is seconds)."""
+    m = _TIMESPAN.fullmatch(text)
+    if m is None:
+        raise ValueError(f"invalid time {text!r}: give seconds, or a number with ms, s, min or h, e.g. 30s")
+    value = round(float(m.group(1)) * _TIMESPAN_USEC[(m.group(2) or "").lower()])
+    if value > UINT64_MAX:
+        raise ValueError(f"invalid time {text!r}: out of range")
+    return value
+
+
+def parse_uint32(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise ValueError(f"invalid number {text!r}") from None
+    if not 0 <= value <= UINT32_MAX:
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def parse_drive(text: str) -> dict[str, str]:
+    """PATH[:DISK_TYPE[:SERIAL]] -> {'path', 'disk_type'?, 'serial'?}.
+
+    The path ends at the first ':' followed by a known disk type or by an
+    empty field (the default type): '/a:b.img::' is the file '/a:b.img'.
+    """
+    parts = text.split(":")
+    for i in range(1, len(parts)):
+        if parts[i] in DISK_TYPES or parts[i] == "":
+            drive = {"path": ":".join(parts[:i])}
+            if parts[i]:
+                drive["disk_type"] = parts[i]
+            serial = ":".join(parts[i + 1 :])
+            if serial:
+                drive["serial"] = serial
+            break
+    else:
+        if len(parts) > 1:
+            raise ValueError(
+                f"unknown disk type {parts[1]!r} in {text!r}: use one of {', '.join(DISK_TYPES)} "
+                "(a path containing ':' is written PATH:: or PATH:TYPE)"
+            )
+        drive = {"path": text}
+    if not drive["path"]:
+        raise ValueError(f"{text!r} names no file")
+    drive["path"] = os.path.abspath(drive["path"])
+    return drive
+
+
+def _argtype(fn: Callable[[str], Any], name: str) -> Callable[[str], Any]:
+    """argparse reports ArgumentTypeError messages as they are."""
+
+    def convert(text: str) -> Any:
+        try:
+            return fn(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = name
+    return convert
+
+
+def glue_dash_values(argv: Sequence[str]) -> list[str]:
+    """`--qemu-extra -device` -> `--qemu-extra=-device`, so argparse takes it as the value."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            out += argv[i:]
+            break
+        if arg in DASH_VALUE_OPTIONS and i + 1 < len(argv):
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+# -- a{sv} building -------------------------------------------------------------------
+
+
+def machine_options(args: argparse.Namespace) -> dict[str, Variant]:
+    """create/plan's command line -> CreateMachine's a{sv} (only what was given)."""
+    opts: dict[str, Variant] = {}
+    for key in ("kernel", "initrd", "image"):
+        if getattr(args, key) is not None:
+            opts[key] = Variant("s", os.path.abspath(getattr(args, key)))
+    for key in ("cmdline", "image_format", "disk_type", "network", "accel", "firmware"):
+        if getattr(args, key) is not None:
+            opts[key] = Variant("s", getattr(args, key))
+    if args.drives:
+        opts["drives"] = Variant("aa{sv}", [{k: Variant("s", v) for k, v in d.items()} for d in args.drives])
+    if args.vsock:
+        opts["vsock"] = Variant("b", True)
+    if args.memory is not None:
+        opts["memory"] = Variant("t", args.memory)
+    if args.cpus is not None:
+        opts["cpus"] = Variant("u", args.cpus)
+    if args.spares is not None:
+        opts["hotplug_spares"] = Variant("u", args.spares)
+    if args.qemu_extra:
+        opts["qemu_extra"] = Variant("as", list(args.qemu_extra))
+    return opts
+
+
+def add_drive_options(args: argparse.Namespace) -> dict[str, Variant]:
+    opts: dict[str, Variant] = {}
+    for key in ("disk_type", "format", "serial", "id"):
+        if getattr(args, key) is not None:
+            opts[key] = Variant("s", getattr(args, key))
+    if args.read_only:
+        opts["read_only"] = Variant("b", True)
+    return opts
+
+
+def unwrap(value: Any) -> Any:
+    """Variants and nested containers -> plain JSON-able Python values."""
+    if isinstance(value, Variant):
+        return unwrap(value.value)
+    if isinstance(value, dict):
+        return {str(k): unwrap(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [unwrap(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return value
+
+
+# -- rendering --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Glyphs:
+    branch: str
+    last: str
+    pipe: str
+    space: str
+    arrow: str
+
+
+UNICODE = Glyphs("├─ ", "└─ ", "│  ", "   ", "→")
+ASCII = Glyphs("|- ", "`- ", "|  ", "   ", "->")
+
+
+def glyphs_for(stream: Any) -> Glyphs:
+    encoding = (getattr(stream, "encoding", None) or "ascii").lower().replace("_", "-")
+    return UNICODE if encoding in ("utf-8", "utf8") else ASCII
+
+
+def split_addr(addr: str) -> tuple[int, int]:
+    """'0x10.3' -> (0x10, 3)."""
+    slot, _, function = addr.partition(".")
+    return int(slot, 16), int(function or "0")
+
+
+def _tree(node_lines: list[tuple[str, list[Any]]], g: Glyphs, prefix: str = "") -> list[str]:
+    """Nested (label, children) pairs -> lines with tree glyphs."""
+    out = []
+    for i, (label, children) in enumerate(node_lines):
+        last = i == len(node_lines) - 1
+        out.append(prefix + (g.last if last else g.branch) + label)
+        out += _tree(children, g, prefix + (g.space if last else g.pipe))
+    return out
+
+
+def pcie_tree(ports: Sequence[dict[str, Any]], drives: Sequence[dict[str, Any]] = (), g: Glyphs = UNICODE) -> list[str]:
+    """The root ports on pcie.0, grouped by slot: slot.function -> port (role) -> device.
+
+    `ports` are Ports / PlanMachine port entries; `drives` (status only) add
+    a drive's state when it is not plainly attached, and hang SCSI drives
+    under their controller.
+    """
+    by_id = {d["id"]: d for d in drives}
+    # A SCSI drive names its controller's port; the controller is that port's device.
+    on_controller: dict[str, list[dict[str, Any]]] = {}
+    for p in ports:
+        for d in drives:
+            if d["port"] == p["id"] and d["id"] != p.get("device") and p.get("device") not in by_id:
+                on_controller.setdefault(p["id"], []).append(d)
+
+    slots: dict[int, list[tuple[int, dict[str, Any]]]] = {}
+    for p in ports:
+        slot, function = split_addr(p["addr"])
+        slots.setdefault(slot, []).append((function, p))
+    nodes: list[tuple[str, list[Any]]] = []
+    for slot in sorted(slots):
+        members = sorted(slots[slot], key=lambda fp: fp[0])
+        multifunction = any(p.get("multifunction", f == 0) for f, p in members)
+        count = len(members)
+        label = f"0x{slot:x}: {count} root port{'s' if count != 1 else ''}" + (
+            ", multifunction" if multifunction else ""
+        )
+        children: list[tuple[str, list[Any]]] = []
+        for _function, p in members:
+            device = p.get("device") or "(free)"
+            drive = by_id.get(p.get("device", ""))
+            if drive is not None and drive.get("state", "attached") != "attached":
+                device += f" ({drive['state']})"
+            grandchildren: list[tuple[str, list[Any]]] = []
+            for d in on_controller.get(p["id"], []):
+                state = d.get("state", "attached")
+                extra = f", {state}" if state != "attached" else ""
+                grandchildren.append((f"{d['id']} ({d.get('disk_type', '?')}{extra})", []))
+            children.append(
+                (f"{p['addr']} {g.arrow} {p['id']} ({p.get('role', '?')}) {g.arrow} {device}", grandchildren)
+            )
+        nodes.append((label, children))
+    return ["pcie.0", *_tree(nodes, g)]
+
+
+def slots_line(used: int, budget: int) -> str:
+    return f"{used} of {budget} used, {max(budget - used, 0)} available"
+
+
+def port_summary(ports: Sequence[dict[str, Any]], free: int | None = None) -> str:
+    builtin = sum(1 for p in ports if p.get("role") == "builtin")
+    spare = len(ports) - builtin
+    slots = len({split_addr(p["addr"])[0] for p in ports})
+    text = f"{len(ports)} in {slots} slot{'s' if slots != 1 else ''}: {builtin} builtin, {spare} spare"
+    return text + (f" ({free} free)" if free is not None else "")
+
+
+STATUS_KEYS = ("Name", "Id", "State", "Leader", "Ports", "Drives", "FreeSparePorts", "PcieSlots", "ConsoleLog")
+
+
+def status_json(props: dict[str, Any]) -> dict[str, Any]:
+    """Every Machine property, under its D-Bus name, in a fixed order (unknown ones last)."""
+    out = {k: props[k] for k in STATUS_KEYS if k in props}
+    out |= {k: v for k, v in sorted(props.items()) if k not in out}
+    return out
+
+
+def render_status(props: dict[str, Any], g: Glyphs = UNICODE) -> list[str]:
+    used, budget = props.get("PcieSlots", [0, 0])
+    ports = props.get("Ports", [])
+    drives = props.get("Drives", [])
+    fields = [
+        ("Id", props.get("Id", "")),
+        ("State", props.get("State", "")),
+        ("Leader", str(props.get("Leader", 0) or "-")),
+        ("Console log", props.get("ConsoleLog", "")),
+        ("PCIe slots", slots_line(used, budget)),
+        ("Root ports", port_summary(ports, props.get("FreeSparePorts"))),
+    ]
+    drive_lines = [
+        f"{d['id']} {d.get('disk_type', '?')} {d.get('path', '?')} on {d.get('port', '?')} ({d.get('state', '?')})"
+        for d in drives
+    ] or ["-"]
+    fields.append(("Drives", drive_lines[0]))
+    width = max(len(k) for k, _ in fields)
+    lines = [str(props.get("Name", ""))]
+    lines += [f"  {k:>{width}}: {v}" for k, v in fields]
+    lines += [f"  {'':>{width}}  {line}" for line in drive_lines[1:]]
+    lines.append("")
+    lines += pcie_tree(ports, drives, g)
+    return lines
+
+
+def plan_json(name: str, entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    ports = [
+        {k: e.get(k) for k in ("id", "addr", "chassis", "multifunction", "role", "device")}
+        for e in entries
+        if e.get("kind") == "port"
+    ]
+    consumers = [{"what": e.get("what"), "slots": e.get("slots")} for e in entries if e.get("kind") == "pcie-slots"]
+    budgets = [e["budget"] for e in entries if e.get("kind") == "pcie-slots" and "budget" in e]
+    used = sum(int(c["slots"] or 0) for c in consumers)
+    budget = budgets[0] if budgets else 0
+    return {
+        "name": name,
+        "ports": ports,
+        "pcie_slots": {"used": used, "budget": budget, "available": max(budget - used, 0), "consumers": consumers},
+    }
+
+
+def render_plan(plan: dict[str, Any], g: Glyphs = UNICODE, legend: bool = True) -> list[str]:
+    ports = plan["ports"]
+    slots = plan["pcie_slots"]
+    lines = []
+    if legend:
+        lines.append(f"Plan for {plan['name']}: root ports {port_summary(ports)}")
+    lines += pcie_tree(ports, (), g)
+    lines.append("")
+    if legend:
+        lines.append(f"pcie.0 slots: {slots_line(slots['used'], slots['budget'])}")
+        lines.append(f"{'SLOTS':>5}  WHAT")
+    lines += [f"{c['slots']:>5}  {c['what']}" for c in slots["consumers"]]
+    return lines
+
+
+def render_table(header: Sequence[str], rows: Sequence[Sequence[str]], legend: bool) -> list[str]:
+    all_rows = ([list(header)] if legend else []) + [list(r) for r in rows]
+    if not all_rows:
+        return []
+    widths = [max(len(r[i]) for r in all_rows) for i in range(len(header))]
+    return [
+        "  ".join(cell.ljust(widths[i]) if i < len(header) - 1 else cell for i, cell in enumerate(r)).rstrip()
+        for r in all_rows
+    ]
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+def pager_command(environ: dict[str, str] | os._Environ[str], isatty: bool, no_pager: bool) -> list[str] | None:
+    """The pager to pipe query output through, or None (as systemd: only on a terminal)."""
+    if no_pager or not isatty:
+        return None
+    for var in ("VMSPAWNCTL_PAGER", "SYSTEMD_PAGER", "PAGER"):
+        if var in environ:
+            words = shlex.split(environ[var])
+            if not words or words == ["cat"]:
+                return None
+            return words
+    return ["less"] if shutil.which("less") else None
+
+
+def emit(text: str, args: argparse.Namespace) -> None:
+    pager = pager_command(os.environ, sys.stdout.isatty(), args.no_pager or args.json)
+    if pager is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    env = os.environ | {"LESS": os.environ.get("LESS", "FRSXMK")}
+    try:
+        proc = subprocess.Popen(pager, stdin=subprocess.PIPE, env=env, text=True)
+    except OSError:
+        sys.stdout.write(text)
+        return
+    with contextlib.suppress(BrokenPipeError):
+        assert proc.stdin is not None
+        proc.stdin.write(text)
+        proc.stdin.close()
+    proc.wait()
+
+
+def emit_json(value: Any, args: argparse.Namespace) -> None:
+    emit(json.dumps(value, indent=2) + "\n", args)
+
+
+# -- the bus ----------------------------------------------------------------------------
+
+
+def bus_address(user: bool, environ: dict[str, str] | os._Environ[str]) -> str:
+    if user:
+        if environ.get("DBUS_SESSION_BUS_ADDRESS"):
+            return environ["DBUS_SESSION_BUS_ADDRESS"]
+        runtime = environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+        return f"unix:path={runtime}/bus"
+    return environ.get("DBUS_SYSTEM_BUS_ADDRESS") or DEFAULT_SYSTEM_BUS
+
+
+class Client:
+    """Method calls on org.vmspawnd1; an error reply is raised as DBusError."""
+
+    def __init__(self, bus: MessageBus, interactive: bool) -> None:
+        self.bus = bus
+        self.interactive = interactive
+
+    @classmethod
+    async def connect(cls, user: bool, interactive: bool, ctx: Context) -> Client:
+        address = bus_address(user, os.environ)
+        which = "session" if user else "system"
+        try:
+            bus = await MessageBus(
+                bus_address=address, bus_type=BusType.SESSION if user else BusType.SYSTEM, negotiate_unix_fd=True
+            ).connect()
+        except (OSError, EOFError, DBusFastError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+            hint = (
+                "is a D-Bus session bus running (DBUS_SESSION_BUS_ADDRESS)? " + _start_hint(ctx)
+                if user
+                else "is dbus running ('systemctl status dbus')? Then " + _start_hint(ctx)
+            )
+            raise CtlError(f"cannot connect to the {which} bus at {address}: {reason}", Exit.UNAVAILABLE, hint) from e
+        return cls(bus, interactive)
+
+    async def call(
+        self,
+        member: str,
+        signature: str = "",
+        body: Sequence[Any] = (),
+        *,
+        path: str = MANAGER_PATH,
+        interface: str = MANAGER_IFACE,
+        destination: str = BUS_NAME,
+        unix_fds: Sequence[int] = (),
+        manage: bool = False,
+    ) -> list[Any]:
+        flags = MessageFlag.NONE
+        if manage and self.interactive:
+            flags = MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION
+        reply = await self.bus.call(
+            Message(
+                destination=destination,
+                path=path,
+                interface=interface,
+                member=member,
+                signature=signature,
+                body=list(body),
+                unix_fds=list(unix_fds),
+                flags=flags,
+            )
+        )
+        if reply is None:
+            raise DBusError(DBUS_ERROR_PREFIX + "NoReply", f"no reply to {member}")
+        if reply.message_type is MessageType.ERROR:
+            text = str(reply.body[0]) if reply.body else ""
+            raise DBusError(reply.error_name or DBUS_ERROR_PREFIX + "Failed", text)
+        return list(reply.body)
+
+    async def machine_path(self, name: str) -> str:
+        (path,) = await self.call("GetMachine", "s", [name])
+        return str(path)
+
+    async def properties(self, path: str) -> dict[str, Any]:
+        (props,) = await self.call("GetAll", "s", [MACHINE_IFACE], path=path, interface=PROPERTIES_IFACE)
+        return {str(k): unwrap(v) for k, v in props.items()}
+
+    async def prop(self, path: str, name: str) -> Any:
+        (value,) = await self.call("Get", "ss", [MACHINE_IFACE, name], path=path, interface=PROPERTIES_IFACE)
+        return unwrap(value)
+
+    def close(self) -> None:
+        self.bus.disconnect()
+
+
+# -- verbs ------------------------------------------------------------------------------------
+
+
+async def cmd_list(client: Client, args: argparse.Namespace) -> int:
+    (machines,) = await client.call("ListMachines")
+    rows: list[dict[str, Any]] = []
+    for name, state, path in machines:
+        try:
+            props = await client.properties(str(path))
+        except DBusError as e:
+            if e.type.endswith(("UnknownObject", "UnknownInterface", "UnknownMethod")):
+                continue  # removed between the two calls
+            raise
+        used, budget = props.get("PcieSlots", [0, 0])
+        spare = sum(1 for p in props.get("Ports", []) if p.get("role") == "spare")
+        rows.append(
+            {
+                "name": str(name),
+                "state": str(props.get("State", state)),
+                "path": str(path),
+                "leader": int(props.get("Leader", 0)),
+                "drives": [d["id"] for d in props.get("Drives", [])],
+                "spare_ports": spare,
+                "free_spare_ports": int(props.get("FreeSparePorts", 0)),
+                "pcie_slots_used": int(used),
+                "pcie_slots_budget": int(budget),
+            }
+        )
+    rows.sort(key=lambda r: r["name"])
+    if args.json:
+        emit_json(rows, args)
+        return Exit.OK
+    if not rows:
+        if args.legend:
+            emit("No machines.\n", args)
+        return Exit.OK
+    table = render_table(
+        ("MACHINE", "STATE", "LEADER", "DRIVES", "FREE-PORTS", "PCIE-SLOTS"),
+        [
+            (
+                r["name"],
+                r["state"],
+                str(r["leader"] or "-"),
+                str(len(r["drives"])),
+                f"{r['free_spare_ports']}/{r['spare_ports']}",
+                f"{r['pcie_slots_used']}/{r['pcie_slots_budget']}",
+            )
+            for r in rows
+        ],
+        args.legend,
+    )
+    if args.legend:
+        table += ["", f"{len(rows)} machine{'s' if len(rows) != 1 else ''} listed."]
+    emit("\n".join(table) + "\n", args)
+    return Exit.OK
+
+
+async def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    props = await client.properties(await client.machine_path(args.name))
+    if args.json:
+        emit_json(status_json(props), args)
+    else:
+        emit("\n".join(render_status(props, glyphs_for(sys.stdout))) + "\n", args)
+    return Exit.OK
+
+
+async def cmd_plan(client: Client, args: argparse.Namespace) -> int:
+    (entries,) = await client.call("PlanMachine", "sa{sv}", [args.name, machine_options(args)])
+    plan = plan_json(args.name, [unwrap(e) for e in entries])
+    if args.json:
+        emit_json(plan, args)
+    else:
+        emit("\n".join(render_plan(plan, glyphs_for(sys.stdout), args.legend)) + "\n", args)
+    return Exit.OK
+
+
+async def cmd_create(client: Client, args: argparse.Namespace) -> int:
+    (path,) = await client.call("CreateMachine", "sa{sv}", [args.name, machine_options(args)], manage=True)
+    if args.json:
+        emit_json({"name": args.name, "path": str(path)}, args)
+    else:
+        print(f"Created machine {args.name} ({path}); its console: {PROG} console {args.name}")
+    return Exit.OK
+
+
+async def cmd_add_drive(client: Client, args: argparse.Namespace) -> int:
+    path = await client.machine_path(args.name)
+    flags = (os.O_RDONLY if args.read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        fd = os.open(args.path, flags)
+    except OSError as e:
+        raise file_error(e, "drive", args.path) from e
+    try:
+        drive_id, port = await client.call(
+            "AddDriveFd",
+            "ha{sv}",
+            [0, add_drive_options(args)],
+            path=path,
+            interface=MACHINE_IFACE,
+            unix_fds=[fd],
+            manage=True,
+        )
+    finally:
+        os.close(fd)
+    if args.json:
+        emit_json({"machine": args.name, "id": drive_id, "port": port}, args)
+    else:
+        print(f"Added drive {drive_id} to {args.name} on port {port}.")
+    return Exit.OK
+
+
+async def cmd_remove_drive(client: Client, args: argparse.Namespace) -> int:
+    path = await client.machine_path(args.name)
+    opts = {} if args.timeout is None else {"timeout_usec": Variant("t", args.timeout)}
+    await client.call(
+        "RemoveDriveEx", "sa{sv}", [args.id, opts], path=path, interface=MACHINE_IFACE, manage=True
+    )  # fmt: skip
+    return Exit.OK
+
+
+async def cmd_poweroff(client: Client, args: argparse.Namespace) -> int:
+    path = await client.machine_path(args.name)
+    await client.call("PowerOff", "t", [args.timeout or 0], path=path, interface=MACHINE_IFACE, manage=True)
+    return Exit.OK
+
+
+async def cmd_terminate(client: Client, args: argparse.Namespace) -> int:
+    await client.call("TerminateMachine", "s", [args.name], manage=True)
+    return Exit.OK
+
+
+async def cmd_console(client: Client, args: argparse.Namespace) -> int:
+    """Print the console log; with follow, keep printing until Ctrl-C or the machine is removed."""
+    follow = not args.no_follow
+    removed = asyncio.Event()
+    stop = asyncio.Event()
+    if follow:
+
+        def on_message(msg: Message) -> None:
+            if msg.member == "MachineRemoved" and msg.interface == MANAGER_IFACE and msg.body[:1] == [args.name]:
+                removed.set()
+
+        client.bus.add_message_handler(on_message)
+        await client.call(
+            "AddMatch", "s", [f"type='signal',sender='{BUS_NAME}',interface='{MANAGER_IFACE}',member='MachineRemoved'"],
+            path="/org/freedesktop/DBus", interface="org.freedesktop.DBus", destination="org.freedesktop.DBus",
+        )  # fmt: skip
+    # Only after subscribing: a machine removed in between is not missed.
+    path = await client.machine_path(args.name)
+    log = str(await client.prop(path, "ConsoleLog"))
+    try:
+        # A local file, read in small non-blocking-enough steps; closed by the ExitStack below.
+        f = open(log, "rb")  # noqa: ASYNC230, SIM115
+    except OSError as e:
+        raise file_error(
+            e,
+            "console log",
+            log,
+            denied_hint="the console log is vmspawnd's file: run it as root, or ask the administrator for read access",
+            missing_hint=f"the machine may just have stopped; '{PROG} list' shows the machines there are",
+        ) from e
+    loop = asyncio.get_running_loop()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(f)
+        if follow:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+                stack.callback(loop.remove_signal_handler, sig)
+        out = sys.stdout.buffer
+        last_round = not follow
+        while True:
+            while chunk := f.read(1 << 16):
+                out.write(chunk)
+            out.flush()
+            if last_round or stop.is_set():
+                break
+            if removed.is_set():
+                last_round = True  # the file stays readable through our fd: drain it once more
+                continue
+            waiters = [asyncio.ensure_future(e.wait()) for e in (removed, stop)]
+            await asyncio.wait(waiters, timeout=POLL_INTERVAL, return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters:
+                w.cancel()
+    return Exit.OK
+
+
+VERBS: dict[str, Callable[[Client, argparse.Namespace], Awaitable[int]]] = {
+    "list": cmd_list,
+    "status": cmd_status,
+    "plan": cmd_plan,
+    "create": cmd_create,
+    "add-drive": cmd_add_drive,
+    "remove-drive": cmd_remove_drive,
+    "poweroff": cmd_poweroff,
+    "terminate": cmd_terminate,
+    "console": cmd_console,
+}
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+DESCRIPTION = """\
+Control QEMU virtual machines run by vmspawnd, over its D-Bus API
+(org.vmspawnd1). Machines get a packed PCIe layout: root ports sit eight to a
+pcie.0 slot, so many drives and hotplug ports fit; 'plan' and 'status' show it.
+
+Every verb has its own help: vmspawnctl VERB --help."""
+
+MAIN_EPILOG = f"""\
+examples:
+  vmspawnctl list
+  vmspawnctl create web --image /var/lib/vms/web.raw --network user --spares 4 --memory 2G
+  vmspawnctl plan --image /var/lib/vms/web.raw --spares 16
+  vmspawnctl status web
+  vmspawnctl add-drive web /var/lib/vms/data.qcow2 --format qcow2 --serial data
+  vmspawnctl remove-drive web disk1
+  vmspawnctl console web
+  vmspawnctl poweroff web
+
+{EXIT_STATUS_HELP}"""
+
+SHORT_EXIT = (
+    "exit status: 0 ok, 1 failed, 2 invalid argument, 3 not found, 4 access denied, 5 busy/no room, "
+    "6 vmspawnd not reachable (details: vmspawnctl --help)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class VerbHelp:
+    summary: str
+    description: str
+    examples: tuple[str, ...]
+
+
+VERB_HELP: dict[str, VerbHelp] = {
+    "list": VerbHelp(
+        "list the machines",
+        "List the machines vmspawnd runs: name, state, QEMU's pid, the number of drives, "
+        "the free hotplug ports and the pcie.0 slots used. --no-legend leaves out the header "
+        "and the footer (for scripts: the first column is the name).",
+        ("vmspawnctl list", "vmspawnctl list --no-legend", "vmspawnctl list --json"),
+    ),
+    "status": VerbHelp(
+        "show a machine's state and its PCIe layout",
+        "Show a machine: its id, state, QEMU's pid (the leader), the console log, the pcie.0 slot budget "
+        "(used/available), its drives, and its root ports as a tree: pcie.0 slot -> slot.function -> "
+        "root port (builtin or spare) -> the device on it. --json prints every D-Bus property of "
+        "org.vmspawnd1.Machine under its own name.",
+        ("vmspawnctl status web", "vmspawnctl status web --json"),
+    ),
+    "plan": VerbHelp(
+        "show the PCIe layout a create would get, without starting anything",
+        "Dry run of create (PlanMachine): the root ports, packed eight per pcie.0 slot from 0x10, and "
+        "what takes the pcie.0 slot budget. It takes the create options; the machine NAME is optional. "
+        "Refusals are the same as create's (TooManyPorts, PcieSlotsExhausted).",
+        (
+            "vmspawnctl plan --image /var/lib/vms/web.raw --network user --spares 10",
+            "vmspawnctl plan --kernel vmlinuz --qemu-extra-string '-device nvme,serial=a -device nvme,serial=b'",
+            "vmspawnctl plan web --image web.raw --json",
+        ),
+    ),
+    "create": VerbHelp(
+        "create and start a machine",
+        "Create a machine and start it; returns once QEMU runs with its boot-time devices. A boot source "
+        "is needed: --kernel (direct kernel boot, with --initrd/--cmdline) or --image. Relative paths are "
+        "made absolute. Values that start with '-' may follow --qemu-extra directly "
+        "(--qemu-extra -device --qemu-extra nvme,serial=a), or give them all in one shell-quoted string "
+        "with --qemu-extra-string. Sizes take K, M, G, T suffixes (powers of 1024).",
+        (
+            "vmspawnctl create web --image /var/lib/vms/web.raw --network user --memory 2G --cpus 2",
+            "vmspawnctl create k --kernel vmlinuz --initrd initrd.img --cmdline 'console=ttyS0' --accel tcg",
+            "vmspawnctl create db --image db.qcow2 --image-format qcow2 --drive /dev/vg/data:nvme:data0 --spares 4",
+            "vmspawnctl create x --image x.raw --qemu-extra-string '-device nvme,serial=n0 -device nvme,serial=n1'",
+        ),
+    ),
+    "add-drive": VerbHelp(
+        "hotplug a drive onto a free spare port",
+        "Open PATH yourself (read-write, or read-only with --read-only) and hand the open file to vmspawnd "
+        "(AddDriveFd), which plugs it into the lowest free spare root port. So the drive is whatever you can "
+        "open: vmspawnd never opens a path for you with more rights than you have. Prints the drive id and "
+        "its port.",
+        (
+            "vmspawnctl add-drive web /var/lib/vms/data.raw",
+            "vmspawnctl add-drive web data.qcow2 --format qcow2 --disk-type nvme --serial data0 --id data",
+            "vmspawnctl add-drive web cd.iso --disk-type virtio-scsi-cdrom --read-only",
+        ),
+    ),
+    "remove-drive": VerbHelp(
+        "hot-unplug a drive",
+        "Unplug a drive that was hotplugged (RemoveDriveEx); returns once the guest released it. Past "
+        "--timeout (default: the daemon's, 10 s) it fails with UnplugTimeout, the drive stays listed as "
+        "removing and its port is freed when the guest lets go.",
+        ("vmspawnctl remove-drive web disk1", "vmspawnctl remove-drive web data --timeout 30s"),
+    ),
+    "poweroff": VerbHelp(
+        "power a machine off through ACPI",
+        "Press the ACPI power button; if the guest has not shut down within --timeout (default 30 s), "
+        "stop QEMU. Returns once the machine is gone.",
+        ("vmspawnctl poweroff web", "vmspawnctl poweroff web --timeout 2min"),
+    ),
+    "terminate": VerbHelp(
+        "stop a machine at once",
+        "Stop QEMU now (quit, then SIGTERM, then SIGKILL), without asking the guest.",
+        ("vmspawnctl terminate web",),
+    ),
+    "console": VerbHelp(
+        "show a machine's serial console output",
+        "Print the machine's console log (the ConsoleLog property) and keep following it like 'tail -f', "
+        "until Ctrl-C or the machine is removed. --no-follow prints what is there and exits. Read-only: "
+        "nothing is sent to the guest.",
+        ("vmspawnctl console web", "vmspawnctl console web --no-follow | grep -i error"),
+    ),
+}
+
+
+class _ExtendSplit(argparse.Action):
+    """--qemu-extra-string: shlex-split into the same list as --qemu-extra, in order."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        try:
+            words = shlex.split(str(values))
+        except ValueError as e:
+            parser.error(f"argument --qemu-extra-string: {e}")
+        items = list(getattr(namespace, self.dest, None) or [])
+        setattr(namespace, self.dest, items + words)
+
+
+def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """The same flags before and after the verb; after it, only what was given overrides."""
+    kw: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
+    g = parser.add_argument_group("global options")
+    g.add_argument("--json", action="store_true", help="print one JSON document (list, status, plan, ...)", **kw)
+    g.add_argument("--user", action="store_true", help="talk to vmspawnd on the session bus", **kw)
+    g.add_argument("--system", dest="user", action="store_false", help="talk to the system bus (default)", **kw)
+    g.add_argument("--no-pager", action="store_true", help="do not pipe output into a pager", **kw)
+    g.add_argument("--no-legend", dest="legend", action="store_false", help="omit table headers and footers", **kw)
+    g.add_argument(
+        "--no-ask-password", action="store_true", help="do not let polkit ask for a password", **kw
+    )  # fmt: skip
+
+
+def _machine_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("machine options")
+    g.add_argument("--kernel", metavar="PATH", help="kernel for direct kernel boot")
+    g.add_argument("--initrd", metavar="PATH", help="initrd (needs --kernel)")
+    g.add_argument("--cmdline", metavar="STRING", help="kernel command line")
+    g.add_argument("--image", metavar="PATH", help="root disk image (boots first)")
+    g.add_argument("--image-format", metavar="FORMAT", help=f"root image format: {', '.join(IMAGE_FORMATS)}")
+    g.add_argument(
+        "--drive",
+        dest="drives",
+        action="append",
+        type=_argtype(parse_drive, "drive"),
+        metavar="PATH[:TYPE[:SERIAL]]",
+        help="an extra boot-time drive (repeatable); TYPE as --disk-type",
+    )
+    g.add_argument("--disk-type", metavar="TYPE", help=f"default disk type: {', '.join(DISK_TYPES)}")
+    g.add_argument("--network", metavar="MODE", help=f"network: {', '.join(NETWORKS)} (default none)")
+    g.add_argument("--vsock", action="store_true", help="add a vhost-vsock device")
+    g.add_argument("--memory", type=_argtype(parse_memory, "size"), metavar="SIZE", help="memory, e.g. 512M or 2G")
+    g.add_argument("--cpus", type=_argtype(parse_uint32, "number"), metavar="N", help="number of CPUs")
+    g.add_argument(
+        "--spares", type=_argtype(parse_uint32, "number"), metavar="N", help="hotplug root ports (default 10)"
+    )  # fmt: skip
+    g.add_argument("--accel", metavar="ACCEL", help=f"accelerator: {', '.join(ACCELS)} (default auto)")
+    g.add_argument("--firmware", metavar="FW", help=f"firmware: {', '.join(FIRMWARES)} (default bios)")
+    g.add_argument(
+        "--qemu-extra", dest="qemu_extra", action="append", metavar="ARG", help="one extra QEMU argument (repeatable)"
+    )
+    g.add_argument(
+        "--qemu-extra-string",
+        dest="qemu_extra",
+        action=_ExtendSplit,
+        metavar="STRING",
+        help="extra QEMU arguments in one string, split like a shell does",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=DESCRIPTION, epilog=MAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    _global_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", title="verbs")
+
+    def verb(name: str) -> argparse.ArgumentParser:
+        h = VERB_HELP[name]
+        examples = "\n".join(f"  {e}" for e in h.examples)
+        p = sub.add_parser(
+            name,
+            help=h.summary,
+            description=f"{PROG} {name}: {h.summary}.\n\n" + _wrap(h.description),
+            epilog=f"examples:\n{examples}\n\n{_wrap(SHORT_EXIT)}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _global_options(p, suppress=True)
+        return p
+
+    verb("list")
+    verb("status").add_argument("name", metavar="NAME", help="the machine")
+    p = verb("plan")
+    p.add_argument("name", metavar="NAME", nargs="?", default="plan", help="a machine name (default: plan)")
+    _machine_options(p)
+    p = verb("create")
+    p.add_argument("name", metavar="NAME", help="the new machine's name (A-Z a-z 0-9 . _ -, up to 64)")
+    _machine_options(p)
+    p = verb("add-drive")
+    p.add_argument("name", metavar="NAME", help="the machine")
+    p.add_argument("path", metavar="PATH", help="a disk image or block device you can open")
+    p.add_argument("--disk-type", metavar="TYPE", help=f"{', '.join(DISK_TYPES)} (default virtio-blk)")
+    p.add_argument("--serial", metavar="SERIAL", help="serial number the guest sees")
+    p.add_argument("--read-only", action="store_true", help="open the file read-only and attach it read-only")
+    p.add_argument("--format", metavar="FORMAT", help=f"{', '.join(IMAGE_FORMATS)} (default raw)")
+    p.add_argument("--id", metavar="ID", help="the drive id (default: diskN)")
+    p = verb("remove-drive")
+    p.add_argument("name", metavar="NAME", help="the machine")
+    p.add_argument("id", metavar="ID", help="the drive id (see status)")
+    p.add_argument(
+        "--timeout", type=_argtype(parse_timespan_usec, "time"), metavar="TIME", help="how long to wait, e.g. 30s"
+    )  # fmt: skip
+    p = verb("poweroff")
+    p.add_argument("name", metavar="NAME", help="the machine")
+    p.add_argument(
+        "--timeout", type=_argtype(parse_timespan_usec, "time"), metavar="TIME", help="grace time (default 30s)"
+    )  # fmt: skip
+    verb("terminate").add_argument("name", metavar="NAME", help="the machine")
+    p = verb("console")
+    p.add_argument("name", metavar="NAME", help="the machine")
+    p.add_argument("--no-follow", action="store_true", help="print the log and exit")
+    return parser
+
+
+def _wrap(text: str, width: int = 78) -> str:
+    return "\n\n".join(textwrap.fill(par, width, break_on_hyphens=False) for par in text.split("\n\n"))
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(glue_dash_values(argv))
+    if args.verb is None:
+        args = parser.parse_args(["list", *glue_dash_values(argv)])
+    return args
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace) -> int:
+    ctx = Context(args.verb, getattr(args, "name", "") or "", args.user)
+    interactive = not args.no_ask_password and sys.stdin.isatty()
+    client = await Client.connect(args.user, interactive, ctx)
+    try:
+        return await VERBS[args.verb](client, args)
+    except DBusError as e:
+        raise map_error(e.type, e.text, ctx) from e
+    finally:
+        client.close()
+
+
+def _fail(error: CtlError) -> int:
+    with contextlib.suppress(OSError):
+        sys.stdout.flush()
+    sys.stderr.write(format_error(error))
+    return int(error.code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return asyncio.run(run(args))
+    except CtlError as e:
+        return _fail(e)
+    except KeyboardInterrupt:
+        return Exit.INTERRUPTED
+    except BrokenPipeError:
+        # `vmspawnctl console NAME | head`: the reader is gone; so is our job.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return Exit.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
