@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .model import Accel, DiskType, DriveSpec, Firmware, MachineSpec, MiB, NetworkMode, PortRole
@@ -24,6 +24,12 @@ class Runtime:
     qmp_fd: int
     console_log: Path
     vsock_cid: int = 0
+    # Caller-supplied paths -> the /proc/self/fd/N QEMU inherits: the daemon
+    # opened them with the caller's rights, QEMU never opens them by name.
+    opened: dict[str, str] = field(default_factory=dict)
+
+    def path(self, path: Path) -> str:
+        return self.opened.get(str(path), str(path))
 
 
 def escape(value: str) -> str:
@@ -126,7 +132,7 @@ def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
         dev = drive_id(i)
         bus = SCSI_CONTROLLER if drive.disk_type.is_scsi else plan.port_carrying(dev).id
         bootindex = 1 if spec.image is not None and i == 0 else None
-        argv += ["-blockdev", json.dumps(blockdev(dev, drive), separators=(",", ":"))]
+        argv += ["-blockdev", json.dumps(blockdev(dev, drive, rt.path(drive.path)), separators=(",", ":"))]
         argv += _device_args(drive_device(dev, drive, bus, bootindex))
 
     if spec.network.mode is not NetworkMode.NONE:
@@ -146,9 +152,9 @@ def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
     if spec.firmware is Firmware.UEFI:
         argv += ["-bios", str(OVMF)]
     if spec.kernel is not None:
-        argv += ["-kernel", str(spec.kernel)]
+        argv += ["-kernel", rt.path(spec.kernel)]
     if spec.initrd is not None:
-        argv += ["-initrd", str(spec.initrd)]
+        argv += ["-initrd", rt.path(spec.initrd)]
     if spec.cmdline:
         argv += ["-append", spec.cmdline]
     return argv + list(spec.qemu_extra)

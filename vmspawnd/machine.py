@@ -112,7 +112,7 @@ class Machine:
 
     # -- life cycle ---------------------------------------------------------
 
-    async def start(self, vsock_cid: int) -> None:
+    async def start(self, vsock_cid: int, opened: dict[str, int]) -> None:
         """Start QEMU; returns once its monitor answered qmp_capabilities."""
         self.dir.mkdir(parents=True)
         dirfd = os.open(self.dir, os.O_PATH | os.O_DIRECTORY)
@@ -122,11 +122,12 @@ class Machine:
             sock_path = f"/proc/self/fd/{dirfd}/qmp.sock"
             listener.bind(sock_path)
             listener.listen()
-            rt = cmdline.Runtime(self.id, listener.fileno(), self.console_log, vsock_cid)
+            fd_paths = {path: f"/proc/self/fd/{fd}" for path, fd in opened.items()}
+            rt = cmdline.Runtime(self.id, listener.fileno(), self.console_log, vsock_cid, fd_paths)
             argv = cmdline.build_argv(self.spec, self.plan, rt)
             self.qemu_log.write_text("")
             (self.dir / "argv").write_text("\n".join(argv) + "\n")
-            self.process = Process.spawn(argv, self.qemu_log, pass_fds=(listener.fileno(),))
+            self.process = Process.spawn(argv, self.qemu_log, pass_fds=(listener.fileno(), *opened.values()))
             # The socket is QEMU's now: were we to keep it open, a dead QEMU
             # would leave our connection hanging in the backlog.
             listener.close()

@@ -12,9 +12,10 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import InvalidArgument, MachineExists, NoSuchMachine
+from .errors import AccessDenied, InvalidArgument, MachineExists, NoSuchMachine
 from .machine import Machine
-from .model import MachineSpec
+from .model import DiskType, MachineSpec
+from .opener import open_as
 from .topology import Plan, plan_machine
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,15 @@ def check_spec(spec: MachineSpec) -> None:
         raise InvalidArgument("vsock needs /dev/vhost-vsock on the host: run 'modprobe vhost_vsock' or drop 'vsock'")
 
 
+def boot_files(spec: MachineSpec) -> list[tuple[str, Path, bool]]:
+    """(what, path, read-only) for every file QEMU needs at start."""
+    files = [("kernel", p, True) for p in (spec.kernel,) if p] + [("initrd", p, True) for p in (spec.initrd,) if p]
+    for i, drive in enumerate(spec.boot_drives):
+        what = "image" if spec.image is not None and i == 0 else "drive"
+        files.append((what, drive.path, drive.read_only or drive.disk_type is DiskType.VIRTIO_SCSI_CDROM))
+    return files
+
+
 class Manager:
     def __init__(self, runtime_dir: Path) -> None:
         self.runtime_dir = runtime_dir
@@ -87,16 +97,26 @@ class Manager:
         directory = self.machines_dir / spec.name
         # A dead machine's leftovers (its kept qemu.log) make way for the new one.
         shutil.rmtree(directory, ignore_errors=True)
+        if spec.qemu_extra and owner_uid != 0:
+            raise AccessDenied(
+                "qemu_extra hands options to QEMU, which runs as root: only root may use it; drop qemu_extra"
+            )
         machine = Machine(spec, plan, uuid.uuid4().hex, directory, owner_uid)
         machine.on_ended = self._ended
         self._reserved.add(spec.name)
+        opened: dict[str, int] = {}
         try:
-            await machine.start(vsock_cid=3 + secrets.randbelow(2**31))
+            for what, path, read_only in boot_files(spec):
+                if str(path) not in opened:
+                    opened[str(path)] = await open_as(owner_uid, str(path), read_only, what)
+            await machine.start(3 + secrets.randbelow(2**31), opened)
         except BaseException:
             await asyncio.shield(machine.discard())
             raise
         finally:
             self._reserved.discard(spec.name)
+            for fd in opened.values():
+                os.close(fd)
         self.machines[spec.name] = machine
         self.on_new(machine)
         return machine

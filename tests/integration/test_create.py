@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -176,6 +177,9 @@ async def test_unpacked_layout_of_the_same_machine_fails_in_qemu(
         ),
     )
     argv = (daemon.runtime_dir / "machines" / "unpacked" / "argv").read_text().splitlines()
+    # QEMU got the files as fds the daemon opened: name them by their real paths again.
+    leader = await client.prop("/org/vmspawnd1/machine/unpacked", "Leader")
+    argv = [re.sub(r"/proc/self/fd/(\d+)", lambda m: os.readlink(f"/proc/{leader}/fd/{m.group(1)}"), a) for a in argv]
     await client.call("TerminateMachine", "s", ["unpacked"])
     unpacked = []
     for arg in argv:

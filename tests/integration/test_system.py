@@ -383,7 +383,7 @@ async def test_polkit_rules_let_a_user_create_and_manage_machines(polkit: System
     # polkit running, our actions known, no rule: auth_admin_keep needs an
     # agent nobody runs here, so polkit says "challenge" and we say no.
     await system.start_polkit(rules=False)
-    created = await gdbus_manager(system, "daemon", "CreateMachine", "daemonvm", gvariant_options(new_image(system)))
+    created = await gdbus_manager(system, "daemon", "CreateMachine", "daemonvm", gvariant_options(owned_file(system, "daemon")))
     assert created.error == "org.vmspawnd1.Error.AccessDenied", created
     assert "uid 1 may not create machines" in created.err
     assert "polkit would allow it after authentication" in created.err
@@ -392,20 +392,25 @@ async def test_polkit_rules_let_a_user_create_and_manage_machines(polkit: System
 
     # The rule allows `daemon`: create, and manage root's machine too.
     await system.start_polkit(rules=True)
-    created = await gdbus_manager(system, "daemon", "CreateMachine", "daemonvm", gvariant_options(new_image(system)))
+    created = await gdbus_manager(system, "daemon", "CreateMachine", "daemonvm", gvariant_options(owned_file(system, "daemon")))
     assert created.out.strip() == "(objectpath '/org/vmspawnd1/machine/daemonvm',)", created
     added = await gdbus_machine(system, "daemon", path, "AddDrive", drive, "@a{sv} {}")
     assert added.code == 0, added
     assert re.fullmatch(r"\('disk1', 'rp\d'\)", added.out.strip()), added
     terminated = await gdbus_manager(system, "daemon", "TerminateMachine", "rootvm")
     assert terminated.code == 0, terminated
+    # Even allowed to create, a user may not hand QEMU (running as root) raw options.
+    extra = gvariant_options(owned_file(system, "daemon"))[:-1] + ", 'qemu_extra': <['-device', 'nvme,serial=x']>}"
+    refused = await gdbus_manager(system, "daemon", "CreateMachine", "extravm", extra)
+    assert refused.error == "org.vmspawnd1.Error.AccessDenied", refused
+    assert "only root may use it" in refused.err
     assert await root.names() == ["daemonvm"]
     log = system.log()
     assert "polkit allows uid 1" in log and "org.vmspawnd1.create-machine" in log
 
     # No polkit on the bus at all: the same call is refused, and quickly.
     await system.stop_polkit()
-    again = await gdbus_manager(system, "daemon", "CreateMachine", "daemonvm2", gvariant_options(new_image(system)))
+    again = await gdbus_manager(system, "daemon", "CreateMachine", "daemonvm2", gvariant_options(owned_file(system, "daemon")))
     assert again.error == "org.vmspawnd1.Error.AccessDenied", again
     assert again.seconds < 5
     # The creator needs no polkit for their own machine.
@@ -452,19 +457,12 @@ async def test_add_drive_opens_paths_as_the_caller_and_takes_the_callers_fds(
     assert denied["error"] == "org.vmspawnd1.Error.AccessDenied", denied
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="CreateMachine's kernel/initrd/image/drives are opened by QEMU as root, not with the caller's "
-    "rights (manager.py/machine.py); a user polkit allows to create machines can read any file",
-)
 async def test_boot_images_are_opened_with_the_callers_rights(polkit: System, root: Client) -> None:
     system = polkit
     await system.start_polkit(rules=True)
     result = await gdbus_manager(system, "daemon", "CreateMachine", "shadowvm", gvariant_options("/etc/shadow"))
     if result.error == "org.vmspawnd1.Error.AccessDenied":
         pytest.fail(f"set-up: polkit should allow `daemon` to create machines: {result}")
-    # Today: the machine runs with /etc/shadow as its disk.
     assert result.error == "org.vmspawnd1.Error.InvalidArgument", result
     assert "cannot open image '/etc/shadow' as uid 1: Permission denied" in result.err
 
