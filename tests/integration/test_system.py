@@ -383,7 +383,9 @@ async def test_polkit_rules_let_a_user_create_and_manage_machines(polkit: System
     # polkit running, our actions known, no rule: auth_admin_keep needs an
     # agent nobody runs here, so polkit says "challenge" and we say no.
     await system.start_polkit(rules=False)
-    created = await gdbus_manager(system, "daemon", "CreateMachine", "daemonvm", gvariant_options(owned_file(system, "daemon")))
+    created = await gdbus_manager(
+        system, "daemon", "CreateMachine", "daemonvm", gvariant_options(owned_file(system, "daemon"))
+    )
     assert created.error == "org.vmspawnd1.Error.AccessDenied", created
     assert "uid 1 may not create machines" in created.err
     assert "polkit would allow it after authentication" in created.err
@@ -392,7 +394,9 @@ async def test_polkit_rules_let_a_user_create_and_manage_machines(polkit: System
 
     # The rule allows `daemon`: create, and manage root's machine too.
     await system.start_polkit(rules=True)
-    created = await gdbus_manager(system, "daemon", "CreateMachine", "daemonvm", gvariant_options(owned_file(system, "daemon")))
+    created = await gdbus_manager(
+        system, "daemon", "CreateMachine", "daemonvm", gvariant_options(owned_file(system, "daemon"))
+    )
     assert created.out.strip() == "(objectpath '/org/vmspawnd1/machine/daemonvm',)", created
     added = await gdbus_machine(system, "daemon", path, "AddDrive", drive, "@a{sv} {}")
     assert added.code == 0, added
@@ -410,7 +414,9 @@ async def test_polkit_rules_let_a_user_create_and_manage_machines(polkit: System
 
     # No polkit on the bus at all: the same call is refused, and quickly.
     await system.stop_polkit()
-    again = await gdbus_manager(system, "daemon", "CreateMachine", "daemonvm2", gvariant_options(owned_file(system, "daemon")))
+    again = await gdbus_manager(
+        system, "daemon", "CreateMachine", "daemonvm2", gvariant_options(owned_file(system, "daemon"))
+    )
     assert again.error == "org.vmspawnd1.Error.AccessDenied", again
     assert again.seconds < 5
     # The creator needs no polkit for their own machine.
