@@ -22,6 +22,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--runtime-dir", type=Path, help="state directory (default: $RUNTIME_DIRECTORY or /run/vmspawnd)"
     )
+    parser.add_argument(
+        "--stop-machines-on-exit",
+        action="store_true",
+        help="power machines off when the daemon stops (default: they keep running and are re-attached)",
+    )
+    parser.add_argument(
+        "--stop-timeout", type=float, default=30.0, help="seconds a guest gets to power off before QEMU is stopped"
+    )
     parser.add_argument("--verbose", "-v", action="store_true")
     parser.add_argument("--version", action="version", version=f"vmspawnd {__version__}")
     return parser.parse_args(argv)
@@ -34,6 +42,7 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await manager.recover()
     service = await BusService.connect(manager, args.user)
     try:
         await service.start()
@@ -41,13 +50,17 @@ async def serve(args: argparse.Namespace) -> int:
         log.error("%s", e)
         service.close()
         return 1
-    systemd.notify("READY=1", "STATUS=serving, 0 machines")
+    systemd.notify("READY=1", f"STATUS={len(manager.machines)} machines running")
     log.info(
         "vmspawnd %s serving on the %s bus, state in %s", __version__, "session" if args.user else "system", runtime_dir
     )
     await stop.wait()
     systemd.notify("STOPPING=1")
-    log.info("stopping; machines keep running")
+    if args.stop_machines_on_exit:
+        log.info("stopping; powering off %d machines", len(manager.machines))
+        await manager.power_off_all(args.stop_timeout)
+    else:
+        log.info("stopping; %d machines keep running and are taken back on the next start", len(manager.machines))
     await manager.close()
     service.close()
     return 0

@@ -9,15 +9,16 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import cmdline
+from . import cmdline, state
 from .errors import InvalidArgument, NoFreePort, NoSuchDrive, NotRunning, QemuFailed, UnplugInProgress, UnplugTimeout
-from .model import DiskType, DriveSpec, DriveState, MachineSpec, MachineState
+from .model import DiskType, Drive, DriveSpec, DriveState, MachineSpec, MachineState, PortRole
 from .process import Process
 from .qmp import Monitor, QmpDisconnected, QmpError
 from .topology import SCSI_CONTROLLER, Plan, drive_id
@@ -29,19 +30,15 @@ QUIT_TIMEOUT = 5.0
 # The guest cuts longer serials (nvme and virtio-blk: 20 bytes); QEMU's scsi-disk refuses over 36.
 SERIAL_MAX = {DiskType.VIRTIO_BLK: 20, DiskType.NVME: 20, DiskType.VIRTIO_SCSI: 36, DiskType.VIRTIO_SCSI_CDROM: 36}
 DRIVE_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,31}")
-
-
-@dataclass(frozen=True)
-class Drive:
-    id: str
-    path: str
-    disk_type: DiskType
-    # The root port the drive sits on; a SCSI drive names its controller's port.
-    port: str
-    state: DriveState = DriveState.ATTACHED
-    fdset: int | None = None
-    # Set for SCSI drives: the controller they hang off.
-    controller: str = ""
+# Test-only: the daemon kills itself at this point of a request, to prove
+# that a restart reconciles what was left half done.
+FAULT = os.environ.get("VMSPAWND_TEST_FAULT", "")
+DRIVER_TYPES = {
+    "nvme": DiskType.NVME,
+    "virtio-blk-pci": DiskType.VIRTIO_BLK,
+    "scsi-hd": DiskType.VIRTIO_SCSI,
+    "scsi-cd": DiskType.VIRTIO_SCSI_CDROM,
+}
 
 
 class Observer(Protocol):
@@ -112,6 +109,23 @@ class Machine:
 
     # -- life cycle ---------------------------------------------------------
 
+    def record(self) -> state.MachineRecord:
+        assert self.process is not None
+        return state.MachineRecord(
+            self.spec,
+            self.id,
+            self.owner_uid,
+            self.process.pid,
+            self.process.start_time,
+            tuple(self.drives.values()),
+            self._next_fdset,
+            self._next_controller,
+        )
+
+    def save(self) -> None:
+        if self.process is not None and self.dir.exists():
+            state.write(self.dir, self.record())
+
     async def start(self, vsock_cid: int, opened: dict[str, int]) -> None:
         """Start QEMU; returns once its monitor answered qmp_capabilities."""
         self.dir.mkdir(parents=True)
@@ -137,10 +151,92 @@ class Machine:
             listener.close()
             os.close(dirfd)
         await self._await_monitor(conn)
+        self._running()
+        log.info("machine %s running, QEMU pid %d", self.name, self.leader, extra={"MACHINE": self.name})
+
+    def _running(self) -> None:
         self.state = MachineState.RUNNING
+        self.save()
         self._spawn(self._watch_exit())
         self._spawn(self._dispatch_events())
-        log.info("machine %s running, QEMU pid %d", self.name, self.leader, extra={"MACHINE": self.name})
+
+    async def attach(self, record: state.MachineRecord) -> None:
+        """Take a running QEMU back after a daemon restart; QMP is the truth."""
+        self.process = Process.attach(record.pid)
+        if self.process.start_time != record.start_time:
+            raise QemuFailed(f"pid {record.pid} is another process now")
+        dirfd = os.open(self.dir, os.O_PATH | os.O_DIRECTORY)
+        try:
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.connect(f"/proc/self/fd/{dirfd}/qmp.sock")
+        finally:
+            os.close(dirfd)
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                await self._monitor.connect(conn)
+        except (QmpDisconnected, TimeoutError) as e:
+            raise QemuFailed(f"QEMU pid {record.pid} does not answer on its monitor: {e}") from e
+        self._next_fdset = record.next_fdset
+        self._next_controller = record.next_controller
+        await self._reconcile({d.id: d for d in record.drives})
+        self._running()
+        log.info(
+            "machine %s re-attached, QEMU pid %d, %d drives", self.name, self.leader, len(self.drives),
+            extra={"MACHINE": self.name},
+        )  # fmt: skip
+
+    async def _qom_basename(self, path: str, prop: str) -> str:
+        return str(await self._monitor.execute("qom-get", {"path": path, "property": prop})).rpartition("/")[2]
+
+    async def _reconcile(self, recorded: dict[str, Drive]) -> None:
+        """Rebuild drives and ports from QEMU; log where state.json disagreed."""
+        peripheral = {
+            c["name"]: c["type"][len("child<") : -1]
+            for c in await self._monitor.execute("qom-list", {"path": "/machine/peripheral"})
+            if c["type"].startswith("child<")
+        }
+        nodes = {n["node-name"] for n in await self._monitor.execute("query-named-block-nodes")}
+        fdsets = {f["fdset-id"]: f for f in await self._monitor.execute("query-fdsets")}
+        # add-fd's opaque is "drive-id:path": which drive an fdset belongs to.
+        passed: dict[str, tuple[int | None, str]] = {}
+        for i, f in fdsets.items():
+            dev, _, path = (f["fds"][0].get("opaque", "") if f["fds"] else "").partition(":")
+            passed[dev] = (i, path)
+        drives: dict[str, Drive] = {}
+        for dev, drive in recorded.items():
+            if dev in peripheral:
+                drives[dev] = drive
+            else:
+                log.warning("machine %s: drive %s went away while vmspawnd was down", self.name, dev)
+        for dev, driver in peripheral.items():
+            if dev in drives or driver not in DRIVER_TYPES or cmdline.node_name(dev) not in nodes:
+                continue
+            bus = await self._qom_basename(f"/machine/peripheral/{dev}", "parent_bus")
+            controller = bus.partition(".")[0] if DRIVER_TYPES[driver].is_scsi else ""
+            port = await self._qom_basename(f"/machine/peripheral/{controller}", "parent_bus") if controller else bus
+            fdset, path = passed.get(dev, (None, "?"))
+            drives[dev] = Drive(dev, path, DRIVER_TYPES[driver], port, fdset=fdset, controller=controller)
+            log.warning("machine %s: drive %s on %s was not in state.json; taken from QEMU", self.name, dev, port)
+        for node in sorted(nodes):
+            dev = node.removesuffix("-node")
+            if node.endswith("-node") and dev not in drives:
+                log.warning("machine %s: removing orphan block node %s (a request cut short)", self.name, node)
+                with contextlib.suppress(QmpError):
+                    await self._monitor.execute("blockdev-del", {"node-name": node})
+        used = {d.fdset for d in drives.values()}
+        for fdset in sorted(set(fdsets) - used):
+            log.warning("machine %s: removing orphan fdset %d", self.name, fdset)
+            with contextlib.suppress(QmpError):
+                await self._monitor.execute("remove-fd", {"fdset-id": fdset})
+        self._next_fdset = max([self._next_fdset, *(i + 1 for i in fdsets)])
+        self.drives = drives
+        self.port_owner = {p.id: p.carries for p in self.plan.ports if p.role is PortRole.BUILTIN}
+        for dev, driver in peripheral.items():
+            if driver == "virtio-scsi-pci":
+                self.port_owner[await self._qom_basename(f"/machine/peripheral/{dev}", "parent_bus")] = dev
+        for drive in drives.values():
+            if not drive.controller:
+                self.port_owner[drive.port] = drive.id
 
     async def _await_monitor(self, conn: socket.socket) -> None:
         assert self.process is not None
@@ -307,7 +403,7 @@ class Machine:
                 if fd is not None:
                     fdset = self._next_fdset
                     self._next_fdset += 1
-                    await self._monitor.pass_fd(fd, fdset)
+                    await self._monitor.pass_fd(fd, fdset, f"{dev}:{drive.path}")
                     undo.append(("remove-fd", {"fdset-id": fdset}))
                     filename = f"/dev/fdset/{fdset}"
                 controller = ""
@@ -320,6 +416,8 @@ class Machine:
                     port = bus = self._take_spare(dev)
                 await self._monitor.execute("blockdev-add", cmdline.blockdev(dev, drive, filename))
                 undo.append(("blockdev-del", {"node-name": cmdline.node_name(dev)}))
+                if FAULT == "after-blockdev-add":
+                    os.kill(os.getpid(), signal.SIGKILL)
                 await self._monitor.execute("device_add", cmdline.drive_device(dev, drive, bus))
             except QmpError as e:
                 await self._undo(undo, port, dev)
@@ -328,6 +426,7 @@ class Machine:
                 raise NotRunning(f"machine {self.name} stopped during AddDrive: {e}") from e
             record = Drive(dev, str(drive.path), drive.disk_type, port, fdset=fdset, controller=controller)
             self.drives[dev] = record
+            self.save()
         log.info("machine %s: drive %s added on %s", self.name, dev, port, extra={"MACHINE": self.name, "DRIVE": dev})
         self._notify("Drives", "Ports", "FreeSparePorts")
         if self.observer:
@@ -376,6 +475,7 @@ class Machine:
             except QmpDisconnected as e:
                 raise NotRunning(f"machine {self.name} stopped during RemoveDrive: {e}") from e
             self.drives[dev] = replace(drive, state=DriveState.REMOVING)
+            self.save()
         self._notify("Drives")
         try:
             await asyncio.wait_for(asyncio.shield(done), timeout)
@@ -411,6 +511,7 @@ class Machine:
                 port = next(p for p, d in self.port_owner.items() if d == dev)
                 del self.port_owner[port]
             waiter = self._unplugs.pop(dev, None)
+            self.save()
         if waiter and not waiter.done():
             waiter.set_result(None)
         if drive is not None:

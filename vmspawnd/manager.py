@@ -12,10 +12,13 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import AccessDenied, InvalidArgument, MachineExists, NoSuchMachine
+from . import state
+from .errors import AccessDenied, InvalidArgument, MachineExists, NoSuchMachine, VmspawndError
 from .machine import Machine
 from .model import DiskType, MachineSpec
 from .opener import open_as
+from .process import start_time
+from .qmp import QmpDisconnected, QmpError
 from .topology import Plan, plan_machine
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,27 @@ def boot_files(spec: MachineSpec) -> list[tuple[str, Path, bool]]:
         what = "image" if spec.image is not None and i == 0 else "drive"
         files.append((what, drive.path, drive.read_only or drive.disk_type is DiskType.VIRTIO_SCSI_CDROM))
     return files
+
+
+def same_process(pid: int, recorded_start: int) -> bool:
+    """The pid still names the process we started (never a reused pid)."""
+    try:
+        return start_time(pid) == recorded_start
+    except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+        return False
+
+
+def clear_dead(directory: Path, why: str) -> None:
+    """Remove a dead machine's runtime state, keeping qemu.log for post-mortem."""
+    leftovers = [p for p in directory.iterdir() if p.name != "qemu.log"]
+    if not leftovers:
+        return
+    log.warning("cleaning up machine %s: %s; its log stays at %s", directory.name, why, directory / "qemu.log")
+    for entry in leftovers:
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 class Manager:
@@ -128,6 +152,45 @@ class Manager:
 
     async def terminate(self, name: str) -> None:
         await self.get(name).terminate()
+
+    async def recover(self) -> None:
+        """Daemon start: take back every machine whose QEMU still runs, clear the rest."""
+        if not self.machines_dir.is_dir():
+            return
+        for directory in sorted(self.machines_dir.iterdir()):
+            try:
+                record = state.read(directory)
+            except FileNotFoundError:
+                # A dead machine's kept log, or a start cut short by a crash.
+                clear_dead(directory, "it has no state.json")
+                continue
+            except (ValueError, KeyError, TypeError, OSError) as e:
+                clear_dead(directory, f"its state.json is unreadable ({e})")
+                continue
+            if not same_process(record.pid, record.start_time):
+                clear_dead(directory, f"its QEMU (pid {record.pid}) is gone")
+                continue
+            machine = Machine(record.spec, plan_machine(record.spec), record.id, directory, record.owner_uid)
+            machine.on_ended = self._ended
+            try:
+                await machine.attach(record)
+            except (VmspawndError, QmpError, QmpDisconnected, OSError) as e:
+                log.error(
+                    "machine %s: cannot re-attach to QEMU pid %d, leaving it alone: %s", record.spec.name,
+                    record.pid, e, extra={"MACHINE": record.spec.name},
+                )  # fmt: skip
+                await machine.close()
+                continue
+            self.machines[machine.name] = machine
+
+    async def power_off_all(self, timeout: float) -> None:
+        """--stop-machines-on-exit: ACPI power-off, escalating past `timeout`."""
+        results = await asyncio.gather(
+            *(m.power_off(timeout) for m in list(self.machines.values())), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("power-off on exit: %s", result)
 
     async def close(self) -> None:
         """Daemon shutdown: let go of every machine, leaving QEMU running."""

@@ -68,6 +68,21 @@ class DriveSpec:
 
 
 @dataclass(frozen=True)
+class Drive:
+    """A drive attached to a running machine."""
+
+    id: str
+    path: str
+    disk_type: DiskType
+    # The root port the drive sits on; a SCSI drive names its controller's port.
+    port: str
+    state: DriveState = DriveState.ATTACHED
+    fdset: int | None = None
+    # Set for SCSI drives: the controller they hang off.
+    controller: str = ""
+
+
+@dataclass(frozen=True)
 class MountSpec:
     source: Path
     tag: str

@@ -26,6 +26,7 @@ class Process:
     def __init__(self, pid: int, pidfd: int) -> None:
         self.pid = pid
         self._pidfd = pidfd
+        self.start_time = start_time(pid)
         self.returncode: int | None = None
         loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[None] = loop.create_future()

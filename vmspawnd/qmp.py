@@ -40,13 +40,16 @@ class Monitor:
         except (QMPError, OSError, EOFError) as e:
             raise QmpDisconnected(f"{cmd}: {e or type(e).__name__}") from e
 
-    async def pass_fd(self, fd: int, fdset_id: int) -> int:
-        """Hand `fd` to QEMU in fdset `fdset_id`; returns the fd QEMU holds."""
+    async def pass_fd(self, fd: int, fdset_id: int, opaque: str) -> int:
+        """Hand `fd` to QEMU in fdset `fdset_id`; `opaque` is kept with it.
+
+        Returns the fd number QEMU holds.
+        """
         try:
             self._client.send_fd_scm(fd)
         except (QMPError, OSError) as e:
             raise QmpDisconnected(f"add-fd: {e}") from e
-        reply = await self.execute("add-fd", {"fdset-id": fdset_id})
+        reply = await self.execute("add-fd", {"fdset-id": fdset_id, "opaque": opaque})
         return int(reply["fd"])
 
     async def next_event(self) -> tuple[str, dict[str, Any]]:

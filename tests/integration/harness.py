@@ -60,8 +60,14 @@ class Client:
         self.bus = bus
 
     @classmethod
-    async def connect(cls) -> Client:
-        return cls(await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect())
+    async def connect(cls, address: str | None = None) -> Client:
+        """On the system bus, or on the private bus at `address`."""
+        bus = (
+            MessageBus(bus_address=address, negotiate_unix_fd=True)
+            if address
+            else MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
+        )
+        return cls(await bus.connect())
 
     async def call(
         self,
@@ -147,17 +153,18 @@ def unwrap(value: Any) -> Any:
 class Daemon:
     """vmspawnd as a real process; start() returns once it sent READY=1."""
 
-    def __init__(self, runtime_dir: Path, log: Path) -> None:
+    def __init__(self, runtime_dir: Path, log: Path, env: dict[str, str] | None = None) -> None:
         self.runtime_dir = runtime_dir
         self.log = log
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *args: str, timeout: float = 20) -> None:
+    def start(self, *args: str, timeout: float = 20, env: dict[str, str] | None = None) -> None:
         notify_path = self.runtime_dir.parent / f"notify-{os.getpid()}-{time.monotonic_ns()}"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
         notify.settimeout(timeout)
-        env = os.environ | {"NOTIFY_SOCKET": str(notify_path), "PYTHONPATH": str(ROOT)}
+        env = os.environ | self.env | (env or {}) | {"NOTIFY_SOCKET": str(notify_path), "PYTHONPATH": str(ROOT)}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [*VMSPAWND, "--runtime-dir", str(self.runtime_dir), *args], stdout=log, stderr=log, env=env

@@ -10,7 +10,8 @@ from dbus_fast.annotations import DBusSignature, DBusStr, DBusUInt32, DBusUInt64
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
 from .. import opener
-from ..machine import Drive, Machine
+from ..machine import Machine
+from ..model import Drive
 from . import MACHINE_IFACE, MANAGER_PATH
 from . import options as parse
 from .errors import replies_errors

@@ -5,7 +5,7 @@ import logging
 from dbus_fast import BusType, NameFlag, RequestNameReply
 from dbus_fast.aio import MessageBus
 
-from .. import auth
+from .. import auth, systemd
 from ..errors import VmspawndError
 from ..machine import Machine
 from ..machined import Machined
@@ -63,7 +63,7 @@ class BusService:
         self.objects[machine.name] = iface
         self.bus.export(iface.path, iface)
         self.iface.MachineNew(machine.name, iface.path)
-        self.iface.emit_properties_changed({"Machines": len(self.manager.machines)})
+        self._count_changed()
         self.machined.register(machine)
 
     def _machine_removed(self, machine: Machine) -> None:
@@ -73,8 +73,13 @@ class BusService:
         machine.observer = None
         self.bus.unexport(iface.path, iface)
         self.iface.MachineRemoved(machine.name, iface.path)
-        self.iface.emit_properties_changed({"Machines": len(self.manager.machines)})
+        self._count_changed()
         self.machined.unregister(machine)
+
+    def _count_changed(self) -> None:
+        count = len(self.manager.machines)
+        self.iface.emit_properties_changed({"Machines": count})
+        systemd.notify(f"STATUS={count} machines running")
 
     def close(self) -> None:
         self.bus.disconnect()

@@ -1,0 +1,214 @@
+"""Never lose a VM: daemon restarts and crashes, QEMU crashes, power-off.
+
+Each test runs its own bus and daemon: they kill the daemon on purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dbus_fast import DBusError, Message
+
+from .harness import ROOT, Client, Daemon, guest_options, qemu_pids, wait_console
+from .qmp_probe import Probe
+
+sys.path.insert(0, str(ROOT / "tools"))
+import testbus
+
+MACHINE = "org.vmspawnd1.Machine"
+E = "org.vmspawnd1.Error."
+
+
+@dataclass
+class Site:
+    address: str
+    daemon: Daemon
+    dir: Path
+
+    async def client(self) -> Client:
+        return await Client.connect(self.address)
+
+
+@pytest.fixture
+def site(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Site]:
+    base = workdir / ("site-" + re.sub(r"[^A-Za-z0-9_-]", "_", request.node.name)[:40])
+    proc, address = testbus.start(base / "bus")
+    daemon = Daemon(base / "run", base / "daemon.log", env={"DBUS_SYSTEM_BUS_ADDRESS": address})
+    daemon.start()
+    yield Site(address, daemon, base)
+    if daemon.proc is not None:
+        daemon.stop()
+    # Whatever a test left running dies with it.
+    for pid in qemu_pids(str(daemon.runtime_dir)):
+        os.kill(pid, signal.SIGKILL)
+    proc.terminate()
+    proc.wait()
+
+
+@pytest.fixture
+async def client(site: Site) -> AsyncIterator[Client]:
+    c = await site.client()
+    yield c
+    c.close()
+
+
+def disk(directory: Path, name: str) -> str:
+    path = directory / name
+    with open(path, "wb") as f:
+        f.truncate(1 << 20)
+    return str(path)
+
+
+async def snapshot(client: Client) -> dict[str, dict[str, Any]]:
+    """Every machine's properties, as a client sees them."""
+    out = {}
+    for name in await client.names():
+        (path,) = await client.call("GetMachine", "s", [name])
+        (props,) = await client.call("GetAll", "s", [MACHINE], path=path, interface="org.freedesktop.DBus.Properties")
+        out[path] = {k: v.value for k, v in props.items()}
+    return out
+
+
+async def boot(client: Client, guest: Any, site: Site, name: str, **extra: Any) -> str:
+    path = await client.create(name, **guest_options(guest, **extra))
+    await wait_console(await client.prop(path, "ConsoleLog"), "VMSPAWN-GUEST-READY", timeout=90)
+    return path
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+async def test_restart_takes_every_machine_back(site: Site, client: Client, guest: Any, sig: signal.Signals) -> None:
+    paths = await asyncio.gather(*(boot(client, guest, site, f"vm{i}", hotplug_spares=4) for i in range(3)))
+    busy = paths[0]
+    await client.add_drive(busy, disk(site.dir, "n.raw"), disk_type="nvme", serial="keepnvme")
+    await client.add_drive(busy, disk(site.dir, "s.raw"), disk_type="virtio-scsi", serial="keepscsi")
+    await client.add_drive(busy, disk(site.dir, "b.raw"), serial="keepblk")
+    before = await snapshot(client)
+    pids = qemu_pids(str(site.daemon.runtime_dir))
+    assert len(pids) == 3
+
+    site.daemon.stop(sig)
+    assert sorted(qemu_pids(str(site.daemon.runtime_dir))) == sorted(pids), "QEMU must outlive the daemon"
+    site.daemon.start()
+    assert b"STATUS=3 machines running" in site.daemon.notifications[0]
+    client.close()
+    client = await site.client()
+    assert await snapshot(client) == before
+
+    # And it still works: the guest sees a further hotplug and unplug.
+    console = Path(await client.prop(busy, "ConsoleLog"))
+    mark = len(console.read_text())
+    drive_id, port = await client.add_drive(busy, disk(site.dir, "after.raw"), serial="afterrestart")
+    added = await wait_console(console, r"VMSPAWN-BLOCK-ADD (\S+) serial=afterrestart", start=mark)
+    await client.remove_drive(busy, drive_id)
+    await wait_console(console, rf"VMSPAWN-BLOCK-REMOVE {added.group(1)}", start=mark)
+    for drive_id in ("disk0", "disk1", "disk2"):  # the drives from before the restart
+        await client.remove_drive(busy, drive_id)
+    assert await client.prop(busy, "Drives") == []
+    await client.terminate_all()
+    client.close()
+
+
+async def test_a_crash_between_blockdev_add_and_device_add_is_reconciled(
+    site: Site, client: Client, guest: Any
+) -> None:
+    site.daemon.stop()
+    site.daemon.start(env={"VMSPAWND_TEST_FAULT": "after-blockdev-add"})
+    client.close()
+    client = await site.client()
+    monitor = site.dir / "probe.qmp"
+    path = await client.create("crashy", **guest_options(guest, hotplug_spares=2, qemu_extra=Probe.extra(monitor)))
+    probe = Probe(monitor)
+    with pytest.raises(DBusError):
+        await client.add_drive(path, disk(site.dir, "half.raw"))
+    assert site.daemon.proc is not None and site.daemon.proc.wait(10) == -signal.SIGKILL
+    site.daemon.proc = None
+    assert "disk0-node" in probe.block_nodes()
+    assert len(probe.fdsets()) == 1
+
+    site.daemon.start()
+    client.close()
+    client = await site.client()
+    assert "disk0-node" not in probe.block_nodes()
+    assert probe.fdsets() == []
+    assert await client.prop(path, "FreeSparePorts") == 2
+    assert await client.add_drive(path, disk(site.dir, "whole.raw")) == ("disk0", "rp0")
+    assert "orphan block node disk0-node" in site.daemon.log.read_text()
+    await client.terminate_all()
+    client.close()
+
+
+async def test_a_killed_qemu_is_noticed_and_cleaned_up(site: Site, client: Client, guest: Any) -> None:
+    victim = await client.create("victim", **guest_options(guest))
+    other = await client.create("other", **guest_options(guest))
+    changes: list[tuple[str, Any]] = []
+    removed = asyncio.get_running_loop().create_future()
+
+    def watch(msg: Message) -> None:
+        if msg.member == "PropertiesChanged" and msg.path == victim and "State" in msg.body[1]:
+            changes.append(("State", msg.body[1]["State"].value))
+        if msg.member == "MachineRemoved" and msg.body[0] == "victim" and not removed.done():
+            removed.set_result(msg.body)
+
+    await client.subscribe("org.freedesktop.DBus.Properties")
+    await client.subscribe("org.vmspawnd1.Manager")
+    client.bus.add_message_handler(watch)
+    pid = await client.prop(victim, "Leader")
+    os.kill(pid, signal.SIGKILL)
+    async with asyncio.timeout(10):
+        assert await removed == ["victim", victim]
+    assert changes == [("State", "failed")]
+    directory = site.daemon.runtime_dir / "machines" / "victim"
+    assert [p.name for p in directory.iterdir()] == ["qemu.log"]
+    assert "victim: QEMU exited unexpectedly" in site.daemon.log.read_text()
+    assert await client.names() == ["other"]
+    assert await client.prop(other, "State") == "running"
+    await client.terminate_all()
+    client.close()
+
+
+async def test_power_off_via_acpi(site: Site, client: Client, guest: Any) -> None:
+    path = await boot(client, guest, site, "acpi")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await client.call("PowerOff", "t", [20_000_000], path=path, interface=MACHINE)
+    # Well inside the 20 s: the guest powered itself off, nothing was escalated.
+    assert loop.time() - started < 20
+    assert await client.names() == []
+    assert "ignored the ACPI power button" not in site.daemon.log.read_text()
+    assert qemu_pids(str(site.daemon.runtime_dir)) == []
+    client.close()
+
+
+async def test_power_off_escalates_when_the_guest_ignores_acpi(site: Site, client: Client, guest: Any) -> None:
+    """-S: the CPUs never run, so nobody answers the power button."""
+    path = await client.create("deaf", **guest_options(guest, qemu_extra=["-S"]))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await client.call("PowerOff", "t", [1_000_000], path=path, interface=MACHINE)
+    assert loop.time() - started < 1 + 5 + 5
+    assert await client.names() == []
+    assert "deaf ignored the ACPI power button" in site.daemon.log.read_text()
+    assert qemu_pids(str(site.daemon.runtime_dir)) == []
+    client.close()
+
+
+async def test_stop_machines_on_exit(site: Site, client: Client, guest: Any) -> None:
+    site.daemon.stop()
+    site.daemon.start("--stop-machines-on-exit", "--stop-timeout", "2")
+    client.close()
+    client = await site.client()
+    await client.create("ephemeral", **guest_options(guest, qemu_extra=["-S"]))
+    client.close()
+    assert len(qemu_pids(str(site.daemon.runtime_dir))) == 1
+    site.daemon.stop()
+    assert qemu_pids(str(site.daemon.runtime_dir)) == []
+    assert not re.search(r"state\.json", " ".join(str(p) for p in site.daemon.runtime_dir.rglob("*")))
