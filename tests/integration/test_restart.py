@@ -106,7 +106,7 @@ async def test_restart_takes_every_machine_back(site: Site, client: Client, gues
     # And it still works: the guest sees a further hotplug and unplug.
     console = Path(await client.prop(busy, "ConsoleLog"))
     mark = len(console.read_text())
-    drive_id, port = await client.add_drive(busy, disk(site.dir, "after.raw"), serial="afterrestart")
+    drive_id, _port = await client.add_drive(busy, disk(site.dir, "after.raw"), serial="afterrestart")
     added = await wait_console(console, r"VMSPAWN-BLOCK-ADD (\S+) serial=afterrestart", start=mark)
     await client.remove_drive(busy, drive_id)
     await wait_console(console, rf"VMSPAWN-BLOCK-REMOVE {added.group(1)}", start=mark)
