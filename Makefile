@@ -3,6 +3,9 @@
 
 VENV := .venv
 PY := $(VENV)/bin/python
+# Debian's interpreter, not one under /root: clients running as `nobody` in
+# the tests use the venv too.
+PYTHON ?= /usr/bin/python3
 STAMP := $(VENV)/.installed
 APT_PACKAGES := qemu-system-x86 qemu-utils qemu-system-common libsystemd-dev pkg-config gcc \
 	python3-venv python3-dev linux-image-amd64 busybox-static polkitd ovmf dbus cpio zstd xz-utils \
@@ -19,7 +22,7 @@ deps: $(STAMP)
 $(STAMP): pyproject.toml
 	apt-get update
 	apt-get install -y --no-install-recommends $(APT_PACKAGES)
-	python3 -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -e '.[test]'
 	touch $@
 

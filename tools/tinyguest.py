@@ -10,6 +10,7 @@ The guest speaks a line protocol on its serial console (ttyS0)::
     VMSPAWN-PCI <bdf> <vendor>:<device> class=<class>   # one per PCI function
     VMSPAWN-BLOCK <name> serial=<serial>                # one per disk at boot
     VMSPAWN-NVME-COUNT <n>                              # nvme controllers
+    VMSPAWN-MOUNT <tag> files=<names>                   # tinyguest.mount=TAG shares
     VMSPAWN-GUEST-READY                                 # boot snapshot done
     VMSPAWN-BLOCK-ADD <name> serial=<serial>            # hotplugged disk
     VMSPAWN-BLOCK-REMOVE <name>                         # unplugged disk
@@ -105,6 +106,8 @@ WANTED_MODULES = (
     "vmw_vsock_virtio_transport",
     "button",
     "evdev",
+    "fuse",
+    "virtiofs",
 )
 
 # Module parameters, written to /etc/modprobe.d (busybox modprobe does not
@@ -252,6 +255,17 @@ done
 set -- /sys/class/nvme/*
 [ -e "$1" ] || set --
 echo "VMSPAWN-NVME-COUNT $#"
+# virtiofs shares named on the kernel command line: tinyguest.mount=TAG
+for arg in $(cat /proc/cmdline); do
+    case $arg in tinyguest.mount=*) ;; *) continue ;; esac
+    tag=${arg#tinyguest.mount=}
+    mkdir -p "/mnt/$tag"
+    if mount -t virtiofs "$tag" "/mnt/$tag"; then
+        echo "VMSPAWN-MOUNT $tag files=$(ls "/mnt/$tag" | tr '\n' ' ')"
+    else
+        echo "VMSPAWN-MOUNT-FAILED $tag"
+    fi
+done
 echo VMSPAWN-GUEST-READY
 
 if grep -q tinyguest.shell /proc/cmdline; then

@@ -11,6 +11,7 @@ from .model import Accel, DiskType, DriveSpec, Firmware, MachineSpec, MiB, Netwo
 from .topology import IMPLICIT_DEVICES, SCSI_CONTROLLER, Plan, drive_id
 
 QEMU = "qemu-system-x86_64"
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 OVMF = Path("/usr/share/ovmf/OVMF.fd")
 
 _ACCEL = {Accel.KVM: "kvm", Accel.TCG: "tcg", Accel.AUTO: "kvm:tcg"}
@@ -27,6 +28,8 @@ class Runtime:
     # Caller-supplied paths -> the /proc/self/fd/N QEMU inherits: the daemon
     # opened them with the caller's rights, QEMU never opens them by name.
     opened: dict[str, str] = field(default_factory=dict)
+    # virtiofs device id -> QEMU's end of its connection to virtiofsd.
+    fs_fds: dict[str, int] = field(default_factory=dict)
 
     def path(self, path: Path) -> str:
         return self.opened.get(str(path), str(path))
@@ -89,12 +92,38 @@ def _device_args(props: dict[str, object]) -> list[str]:
     return ["-device", json.dumps(props, separators=(",", ":"))]
 
 
+@dataclass(frozen=True)
+class Share:
+    device: str
+    source: Path
+    tag: str
+
+
+def shares(spec: MachineSpec) -> list[Share]:
+    """The virtiofs shares: the root directory (tag "root"), then the mounts."""
+    out = [Share("rootfs", spec.directory, "root")] if spec.directory is not None else []
+    return out + [Share(f"fs{i}", m.source, m.tag) for i, m in enumerate(spec.mounts)]
+
+
+def virtiofsd_argv(share: Share, fd: int) -> list[str]:
+    return [
+        VIRTIOFSD,
+        f"--fd={fd}",
+        "-o", f"source={share.source}",
+        # chroot works in containers too; QEMU's connection ending ends it.
+        "-o", "sandbox=chroot",
+        "-o", "cache=auto",
+    ]  # fmt: skip
+
+
 def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
+    fs = shares(spec)
     argv = [
         QEMU,
         "-name", opts(f"guest={escape(spec.name)}"),
         "-uuid", str(uuid.UUID(rt.machine_id)),
-        "-machine", opts("q35", accel=_ACCEL[spec.accel]),
+        # virtiofs needs guest memory QEMU can share with virtiofsd.
+        "-machine", opts("q35", accel=_ACCEL[spec.accel], memory_backend="mem" if fs else None),
         "-cpu", "max",
         "-smp", str(spec.cpus),
         "-m", f"{spec.memory // MiB}M",
@@ -106,6 +135,8 @@ def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
         "-chardev", opts("file", id="console", path=escape(str(rt.console_log))),
         "-serial", "chardev:console",
     ]  # fmt: skip
+    if fs:
+        argv += ["-object", opts("memory-backend-memfd", id="mem", size=f"{spec.memory // MiB}M", share="on")]
     # Root ports first: an auto-addressed device placed earlier could take
     # slot 0x10 before the packed ports claim it.
     for port in plan.ports:
@@ -144,6 +175,19 @@ def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
         argv += [
             "-device",
             opts("virtio-net-pci", id="net0", netdev="net0", bus=plan.port_carrying("net0").id, addr="0"),
+        ]
+    for share in fs:
+        argv += ["-chardev", opts("socket", id=share.device, fd=rt.fs_fds[share.device])]
+        argv += [
+            "-device",
+            opts(
+                "vhost-user-fs-pci",
+                id=share.device,
+                chardev=share.device,
+                tag=escape(share.tag),
+                bus=plan.port_carrying(share.device).id,
+                addr="0",
+            ),
         ]
     if spec.vsock:
         vsock_port = plan.port_carrying("vsock0").id

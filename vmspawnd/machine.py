@@ -68,6 +68,7 @@ class Machine:
         self.observer: Observer | None = None
         self.on_ended: Callable[[Machine], None] | None = None
         self.process: Process | None = None
+        self._virtiofsd: list[Process] = []
         self._monitor = Monitor(spec.name)
         # Port id -> the device id occupying it (builtin and spare ports alike).
         self.port_owner: dict[str, str] = {p.id: p.carries for p in plan.ports if p.carries}
@@ -137,11 +138,18 @@ class Machine:
             listener.bind(sock_path)
             listener.listen()
             fd_paths = {path: f"/proc/self/fd/{fd}" for path, fd in opened.items()}
-            rt = cmdline.Runtime(self.id, listener.fileno(), self.console_log, vsock_cid, fd_paths)
-            argv = cmdline.build_argv(self.spec, self.plan, rt)
             self.qemu_log.write_text("")
+            fs_fds = self._start_virtiofsd()
+            rt = cmdline.Runtime(self.id, listener.fileno(), self.console_log, vsock_cid, fd_paths, fs_fds)
+            argv = cmdline.build_argv(self.spec, self.plan, rt)
             (self.dir / "argv").write_text("\n".join(argv) + "\n")
-            self.process = Process.spawn(argv, self.qemu_log, pass_fds=(listener.fileno(), *opened.values()))
+            try:
+                self.process = Process.spawn(
+                    argv, self.qemu_log, pass_fds=(listener.fileno(), *opened.values(), *fs_fds.values())
+                )
+            finally:
+                for fd in fs_fds.values():
+                    os.close(fd)
             # The socket is QEMU's now: were we to keep it open, a dead QEMU
             # would leave our connection hanging in the backlog.
             listener.close()
@@ -238,6 +246,29 @@ class Machine:
             if not drive.controller:
                 self.port_owner[drive.port] = drive.id
 
+    def _start_virtiofsd(self) -> dict[str, int]:
+        """One virtiofsd per share; returns QEMU's ends of their sockets.
+
+        Each virtiofsd gets a listening socket (auto-bound, abstract: no
+        file, no path-length limit) with QEMU's connection already queued.
+        """
+        fs_fds = {}
+        for share in cmdline.shares(self.spec):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+                listener.bind("")  # autobind: an abstract address of the kernel's choosing
+                listener.listen(1)
+                conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                conn.connect(listener.getsockname())
+                fs_fds[share.device] = conn.detach()
+                log_path = self.dir / f"virtiofsd-{share.device}.log"
+                argv = cmdline.virtiofsd_argv(share, listener.fileno())
+                self._virtiofsd.append(Process.spawn(argv, log_path, pass_fds=(listener.fileno(),)))
+        return fs_fds
+
+    async def _stop_virtiofsd(self) -> None:
+        """They end with QEMU's connection; this is for a QEMU that never came up."""
+        await asyncio.gather(*(p.stop(QUIT_TIMEOUT) for p in self._virtiofsd if not p.exited.done()))
+
     async def _await_monitor(self, conn: socket.socket) -> None:
         assert self.process is not None
         connect = asyncio.ensure_future(self._monitor.connect(conn))
@@ -265,6 +296,7 @@ class Machine:
         """Undo a start that failed: no process, no runtime dir left behind."""
         if self.process is not None and not self.process.exited.done():
             await self.process.stop(QUIT_TIMEOUT)
+        await self._stop_virtiofsd()
         await self._monitor.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -292,6 +324,7 @@ class Machine:
             if not fut.done():
                 fut.set_exception(NotRunning(f"machine {self.name} stopped during the unplug"))
         await self._monitor.close()
+        await self._stop_virtiofsd()
         if keep_log:
             for entry in self.dir.iterdir():
                 if entry != self.qemu_log:

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from . import state
+from . import cmdline, state
 from .errors import AccessDenied, InvalidArgument, MachineExists, NoSuchMachine, VmspawndError
 from .machine import Machine
 from .model import DiskType, MachineSpec
@@ -43,6 +43,35 @@ def check_file(what: str, path: Path) -> None:
         raise InvalidArgument(f"{what} {str(path)!r} is a directory; give a file")
 
 
+TAG = re.compile(r"[A-Za-z0-9_.:-]{1,36}")
+
+
+def check_shares(spec: MachineSpec) -> None:
+    shares = cmdline.shares(spec)
+    if shares and not Path(cmdline.VIRTIOFSD).exists():
+        raise InvalidArgument(f"virtiofs needs {cmdline.VIRTIOFSD}: apt-get install qemu-system-common")
+    for share in shares:
+        if not share.source.is_absolute() or not share.source.is_dir():
+            raise InvalidArgument(f"shared directory {str(share.source)!r} is not an existing directory")
+        if not TAG.fullmatch(share.tag):
+            raise InvalidArgument(f"virtiofs tag {share.tag!r}: use 1-36 characters from A-Z a-z 0-9 _ . : -")
+    tags = [s.tag for s in shares]
+    if len(set(tags)) != len(tags):
+        raise InvalidArgument(f"virtiofs tags must be unique (got {', '.join(tags)}); 'root' is the directory's")
+    if any(m.read_only for m in spec.mounts):
+        raise InvalidArgument("read-only virtiofs mounts are not supported by virtiofsd 7.2; drop read_only")
+
+
+def check_shares_owner(spec: MachineSpec, owner_uid: int) -> None:
+    """virtiofsd runs as root: a user may only share directories they own."""
+    for share in cmdline.shares(spec):
+        if owner_uid != 0 and share.source.stat().st_uid != owner_uid:
+            raise AccessDenied(
+                f"uid {owner_uid} may not share {str(share.source)!r}: it belongs to uid "
+                f"{share.source.stat().st_uid}; share a directory you own"
+            )
+
+
 def check_spec(spec: MachineSpec) -> None:
     check_name(spec.name)
     if spec.kernel is None and spec.image is None:
@@ -54,8 +83,7 @@ def check_spec(spec: MachineSpec) -> None:
             check_file(what, path)
     for drive in spec.boot_drives:
         check_file("drive", drive.path)
-    if spec.directory is not None or spec.mounts:
-        raise InvalidArgument("'directory' and 'mounts' (virtiofs) are not supported yet")
+    check_shares(spec)
     if spec.vsock and not Path("/dev/vhost-vsock").exists():
         raise InvalidArgument("vsock needs /dev/vhost-vsock on the host: run 'modprobe vhost_vsock' or drop 'vsock'")
 
@@ -121,6 +149,7 @@ class Manager:
         directory = self.machines_dir / spec.name
         # A dead machine's leftovers (its kept qemu.log) make way for the new one.
         shutil.rmtree(directory, ignore_errors=True)
+        check_shares_owner(spec, owner_uid)
         if spec.qemu_extra and owner_uid != 0:
             raise AccessDenied(
                 "qemu_extra hands options to QEMU, which runs as root: only root may use it; drop qemu_extra"

@@ -114,6 +114,16 @@ async def test_vsock_without_vhost_vsock_says_what_to_do(client: Client, daemon:
     await expect_error(client, daemon, "m", guest_options(guest, vsock=True), "InvalidArgument", "modprobe vhost_vsock")
 
 
-async def test_virtiofs_says_not_supported_yet(client: Client, daemon: Daemon, guest: Any, tmp_path: Path) -> None:
-    opts = guest_options(guest, directory=str(tmp_path))
-    await expect_error(client, daemon, "m", opts, "InvalidArgument", "not supported yet")
+@pytest.mark.parametrize(
+    ("share", "text"),
+    [
+        ({"directory": "/nonexistent"}, "is not an existing directory"),
+        ({"mounts": [{"source": "/etc/hostname", "tag": "x"}]}, "is not an existing directory"),
+        ({"mounts": [{"source": "/tmp", "tag": "has space"}]}, "virtiofs tag 'has space'"),
+        ({"directory": "/tmp", "mounts": [{"source": "/tmp", "tag": "root"}]}, "tags must be unique"),
+        ({"mounts": [{"source": "/tmp", "tag": "ro", "read_only": True}]}, "read-only virtiofs mounts"),
+        ({"mounts": [{"source": "/tmp"}]}, "needs 'source' and 'tag'"),
+    ],
+)
+async def test_bad_virtiofs_shares(client: Client, daemon: Daemon, guest: Any, share: dict[str, Any], text: str) -> None:
+    await expect_error(client, daemon, "m", guest_options(guest, **share), "InvalidArgument", text)

@@ -224,3 +224,35 @@ async def test_terminate_machine_removes_object_and_runtime_dir(client: Client, 
         assert f"term-{how}" not in await client.names()
         assert "org.vmspawnd1.Machine" not in busctl("introspect", "org.vmspawnd1", path, check=False).stdout
     assert [r[0] for r in removed] == ["term-TerminateMachine", "term-Terminate"]
+
+
+async def test_virtiofs_directory_and_mounts_are_seen_by_the_guest(
+    client: Client, daemon: Daemon, guest: Any, tmp_path: Path
+) -> None:
+    root, data = tmp_path / "root", tmp_path / "data"
+    root.mkdir()
+    data.mkdir()
+    (root / "etc-marker").write_text("r")
+    (data / "payload").write_text("d")
+    options = guest_options(guest, directory=str(root), mounts=[{"source": str(data), "tag": "data"}])
+    options["cmdline"] += " tinyguest.mount=root tinyguest.mount=data"
+    path = await client.create("shares", **options)
+    ports = {p["device"]: p for p in await client.prop(path, "Ports")}
+    assert ports["rootfs"]["role"] == ports["fs0"]["role"] == "builtin"
+    console = await client.prop(path, "ConsoleLog")
+    await wait_console(console, "VMSPAWN-GUEST-READY", timeout=60)
+    text = Path(console).read_text()
+    assert "VMSPAWN-MOUNT root files=etc-marker" in text
+    assert "VMSPAWN-MOUNT data files=payload" in text
+    helpers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and b"virtiofsd" in read_cmdline(p)]
+    assert len(helpers) >= 2
+    await client.call("TerminateMachine", "s", ["shares"])
+    # virtiofsd goes with QEMU.
+    assert not [p for p in helpers if p.exists() and b"virtiofsd" in read_cmdline(p)]
+
+
+def read_cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
