@@ -125,5 +125,7 @@ async def test_vsock_without_vhost_vsock_says_what_to_do(client: Client, daemon:
         ({"mounts": [{"source": "/tmp"}]}, "needs 'source' and 'tag'"),
     ],
 )
-async def test_bad_virtiofs_shares(client: Client, daemon: Daemon, guest: Any, share: dict[str, Any], text: str) -> None:
+async def test_bad_virtiofs_shares(
+    client: Client, daemon: Daemon, guest: Any, share: dict[str, Any], text: str
+) -> None:
     await expect_error(client, daemon, "m", guest_options(guest, **share), "InvalidArgument", text)
