@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -43,7 +44,14 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await manager.recover()
-    service = await BusService.connect(manager, args.user)
+    try:
+        service = await BusService.connect(manager, args.user)
+    except (OSError, ValueError) as e:
+        variable = "DBUS_SESSION_BUS_ADDRESS" if args.user else "DBUS_SYSTEM_BUS_ADDRESS"
+        log.error("cannot connect to the %s bus (%s=%s): %s", "session" if args.user else "system", variable,
+                  os.environ.get(variable, "unset"), e)  # fmt: skip
+        await manager.close()
+        return 1
     try:
         await service.start()
     except NameTaken as e:

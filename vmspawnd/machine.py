@@ -276,6 +276,10 @@ class Machine:
             await asyncio.wait(
                 {connect, self.process.exited}, timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
             )
+            if self.process.exited.done():
+                # QEMU is gone: the connection fails on its own, and
+                # cancelling qemu.qmp mid-teardown upsets it.
+                await asyncio.wait({connect}, timeout=QUIT_TIMEOUT)
         finally:
             connect.cancel()
         if connect.done() and not connect.cancelled() and connect.exception() is None:
