@@ -105,11 +105,16 @@ def shares(spec: MachineSpec) -> list[Share]:
     return out + [Share(f"fs{i}", m.source, m.tag) for i, m in enumerate(spec.mounts)]
 
 
+def fuse_escape(value: str) -> str:
+    """virtiofsd splits -o on commas; a backslash escapes (fuse_opt)."""
+    return value.replace("\\", "\\\\").replace(",", "\\,")
+
+
 def virtiofsd_argv(share: Share, fd: int) -> list[str]:
     return [
         VIRTIOFSD,
         f"--fd={fd}",
-        "-o", f"source={share.source}",
+        "-o", f"source={fuse_escape(str(share.source))}",
         # chroot works in containers too; QEMU's connection ending ends it.
         "-o", "sandbox=chroot",
         "-o", "cache=auto",

@@ -84,6 +84,8 @@ def dumps(record: MachineRecord) -> str:
 def loads(text: str) -> MachineRecord:
     """Parse a state file; ValueError (or KeyError/TypeError) if it is not ours."""
     d = json.loads(text)
+    if not isinstance(d, dict):
+        raise ValueError(f"state is a JSON {type(d).__name__}, not an object")
     if d.get("version") != VERSION:
         raise ValueError(f"state version {d.get('version')!r}, expected {VERSION}")
     return MachineRecord(

@@ -107,11 +107,11 @@ def drive(values: dict[str, Any], default_type: DiskType, where: str) -> DriveSp
 
 
 def network(value: str) -> Network:
-    kind, _, tap = value.partition(":")
+    kind, colon, tap = value.partition(":")
     mode = choice(NetworkMode, kind, "network")
     if mode is NetworkMode.TAP and not IFNAME.fullmatch(tap):
         raise InvalidArgument(f"network {value!r}: use 'tap:NAME' with an interface name of 1-15 characters")
-    if mode is not NetworkMode.TAP and tap:
+    if mode is not NetworkMode.TAP and colon:
         raise InvalidArgument(f"network {value!r}: only 'tap' takes ':NAME'; use 'none', 'user' or 'tap:NAME'")
     return Network(mode, tap)
 
@@ -119,13 +119,8 @@ def network(value: str) -> Network:
 def machine_spec(name: str, options: dict[str, Variant]) -> MachineSpec:
     v = unpack(options, MACHINE_OPTIONS, "CreateMachine")
     disk_type = choice(DiskType, v.get("disk_type", "virtio-blk"), "disk_type")
-    image = None
-    if "image" in v:
-        image = DriveSpec(
-            path=path(v["image"], "image"),
-            disk_type=disk_type,
-            format=choice(ImageFormat, v.get("image_format", "raw"), "image_format"),
-        )
+    image_format = choice(ImageFormat, v.get("image_format", "raw"), "image_format")
+    image = DriveSpec(path(v["image"], "image"), disk_type, image_format) if "image" in v else None
     drives = tuple(
         drive(unpack(d, DRIVE_OPTIONS, f"drives[{i}]"), disk_type, f"drives[{i}]")
         for i, d in enumerate(v.get("drives", []))

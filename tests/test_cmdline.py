@@ -1,0 +1,688 @@
+"""cmdline.build_argv, pinned: port order, device properties, escaping, argv shape."""
+
+from __future__ import annotations
+
+import json
+import string
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from vmspawnd.cmdline import OVMF, QEMU, VIRTIOFSD, Runtime, Share, blockdev, build_argv, escape, shares, virtiofsd_argv
+from vmspawnd.errors import VmspawndError
+from vmspawnd.model import (
+    Accel,
+    DiskType,
+    DriveSpec,
+    Firmware,
+    ImageFormat,
+    MachineSpec,
+    MiB,
+    MountSpec,
+    Network,
+    NetworkMode,
+    PortRole,
+)
+from vmspawnd.topology import IMPLICIT_DEVICES, MAX_PORTS, Plan, plan_machine
+
+IMG = Path("/img/root.raw")
+MACHINE_ID = "0123456789abcdef0123456789abcdef"
+RT = Runtime(MACHINE_ID, qmp_fd=3, console_log=Path("/run/vmspawnd/machines/m/console.log"), vsock_cid=7)
+# Options that take no value.
+FLAGS = {"-nodefaults", "-no-user-config"}
+OPTIONS_WITH_VALUE = {
+    "-name", "-uuid", "-machine", "-cpu", "-smp", "-m", "-display", "-chardev", "-mon", "-serial",
+    "-device", "-blockdev", "-netdev", "-bios", "-kernel", "-initrd", "-append", "-object",
+}  # fmt: skip
+
+
+# -- helpers -------------------------------------------------------------
+
+
+def parse_kv(value: str) -> dict[str, str]:
+    """QEMU's key=value syntax (',,' is a literal comma); a bare first part is the driver."""
+    parts = value.replace(",,", "\0").split(",")
+    props: dict[str, str] = {}
+    for i, part in enumerate(parts):
+        key, sep, val = part.partition("=")
+        if not sep and i == 0:
+            props["driver"] = key.replace("\0", ",")
+        else:
+            assert key not in props, f"duplicate key {key!r} in {value!r}"
+            props[key] = val.replace("\0", ",")
+    return props
+
+
+def parse_device(value: str) -> dict[str, Any]:
+    if value.startswith("{"):
+        parsed = json.loads(value)
+        assert isinstance(parsed, dict)
+        return parsed
+    return dict(parse_kv(value))
+
+
+def pairs(argv: list[str]) -> list[tuple[str, str]]:
+    """(option, value) pairs of argv[1:], flags left out; fails on a dangling option."""
+    out = []
+    i = 1
+    while i < len(argv):
+        opt = argv[i]
+        assert opt.startswith("-"), f"argv[{i}] = {opt!r} is not an option"
+        if opt in FLAGS:
+            i += 1
+            continue
+        assert i + 1 < len(argv), f"{opt} has no value"
+        out.append((opt, argv[i + 1]))
+        i += 2
+    return out
+
+
+def values(argv: list[str], option: str) -> list[str]:
+    return [v for o, v in pairs(argv) if o == option]
+
+
+def devices(argv: list[str]) -> list[dict[str, Any]]:
+    return [parse_device(v) for v in values(argv, "-device")]
+
+
+def blockdevs(argv: list[str]) -> list[dict[str, Any]]:
+    return [json.loads(v) for v in values(argv, "-blockdev")]
+
+
+def device(argv: list[str], device_id: str) -> dict[str, Any]:
+    return device_by_id(devices(argv), device_id)
+
+
+def device_by_id(devs: list[dict[str, Any]], device_id: str) -> dict[str, Any]:
+    [found] = [d for d in devs if d.get("id") == device_id]
+    return found
+
+
+def argv_for(spec: MachineSpec, rt: Runtime = RT) -> list[str]:
+    return build_argv(spec, plan_machine(spec), rt)
+
+
+def spec(**kw: Any) -> MachineSpec:
+    base: dict[str, Any] = {"name": "m", "image": DriveSpec(IMG)}
+    return MachineSpec(**(base | kw))
+
+
+def seed_spec(**kw: Any) -> MachineSpec:
+    base: dict[str, Any] = dict(
+        image=DriveSpec(IMG),
+        drives=(DriveSpec(Path("/extra")),),
+        network=Network(NetworkMode.USER),
+        vsock=True,
+        hotplug_spares=10,
+    )
+    return spec(**(base | kw))
+
+
+# -- order and root ports --------------------------------------------------
+
+
+def test_argv_starts_with_qemu_and_fixed_options() -> None:
+    argv = argv_for(spec())
+    assert argv[0] == QEMU
+    assert "-nodefaults" in argv and "-no-user-config" in argv
+    assert values(argv, "-cpu") == ["max"]
+    assert values(argv, "-display") == ["none"]
+    assert values(argv, "-uuid") == [str(uuid.UUID(MACHINE_ID))]
+    assert values(argv, "-chardev") == [
+        "socket,id=qmp,fd=3,server=on,wait=off",
+        "file,id=console,path=/run/vmspawnd/machines/m/console.log",
+    ]
+    assert values(argv, "-mon") == ["chardev=qmp,mode=control"]
+    assert values(argv, "-serial") == ["chardev:console"]
+
+
+def test_root_ports_come_before_any_other_device() -> None:
+    s = seed_spec(drives=(DriveSpec(Path("/s"), DiskType.VIRTIO_SCSI),), qemu_extra=("-device", "nvme,serial=x"))
+    plan = plan_machine(s)
+    devs = devices(build_argv(s, plan, RT))
+    n = len(plan.ports)
+    assert [d["driver"] for d in devs[:n]] == ["pcie-root-port"] * n
+    assert all(d["driver"] != "pcie-root-port" for d in devs[n:])
+    # Nothing that takes a pcie.0 slot precedes the ports in argv either.
+    argv = build_argv(s, plan, RT)
+    first_port = argv.index("-device")
+    assert not {"-netdev", "-blockdev", "-bios", "-kernel"} & set(argv[:first_port])
+
+
+def test_root_port_exact_strings() -> None:
+    argv = argv_for(seed_spec())
+    ports = [v for v in values(argv, "-device") if v.startswith("pcie-root-port")]
+    assert ports[0] == "pcie-root-port,id=rp0,bus=pcie.0,addr=0x10.0,multifunction=on,chassis=1,slot=1,hotplug=off"
+    assert ports[1] == "pcie-root-port,id=rp1,bus=pcie.0,addr=0x10.1,chassis=2,slot=2,hotplug=off"
+    # Port 4 is the first spare: hotplug left on.
+    assert ports[4] == "pcie-root-port,id=rp4,bus=pcie.0,addr=0x10.4,chassis=5,slot=5"
+    assert ports[8] == "pcie-root-port,id=rp8,bus=pcie.0,addr=0x11.0,multifunction=on,chassis=9,slot=9"
+
+
+@pytest.mark.parametrize("spares", [1, 7, 8, 9, 16, MAX_PORTS - 1])
+def test_one_root_port_per_planned_port(spares: int) -> None:
+    s = spec(hotplug_spares=spares)
+    plan = plan_machine(s)
+    ports = [d for d in devices(build_argv(s, plan, RT)) if d["driver"] == "pcie-root-port"]
+    assert len(ports) == len(plan.ports) == spares + 1
+    for i, (dev, port) in enumerate(zip(ports, plan.ports, strict=True)):
+        expected = {
+            "driver": "pcie-root-port",
+            "id": f"rp{i}",
+            "bus": "pcie.0",
+            "addr": f"0x{0x10 + i // 8:x}.{i % 8}",
+            "chassis": str(i + 1),
+            "slot": str(i + 1),
+        }
+        if i % 8 == 0:
+            expected["multifunction"] = "on"
+        if port.role is PortRole.BUILTIN:
+            expected["hotplug"] = "off"
+        assert dev == expected
+
+
+def test_implicit_devices_once_right_after_the_ports() -> None:
+    s = seed_spec()
+    plan = plan_machine(s)
+    devs = devices(build_argv(s, plan, RT))
+    n = len(plan.ports)
+    assert [d["driver"] for d in devs[n : n + len(IMPLICIT_DEVICES)]] == list(IMPLICIT_DEVICES)
+    for driver in IMPLICIT_DEVICES:
+        assert [d["driver"] for d in devs].count(driver) == 1
+        # Auto-addressed: no bus, no addr.
+        assert {"bus", "addr"}.isdisjoint(next(d for d in devs if d["driver"] == driver))
+
+
+# -- drives ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("disk_type", "driver"), [(DiskType.VIRTIO_BLK, "virtio-blk-pci"), (DiskType.NVME, "nvme")])
+def test_pci_boot_drive_on_its_builtin_port(disk_type: DiskType, driver: str) -> None:
+    s = spec(image=DriveSpec(IMG, disk_type), drives=(DriveSpec(Path("/d1"), disk_type),))
+    plan = plan_machine(s)
+    argv = build_argv(s, plan, RT)
+    image = device(argv, "disk0")
+    expected: dict[str, Any] = {
+        "driver": driver,
+        "id": "disk0",
+        "drive": "disk0-node",
+        "bus": plan.port_carrying("disk0").id,
+        "addr": "0",
+        "bootindex": 1,
+    }
+    if disk_type is DiskType.NVME:
+        expected["serial"] = "disk0"
+    assert image == expected
+    extra = device(argv, "disk1")
+    assert extra["bus"] == plan.port_carrying("disk1").id == "rp1"
+    assert extra["addr"] == "0"
+    assert "bootindex" not in extra
+    assert ("serial" in extra) == (disk_type is DiskType.NVME)
+    assert not any(d["driver"] == "virtio-scsi-pci" for d in devices(argv))
+
+
+def test_nvme_serial_defaults_to_the_drive_id_and_an_explicit_serial_wins() -> None:
+    s = spec(image=DriveSpec(IMG, DiskType.NVME), drives=(DriveSpec(Path("/d"), DiskType.NVME, serial="SN-1"),))
+    argv = argv_for(s)
+    assert device(argv, "disk0")["serial"] == "disk0"
+    assert device(argv, "disk1")["serial"] == "SN-1"
+
+
+def test_virtio_blk_serial_only_when_given() -> None:
+    s = spec(drives=(DriveSpec(Path("/d"), serial="abc"),))
+    argv = argv_for(s)
+    assert "serial" not in device(argv, "disk0")
+    assert device(argv, "disk1")["serial"] == "abc"
+
+
+@pytest.mark.parametrize(
+    ("disk_type", "driver"), [(DiskType.VIRTIO_SCSI, "scsi-hd"), (DiskType.VIRTIO_SCSI_CDROM, "scsi-cd")]
+)
+def test_scsi_boot_drives_share_one_controller_on_the_planned_spare(disk_type: DiskType, driver: str) -> None:
+    s = spec(image=DriveSpec(IMG, disk_type), drives=(DriveSpec(Path("/d1"), disk_type),) * 3)
+    plan = plan_machine(s)
+    argv = build_argv(s, plan, RT)
+    devs = devices(argv)
+    controllers = [d for d in devs if d["driver"] == "virtio-scsi-pci"]
+    port = plan.port_carrying("scsi0")
+    assert port.role is PortRole.SPARE
+    assert controllers == [{"driver": "virtio-scsi-pci", "id": "scsi0", "bus": port.id, "addr": "0"}]
+    for i in range(4):
+        d = device(argv, f"disk{i}")
+        assert d["driver"] == driver
+        assert d["bus"] == "scsi0.0"
+        assert "addr" not in d
+        assert d["drive"] == f"disk{i}-node"
+    assert device(argv, "disk0")["bootindex"] == 1
+    assert "serial" not in device(argv, "disk0")
+    # The controller is defined before the drives that hang off it.
+    ids = [d.get("id") for d in devs]
+    assert ids.index("scsi0") < ids.index("disk0")
+
+
+def test_mixed_drives_each_on_their_own_bus() -> None:
+    s = spec(
+        drives=(
+            DriveSpec(Path("/a"), DiskType.NVME),
+            DriveSpec(Path("/b"), DiskType.VIRTIO_SCSI),
+            DriveSpec(Path("/c"), DiskType.VIRTIO_SCSI_CDROM),
+            DriveSpec(Path("/d")),
+        ),
+        hotplug_spares=1,
+    )
+    argv = argv_for(s)
+    buses = {i: device(argv, f"disk{i}")["bus"] for i in range(5)}
+    assert buses == {0: "rp0", 1: "rp1", 2: "scsi0.0", 3: "scsi0.0", 4: "rp2"}
+    assert device(argv, "scsi0")["bus"] == "rp3"
+    assert [d["driver"] for d in devices(argv)].count("virtio-scsi-pci") == 1
+
+
+def test_no_scsi_controller_without_scsi_drives() -> None:
+    assert not any(d["driver"] == "virtio-scsi-pci" for d in devices(argv_for(seed_spec())))
+
+
+def test_image_gets_bootindex_1_and_nothing_else_does() -> None:
+    s = seed_spec(drives=(DriveSpec(Path("/a")), DriveSpec(Path("/b"), DiskType.NVME)))
+    boot = {d["id"]: d["bootindex"] for d in devices(argv_for(s)) if "bootindex" in d}
+    assert boot == {"disk0": 1}
+
+
+def test_kernel_boot_drives_get_no_bootindex() -> None:
+    s = MachineSpec("m", kernel=Path("/k"), drives=(DriveSpec(Path("/a")),))
+    argv = argv_for(s)
+    assert "bootindex" not in device(argv, "disk0")
+    assert values(argv, "-kernel") == ["/k"]
+
+
+@pytest.mark.parametrize("fmt", list(ImageFormat))
+@pytest.mark.parametrize("disk_type", list(DiskType))
+@pytest.mark.parametrize("read_only", [False, True])
+def test_blockdev_json(fmt: ImageFormat, disk_type: DiskType, read_only: bool) -> None:
+    s = spec(image=DriveSpec(Path("/img/a,b.img"), disk_type, fmt, read_only))
+    [bd] = blockdevs(argv_for(s))
+    ro = read_only or disk_type is DiskType.VIRTIO_SCSI_CDROM
+    assert bd == {
+        "driver": str(fmt),
+        "node-name": "disk0-node",
+        "read-only": ro,
+        # JSON syntax: no comma escaping in file names.
+        "file": {"driver": "file", "filename": "/img/a,b.img", "read-only": ro},
+    }
+
+
+def test_blockdev_precedes_its_device() -> None:
+    argv = argv_for(seed_spec())
+    p = pairs(argv)
+    for i in range(2):
+        bd = next(n for n, (o, v) in enumerate(p) if o == "-blockdev" and json.loads(v)["node-name"] == f"disk{i}-node")
+        dev = next(n for n, (o, v) in enumerate(p) if o == "-device" and parse_device(v).get("id") == f"disk{i}")
+        assert bd < dev
+
+
+def test_blockdev_helper_uses_the_given_filename() -> None:
+    bd = blockdev("x", DriveSpec(Path("/p")), "/proc/self/fd/9")
+    assert bd["file"] == {"driver": "file", "filename": "/proc/self/fd/9", "read-only": False}
+
+
+def test_runtime_opened_maps_paths_to_proc_fds() -> None:
+    s = spec(
+        image=DriveSpec(IMG),
+        drives=(DriveSpec(Path("/d1")), DriveSpec(Path("/not-opened"))),
+        kernel=Path("/boot/vmlinuz"),
+        initrd=Path("/boot/initrd"),
+    )
+    opened = {str(IMG): "/proc/self/fd/10", "/d1": "/proc/self/fd/11", "/boot/vmlinuz": "/proc/self/fd/12"}
+    opened["/boot/initrd"] = "/proc/self/fd/13"
+    rt = Runtime(MACHINE_ID, 3, RT.console_log, opened=opened)
+    argv = argv_for(s, rt)
+    assert [b["file"]["filename"] for b in blockdevs(argv)] == ["/proc/self/fd/10", "/proc/self/fd/11", "/not-opened"]
+    assert values(argv, "-kernel") == ["/proc/self/fd/12"]
+    assert values(argv, "-initrd") == ["/proc/self/fd/13"]
+    for path in opened:
+        assert path not in argv
+        assert not any(path in v for v in values(argv, "-blockdev"))
+
+
+def test_runtime_path_keys_are_path_strings() -> None:
+    rt = Runtime(MACHINE_ID, 3, RT.console_log, opened={"/a/b": "/proc/self/fd/4"})
+    assert rt.path(Path("/a/b")) == "/proc/self/fd/4"
+    assert rt.path(Path("/a//b/")) == "/proc/self/fd/4"
+    assert rt.path(Path("/a/c")) == "/a/c"
+
+
+# -- machine-wide options ----------------------------------------------------
+
+
+@pytest.mark.parametrize(("accel", "value"), [(Accel.KVM, "kvm"), (Accel.TCG, "tcg"), (Accel.AUTO, "kvm:tcg")])
+def test_accel(accel: Accel, value: str) -> None:
+    assert values(argv_for(spec(accel=accel)), "-machine") == [f"q35,accel={value}"]
+
+
+@pytest.mark.parametrize(("memory", "value"), [(32 * MiB, "32M"), (512 * MiB, "512M"), (4096 * MiB, "4096M")])
+def test_memory_in_mib(memory: int, value: str) -> None:
+    assert values(argv_for(spec(memory=memory)), "-m") == [value]
+
+
+def test_default_memory_and_cpus() -> None:
+    argv = argv_for(spec())
+    assert values(argv, "-m") == ["512M"]
+    assert values(argv, "-smp") == ["1"]
+
+
+@pytest.mark.parametrize("cpus", [1, 4, 288])
+def test_cpus(cpus: int) -> None:
+    assert values(argv_for(spec(cpus=cpus)), "-smp") == [str(cpus)]
+
+
+def test_no_network_no_netdev() -> None:
+    argv = argv_for(spec())
+    assert values(argv, "-netdev") == []
+    assert not any(d["driver"] == "virtio-net-pci" for d in devices(argv))
+
+
+def test_user_network() -> None:
+    s = spec(network=Network(NetworkMode.USER))
+    plan = plan_machine(s)
+    argv = build_argv(s, plan, RT)
+    assert values(argv, "-netdev") == ["user,id=net0"]
+    net = device(argv, "net0")
+    assert net == {
+        "driver": "virtio-net-pci",
+        "id": "net0",
+        "netdev": "net0",
+        "bus": plan.port_carrying("net0").id,
+        "addr": "0",
+    }
+    assert net["bus"] == "rp1"
+
+
+@pytest.mark.parametrize(("tap", "escaped"), [("tap0", "tap0"), ("a,b", "a,,b"), (",", ",,")])
+def test_tap_network(tap: str, escaped: str) -> None:
+    s = spec(network=Network(NetworkMode.TAP, tap))
+    argv = argv_for(s)
+    [netdev] = values(argv, "-netdev")
+    assert netdev == f"tap,id=net0,ifname={escaped},script=no,downscript=no"
+    assert parse_kv(netdev)["ifname"] == tap
+    assert device(argv, "net0")["driver"] == "virtio-net-pci"
+
+
+def test_vsock() -> None:
+    s = spec(vsock=True)
+    plan = plan_machine(s)
+    argv = build_argv(s, plan, RT)
+    port = plan.port_carrying("vsock0").id
+    assert f"vhost-vsock-pci,id=vsock0,guest-cid=7,bus={port},addr=0" in values(argv, "-device")
+
+
+def test_no_vsock_by_default() -> None:
+    assert not any(d["driver"] == "vhost-vsock-pci" for d in devices(argv_for(spec())))
+
+
+def test_uefi_uses_ovmf_and_bios_passes_nothing() -> None:
+    assert values(argv_for(spec(firmware=Firmware.UEFI)), "-bios") == [str(OVMF)]
+    assert values(argv_for(spec(firmware=Firmware.BIOS)), "-bios") == []
+
+
+def test_kernel_initrd_append() -> None:
+    s = MachineSpec("m", kernel=Path("/k,1"), initrd=Path("/i,2"), cmdline="console=ttyS0 root=/dev/vda, x")
+    argv = argv_for(s)
+    # Plain file-name options, not key=value: no escaping.
+    assert values(argv, "-kernel") == ["/k,1"]
+    assert values(argv, "-initrd") == ["/i,2"]
+    assert values(argv, "-append") == ["console=ttyS0 root=/dev/vda, x"]
+
+
+def test_no_append_without_cmdline() -> None:
+    argv = argv_for(MachineSpec("m", kernel=Path("/k")))
+    assert values(argv, "-append") == []
+    assert values(argv, "-initrd") == []
+
+
+def test_qemu_extra_appended_last_verbatim() -> None:
+    extra = ("-device", "nvme,serial=x,,y", "-global", "kvm-pit.lost_tick_policy=discard", "-S")
+    argv = argv_for(seed_spec(qemu_extra=extra, firmware=Firmware.UEFI, kernel=Path("/k"), cmdline="c"))
+    assert tuple(argv[-len(extra) :]) == extra
+    assert argv.count("-S") == 1
+
+
+@pytest.mark.parametrize(("name", "escaped"), [("m", "m"), ("a,b", "a,,b"), ("a,,b", "a,,,,b"), ("a=b", "a=b")])
+def test_name_is_escaped(name: str, escaped: str) -> None:
+    argv = argv_for(spec(name=name))
+    assert values(argv, "-name") == [f"guest={escaped}"]
+    assert parse_kv(values(argv, "-name")[0]) == {"guest": name}
+
+
+def test_console_log_path_is_escaped() -> None:
+    rt = Runtime(MACHINE_ID, 3, Path("/run/a,b/console.log"))
+    [_, console] = values(argv_for(spec(), rt), "-chardev")
+    assert console == "file,id=console,path=/run/a,,b/console.log"
+    assert parse_kv(console)["path"] == "/run/a,b/console.log"
+
+
+def test_escape() -> None:
+    assert escape("") == ""
+    assert escape("a,b,,c") == "a,,b,,,,c"
+
+
+# -- virtiofs ---------------------------------------------------------------
+
+FS_FDS = {"rootfs": 20, "fs0": 21, "fs1": 22}
+FS_RT = Runtime(MACHINE_ID, 3, RT.console_log, fs_fds=FS_FDS)
+
+
+def fs_spec(**kw: Any) -> MachineSpec:
+    mounts = (MountSpec(Path("/srv/a"), "a"), MountSpec(Path("/srv/b"), "b.2"))
+    return spec(**({"directory": Path("/srv/root"), "mounts": mounts, "memory": 1024 * MiB} | kw))
+
+
+def test_shares_root_directory_first_then_mounts() -> None:
+    assert shares(fs_spec()) == [
+        Share("rootfs", Path("/srv/root"), "root"),
+        Share("fs0", Path("/srv/a"), "a"),
+        Share("fs1", Path("/srv/b"), "b.2"),
+    ]
+    assert shares(fs_spec(directory=None)) == [Share("fs0", Path("/srv/a"), "a"), Share("fs1", Path("/srv/b"), "b.2")]
+    assert shares(spec()) == []
+
+
+def test_virtiofs_devices_on_their_builtin_ports() -> None:
+    s = fs_spec()
+    plan = plan_machine(s)
+    argv = build_argv(s, plan, FS_RT)
+    for share in shares(s):
+        port = plan.port_carrying(share.device)
+        assert port.role is PortRole.BUILTIN
+        assert f"socket,id={share.device},fd={FS_FDS[share.device]}" in values(argv, "-chardev")
+        assert device(argv, share.device) == {
+            "driver": "vhost-user-fs-pci",
+            "id": share.device,
+            "chardev": share.device,
+            "tag": share.tag,
+            "bus": port.id,
+            "addr": "0",
+        }
+
+
+def test_virtiofs_needs_shared_guest_memory_of_the_machine_size() -> None:
+    argv = argv_for(fs_spec(), FS_RT)
+    assert values(argv, "-machine") == ["q35,accel=kvm:tcg,memory-backend=mem"]
+    assert values(argv, "-object") == ["memory-backend-memfd,id=mem,size=1024M,share=on"]
+    assert values(argv, "-m") == ["1024M"]
+
+
+def test_only_a_directory_is_enough_for_shared_memory() -> None:
+    argv = argv_for(spec(directory=Path("/srv")), Runtime(MACHINE_ID, 3, RT.console_log, fs_fds={"rootfs": 9}))
+    assert values(argv, "-object") == ["memory-backend-memfd,id=mem,size=512M,share=on"]
+    assert device(argv, "rootfs")["tag"] == "root"
+
+
+def test_no_shares_no_memory_backend() -> None:
+    argv = argv_for(spec())
+    assert values(argv, "-object") == []
+    assert "memory-backend" not in values(argv, "-machine")[0]
+
+
+def test_virtiofs_tag_is_escaped() -> None:
+    s = spec(mounts=(MountSpec(Path("/srv"), "a,b"),))
+    argv = argv_for(s, Runtime(MACHINE_ID, 3, RT.console_log, fs_fds={"fs0": 9}))
+    [dev] = [v for v in values(argv, "-device") if v.startswith("vhost-user-fs-pci")]
+    assert "tag=a,,b," in dev
+    assert parse_kv(dev)["tag"] == "a,b"
+
+
+def test_virtiofsd_argv() -> None:
+    assert virtiofsd_argv(Share("fs0", Path("/srv/a"), "a"), 7) == [
+        VIRTIOFSD,
+        "--fd=7",
+        "-o",
+        "source=/srv/a",
+        "-o",
+        "sandbox=chroot",
+        "-o",
+        "cache=auto",
+    ]
+
+
+def fuse_opt_split(value: str) -> list[str]:
+    """How virtiofsd (libfuse fuse_opt) splits an -o value: ',' separates, '\\' escapes."""
+    out, cur, i = [], "", 0
+    while i < len(value):
+        if value[i] == "\\" and i + 1 < len(value):
+            cur += value[i + 1]
+            i += 2
+            continue
+        if value[i] == ",":
+            out.append(cur)
+            cur = ""
+        else:
+            cur += value[i]
+        i += 1
+    return [*out, cur]
+
+
+@pytest.mark.parametrize("source", ["/home/u/x,source=/etc", "/srv/a,b", "/srv/back\\slash"])
+def test_virtiofsd_source_survives_fuse_opt_parsing(source: str) -> None:
+    argv = virtiofsd_argv(Share("fs0", Path(source), "t"), 7)
+    o_values = [argv[i + 1] for i, a in enumerate(argv) if a == "-o"]
+    parsed = [opt for v in o_values for opt in fuse_opt_split(v)]
+    assert [opt for opt in parsed if opt.startswith("source=")] == [f"source={source}"]
+    assert len(parsed) == 3
+
+
+# -- properties --------------------------------------------------------------
+
+texts = st.text(st.characters(codec="utf-8", exclude_characters="\0"), max_size=16)
+paths = texts.map(lambda s: Path("/" + s))
+serials = st.text(st.sampled_from(string.ascii_letters + string.digits + ",=-_."), max_size=8)
+drive_specs = st.builds(
+    DriveSpec, paths, st.sampled_from(list(DiskType)), st.sampled_from(list(ImageFormat)), st.booleans(), serials
+)
+networks = st.one_of(
+    st.just(Network()),
+    st.just(Network(NetworkMode.USER)),
+    st.builds(Network, st.just(NetworkMode.TAP), st.text(st.sampled_from("ab0,=."), min_size=1, max_size=15)),
+)
+extra_chunks = st.sampled_from(
+    [
+        ("-device", "nvme,serial=ex"),
+        ("-device", "virtio-rng-pci,bus=pcie.0"),
+        ("-device", '{"driver":"e1000"}'),
+        ("-global", "kvm-pit.lost_tick_policy=discard"),
+        ("-smbios", "type=1,serial=x,,y"),
+    ]
+)
+specs = st.builds(
+    MachineSpec,
+    name=texts.filter(bool),
+    kernel=st.none() | paths,
+    initrd=st.none() | paths,
+    cmdline=texts,
+    image=st.none() | drive_specs,
+    drives=st.lists(drive_specs, max_size=12).map(tuple),
+    directory=st.none() | paths,
+    mounts=st.lists(
+        st.builds(MountSpec, paths, st.text(st.sampled_from("ab,.:"), min_size=1, max_size=5)), max_size=3
+    ).map(tuple),
+    network=networks,
+    vsock=st.booleans(),
+    memory=st.integers(32, 8192).map(lambda m: m * MiB),
+    cpus=st.integers(1, 288),
+    hotplug_spares=st.integers(1, 30),
+    accel=st.sampled_from(list(Accel)),
+    qemu_extra=st.lists(extra_chunks, max_size=5).map(lambda cs: tuple(a for c in cs for a in c)),
+    firmware=st.sampled_from(list(Firmware)),
+)
+
+
+def plan_or_skip(spec: MachineSpec) -> Plan:
+    try:
+        return plan_machine(spec)
+    except VmspawndError:
+        assume(False)
+        raise
+
+
+@settings(deadline=None)
+@given(specs, st.booleans())
+def test_any_spec_gives_well_formed_argv(spec: MachineSpec, open_all: bool) -> None:
+    plan = plan_or_skip(spec)
+    files = [d.path for d in spec.boot_drives] + [p for p in (spec.kernel, spec.initrd) if p]
+    opened = {str(p): f"/proc/self/fd/{100 + i}" for i, p in enumerate(files)} if open_all else {}
+    fs_fds = {share.device: 200 + i for i, share in enumerate(shares(spec))}
+    argv = build_argv(spec, plan, Runtime(MACHINE_ID, 3, Path("/run/x,y/console.log"), 5, opened, fs_fds))
+    extra = spec.qemu_extra
+    own = argv[: len(argv) - len(extra)]
+    assert tuple(argv[len(own) :]) == extra
+    # Every option is followed by its value.
+    own_pairs = pairs(own)
+    assert {o for o, _ in own_pairs} <= OPTIONS_WITH_VALUE
+    all_pairs = pairs(argv)
+
+    devs = [parse_device(v) for o, v in all_pairs if o == "-device"]
+    ports = [d for d in devs if d["driver"] == "pcie-root-port"]
+    # Root ports first, one per planned port.
+    assert devs[: len(ports)] == ports
+    assert [p["id"] for p in ports] == [p.id for p in plan.ports]
+    port_ids = {p["id"] for p in ports}
+    scsi_buses = {f"{d['id']}.0" for d in devs if d["driver"] == "virtio-scsi-pci"}
+    assert len(scsi_buses) == (1 if any(d.disk_type.is_scsi for d in spec.boot_drives) else 0)
+    for d in devs:
+        if "bus" in d:
+            assert d["bus"] in port_ids | {"pcie.0"} | scsi_buses, d
+    ids = [d["id"] for d in devs if "id" in d]
+    assert len(ids) == len(set(ids))
+    # Each non-SCSI device on a root port sits alone on it at addr 0.
+    on_ports = [d for d in devs if d.get("bus") in port_ids]
+    assert len({d["bus"] for d in on_ports}) == len(on_ports)
+    assert all(d["addr"] == "0" for d in on_ports)
+
+    # One -blockdev per boot drive, each used by exactly one device.
+    bds = [json.loads(v) for o, v in own_pairs if o == "-blockdev"]
+    assert len(bds) == len(spec.boot_drives)
+    nodes = [b["node-name"] for b in bds]
+    assert sorted(nodes) == sorted(d["drive"] for d in devs if "drive" in d)
+    for bd, drive in zip(bds, spec.boot_drives, strict=True):
+        ro = drive.read_only or drive.disk_type is DiskType.VIRTIO_SCSI_CDROM
+        assert bd["read-only"] is bd["file"]["read-only"] is ro
+        assert bd["file"]["filename"] == (opened.get(str(drive.path)) or str(drive.path))
+    assert [d["id"] for d in devs if d.get("bootindex") == 1] == (["disk0"] if spec.image else [])
+
+    # key=value options survive QEMU's comma rule.
+    assert parse_kv(dict(own_pairs)["-name"]) == {"guest": spec.name}
+    assert parse_kv(values(own, "-chardev")[1])["path"] == "/run/x,y/console.log"
+    if spec.network.mode is NetworkMode.TAP:
+        assert parse_kv(values(own, "-netdev")[0])["ifname"] == spec.network.tap
+    chardev_ids = [parse_kv(v)["id"] for v in values(own, "-chardev")]
+    assert len(chardev_ids) == len(set(chardev_ids))
+    for share in shares(spec):
+        assert device_by_id(devs, share.device)["tag"] == share.tag
+        assert device_by_id(devs, share.device)["chardev"] == share.device
+    assert bool(shares(spec)) == bool(values(own, "-object"))
+    if spec.kernel is not None:
+        assert values(own, "-kernel") == [opened.get(str(spec.kernel)) or str(spec.kernel)]
+    if spec.initrd is not None:
+        assert values(own, "-initrd") == [opened.get(str(spec.initrd)) or str(spec.initrd)]
