@@ -73,12 +73,13 @@ class Env:
 
 
 @contextlib.contextmanager
-def environment() -> Iterator[Env]:
+def environment(keep_log: Path | None = None) -> Iterator[Env]:
     """Tiny guest, private bus and a fresh vmspawnd; all of it gone afterwards.
 
     Teardown runs on any exit (errors, Ctrl-C): the daemon gets SIGTERM (then
     SIGKILL), any QEMU still running from this run's work dir is killed
-    by pid, the bus stops and the work dir is removed.
+    by pid, the bus stops and the work dir is removed. On an error the
+    daemon's log is copied to `keep_log` first.
     """
     guest = tinyguest.build(tinyguest.default_cache_dir())
     # Short and under /tmp: QMP socket paths must fit in sun_path.
@@ -95,6 +96,10 @@ def environment() -> Iterator[Env]:
         tail = daemon.log.read_text(errors="replace").splitlines()[-30:] if daemon.log.exists() else []
         if tail:
             print(f"--- last lines of {daemon.log}:", *tail, "---", sep="\n", file=sys.stderr)
+        if keep_log is not None and daemon.log.exists():
+            keep_log.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(daemon.log, keep_log)
+            print(f"the whole daemon log is kept in {keep_log}", file=sys.stderr)
         raise
     finally:
         if daemon.proc is not None:
@@ -354,7 +359,7 @@ def bench_main(
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     started = time.monotonic()
     try:
-        with environment() as env:
+        with environment(keep_log=RESULTS / f"{name}.daemon.log") as env:
             try:
                 result = asyncio.run(main_async(env))
             finally:

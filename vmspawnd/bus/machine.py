@@ -11,7 +11,7 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus
 
 from .. import opener
 from ..machine import Machine
-from ..model import Drive
+from ..model import Drive, DriveSpec
 from . import MACHINE_IFACE, MANAGER_PATH
 from . import options as parse
 from .errors import replies_errors
@@ -129,13 +129,9 @@ class MachineInterface(ServiceInterface):
     async def AddDrive(self, path: DBusStr, options: Options) -> DrivePort:
         uid = await self._authorize(self.machine)
         drive, drive_id = parse.add_drive(path, options)
+        # Refuse bad options before touching the file.
         self.machine.validate_drive(drive, drive_id)
-        fd = await opener.open_as(uid, path, drive.read_only)
-        try:
-            added = await self.machine.add_drive(drive, drive_id, fd)
-        finally:
-            os.close(fd)
-        return [added.id, added.port]
+        return await self._attach(drive, drive_id, await opener.open_as(uid, path, drive.read_only))
 
     @dbus_method()
     @replies_errors
@@ -143,6 +139,14 @@ class MachineInterface(ServiceInterface):
         try:
             await self._authorize(self.machine)
             drive, drive_id = parse.add_drive(os.readlink(f"/proc/self/fd/{fd}"), options)
+        except BaseException:
+            os.close(fd)
+            raise
+        return await self._attach(drive, drive_id, fd)
+
+    async def _attach(self, drive: DriveSpec, drive_id: str, fd: int) -> list[str]:
+        """Hand `fd` to the machine; it is closed here either way (QEMU keeps its own)."""
+        try:
             added = await self.machine.add_drive(drive, drive_id, fd)
         finally:
             os.close(fd)
