@@ -78,6 +78,8 @@ class Machine:
         self._unplugs: dict[str, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._ended = asyncio.Event()
+        self._dirty = asyncio.Event()
+        self._writing: asyncio.Future[None] | None = None
         self._next_fdset = 1
         self._next_controller = 1
         for i, drive in enumerate(spec.boot_drives):
@@ -123,9 +125,25 @@ class Machine:
             self._next_controller,
         )
 
-    def save(self) -> None:
+    def _write_state(self) -> None:
         if self.process is not None and self.dir.exists():
             state.write(self.dir, self.record())
+
+    def save(self) -> None:
+        """Persist soon, off the request path: fsync costs milliseconds, and
+        QMP, not state.json, is the truth for drives on re-attach."""
+        self._dirty.set()
+
+    async def _saver(self) -> None:
+        # One writer, so an older state never lands after a newer one.
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            self._writing = asyncio.ensure_future(asyncio.to_thread(self._write_state))
+            try:
+                await self._writing
+            except OSError as e:
+                log.warning("machine %s: cannot write state.json: %s", self.name, e, extra={"MACHINE": self.name})
 
     async def start(self, vsock_cid: int, opened: dict[str, int]) -> None:
         """Start QEMU; returns once its monitor answered qmp_capabilities."""
@@ -164,7 +182,9 @@ class Machine:
 
     def _running(self) -> None:
         self.state = MachineState.RUNNING
-        self.save()
+        # Before the machine is announced: a daemon killed right after still finds it.
+        self._write_state()
+        self._spawn(self._saver())
         self._spawn(self._watch_exit())
         self._spawn(self._dispatch_events())
 
@@ -329,6 +349,11 @@ class Machine:
                 fut.set_exception(NotRunning(f"machine {self.name} stopped during the unplug"))
         await self._monitor.close()
         await self._stop_virtiofsd()
+        # No state write may land in the directory after it is cleaned.
+        self._dirty.clear()
+        if self._writing is not None:
+            await asyncio.wait({self._writing})
+        self._dirty.clear()
         if keep_log:
             for entry in self.dir.iterdir():
                 if entry != self.qemu_log:
@@ -360,6 +385,8 @@ class Machine:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._dirty.is_set():
+            self._write_state()
         await self._monitor.close()
 
     def _notify(self, *properties: str) -> None:
