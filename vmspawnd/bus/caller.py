@@ -12,6 +12,10 @@ from dbus_fast import Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 
 _message: ContextVar[Message | None] = ContextVar("vmspawnd_message", default=None)
+# Unique bus names are never reused, so a name's uid never changes: one
+# round trip to the bus daemon per client connection, not per call.
+_uids: dict[str, int] = {}
+UID_CACHE_SIZE = 4096
 
 
 def _remember(msg: Message) -> None:
@@ -40,6 +44,9 @@ def allows_interaction() -> bool:
 
 async def uid(bus: MessageBus) -> int:
     """The caller's uid, as the bus daemon vouches for it."""
+    name = sender()
+    if name in _uids:
+        return _uids[name]
     reply = await bus.call(
         Message(
             destination="org.freedesktop.DBus",
@@ -47,9 +54,12 @@ async def uid(bus: MessageBus) -> int:
             interface="org.freedesktop.DBus",
             member="GetConnectionUnixUser",
             signature="s",
-            body=[sender()],
+            body=[name],
         )
     )
     if reply is None or reply.message_type is not MessageType.METHOD_RETURN:
         raise RuntimeError(f"GetConnectionUnixUser failed: {reply.body if reply else 'no reply'}")
-    return int(reply.body[0])
+    if len(_uids) >= UID_CACHE_SIZE:
+        _uids.pop(next(iter(_uids)))
+    _uids[name] = int(reply.body[0])
+    return _uids[name]
