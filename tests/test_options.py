@@ -279,7 +279,7 @@ def test_hotplug_spares_passed_through(spares: int) -> None:
 def test_strings_up_to_max_length(key: str) -> None:
     ok = "/" + "a" * (MAX_STRING - 1)
     spec(**{key: V("s", ok)})
-    refused({key: V("s", ok + "a")}, f"option {key!r} is longer than {MAX_STRING} characters")
+    refused({key: V("s", ok + "a")}, f"option {key!r} holds a string longer than {MAX_STRING} bytes")
 
 
 # -- paths ---------------------------------------------------------------
@@ -369,7 +369,7 @@ def test_drive_bad_values(key: str, value: str, fragment: str) -> None:
 
 
 def test_drive_string_too_long() -> None:
-    refused({"drives": V("aa{sv}", [{"path": V("s", "/" + "a" * MAX_STRING)}])}, "drives[0] option 'path' is longer")
+    refused({"drives": V("aa{sv}", [{"path": V("s", "/" + "a" * MAX_STRING)}])}, "drives[0] option 'path' holds a string longer")
 
 
 def test_empty_drive_list() -> None:

@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import cmdline, state
-from .errors import InvalidArgument, NoFreePort, NoSuchDrive, NotRunning, QemuFailed, UnplugInProgress, UnplugTimeout
+from .errors import (
+    InvalidArgument,
+    NoFreePort,
+    NoSuchDrive,
+    NotRunning,
+    QemuFailed,
+    UnplugInProgress,
+    UnplugTimeout,
+    VmspawndError,
+)
 from .model import DiskType, Drive, DriveSpec, DriveState, MachineSpec, MachineState, PortRole
 from .process import Process
 from .qmp import Monitor, QmpDisconnected, QmpError
@@ -30,6 +39,9 @@ QUIT_TIMEOUT = 5.0
 # The guest cuts longer serials (nvme and virtio-blk: 20 bytes); QEMU's scsi-disk refuses over 36.
 SERIAL_MAX = {DiskType.VIRTIO_BLK: 20, DiskType.NVME: 20, DiskType.VIRTIO_SCSI: 36, DiskType.VIRTIO_SCSI_CDROM: 36}
 DRIVE_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,31}")
+# Ids the daemon gives its own devices.
+CONTROLLER_ID = re.compile(r"scsi\d+")
+RESERVED_ID = re.compile(r"(rp|scsi|implicit|fs)\d+|net0|vsock0|rootfs")
 # Test-only: the daemon kills itself at this point of a request, to prove
 # that a restart reconciles what was left half done.
 FAULT = os.environ.get("VMSPAWND_TEST_FAULT", "")
@@ -82,6 +94,8 @@ class Machine:
         self._writing: asyncio.Future[None] | None = None
         self._next_fdset = 1
         self._next_controller = 1
+        # Drive ids whose block node QEMU would not give back.
+        self._stuck_ids: set[str] = set()
         for i, drive in enumerate(spec.boot_drives):
             dev = drive_id(i)
             scsi = drive.disk_type.is_scsi
@@ -400,7 +414,7 @@ class Machine:
     # -- hotplug ------------------------------------------------------------
 
     def _known_ids(self) -> set[str]:
-        return set(self.drives) | set(self.port_owner.values()) | {p.id for p in self.plan.ports}
+        return set(self.drives) | set(self.port_owner.values()) | {p.id for p in self.plan.ports} | self._stuck_ids
 
     def _take_spare(self, for_device: str) -> str:
         free = self.free_spares
@@ -422,7 +436,7 @@ class Machine:
         for drive in self.drives.values():
             if drive.controller and drive.state is DriveState.ATTACHED:
                 return drive.controller, drive.port, False
-        live = [dev for dev in self.port_owner.values() if dev.startswith("scsi") and dev not in self._unplugs]
+        live = [dev for dev in self.port_owner.values() if CONTROLLER_ID.fullmatch(dev) and dev not in self._unplugs]
         if live:
             controller = live[0]
             port = next(p for p, d in self.port_owner.items() if d == controller)
@@ -443,6 +457,10 @@ class Machine:
                 raise InvalidArgument(
                     f"drive id {requested_id!r} is invalid: "
                     "use 1-32 letters, digits, '_', '.', '-', starting with a letter"
+                )
+            if RESERVED_ID.fullmatch(requested_id):
+                raise InvalidArgument(
+                    f"drive id {requested_id!r} is reserved for vmspawnd's own devices; pick another id"
                 )
             if requested_id in self._known_ids():
                 raise InvalidArgument(f"drive id {requested_id!r} is already used on {self.name}; pick another id")
@@ -488,6 +506,10 @@ class Machine:
                 raise InvalidArgument(f"QEMU refused drive {dev} ({drive.disk_type} {drive.path}): {e}") from e
             except QmpDisconnected as e:
                 raise NotRunning(f"machine {self.name} stopped during AddDrive: {e}") from e
+            except VmspawndError:
+                # NoFreePort and the like: the fd already handed over goes back.
+                await self._undo(undo, port, dev)
+                raise
             record = Drive(dev, str(drive.path), drive.disk_type, port, fdset=fdset, controller=controller)
             self.drives[dev] = record
             self.save()
@@ -508,8 +530,11 @@ class Machine:
                 await self._monitor.execute(command, args)
             except (QmpError, QmpDisconnected) as e:
                 # QEMU 7.2's nvme keeps its node "in use" after a failed
-                # realize; nothing but QEMU itself can release it.
+                # realize; nothing but QEMU itself can release it, so its
+                # id stays taken.
                 log.warning("machine %s: rollback %s %s failed: %s", self.name, command, args, e)
+                if command == "blockdev-del":
+                    self._stuck_ids.add(dev)
         # A controller created for this drive stays until its own unplug
         # event; a plain port is ours to free now.
         if self.port_owner.get(port) == dev:

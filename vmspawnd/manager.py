@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -37,9 +38,13 @@ def check_file(what: str, path: Path) -> None:
     """The daemon's own view: exists and is a regular file (or block device)."""
     if not path.is_absolute():
         raise InvalidArgument(f"{what} {str(path)!r} must be an absolute path")
-    if not path.exists():
-        raise InvalidArgument(f"{what} {str(path)!r} does not exist")
-    if path.is_dir():
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InvalidArgument(f"{what} {str(path)!r} does not exist") from None
+    except OSError as e:
+        raise InvalidArgument(f"{what} {str(path)[:200]!r}: {e.strerror}") from None
+    if stat.S_ISDIR(mode):
         raise InvalidArgument(f"{what} {str(path)!r} is a directory; give a file")
 
 
@@ -51,8 +56,12 @@ def check_shares(spec: MachineSpec) -> None:
     if shares and not Path(cmdline.VIRTIOFSD).exists():
         raise InvalidArgument(f"virtiofs needs {cmdline.VIRTIOFSD}: apt-get install qemu-system-common")
     for share in shares:
-        if not share.source.is_absolute() or not share.source.is_dir():
-            raise InvalidArgument(f"shared directory {str(share.source)!r} is not an existing directory")
+        try:
+            is_dir = share.source.is_absolute() and stat.S_ISDIR(share.source.stat().st_mode)
+        except OSError:
+            is_dir = False
+        if not is_dir:
+            raise InvalidArgument(f"shared directory {str(share.source)[:200]!r} is not an existing directory")
         if not TAG.fullmatch(share.tag):
             raise InvalidArgument(f"virtiofs tag {share.tag!r}: use 1-36 characters from A-Z a-z 0-9 _ . : -")
     tags = [s.tag for s in shares]

@@ -105,11 +105,12 @@ def _split_device_arg(value: str) -> dict[str, str]:
     if value.lstrip().startswith("{"):
         try:
             parsed = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise InvalidArgument(f"qemu_extra: -device {value!r} is not valid JSON: {e}") from e
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise InvalidArgument(f"qemu_extra: -device {value[:100]!r} is not valid JSON: {e}") from e
         if not isinstance(parsed, dict):
-            raise InvalidArgument(f"qemu_extra: -device {value!r} must be a JSON object")
-        return {str(k): str(v) for k, v in parsed.items()}
+            raise InvalidArgument(f"qemu_extra: -device {value[:100]!r} must be a JSON object")
+        # "bus": null is no bus at all: the device lands on pcie.0.
+        return {str(k): str(v) for k, v in parsed.items() if v is not None}
     parts = value.replace(",,", "\0").split(",")
     props = {"driver": parts[0].replace("\0", ",")}
     for part in parts[1:]:

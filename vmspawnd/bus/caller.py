@@ -6,6 +6,7 @@ in a context variable; the method's task is created right after, inside the
 same callback, so it inherits a copy of the context with its own message.
 """
 
+import os
 from contextvars import ContextVar
 
 from dbus_fast import Message, MessageFlag, MessageType
@@ -21,6 +22,11 @@ UID_CACHE_SIZE = 4096
 def _remember(msg: Message) -> None:
     if msg.message_type is MessageType.METHOD_CALL:
         _message.set(msg)
+        # Only a method with an 'h' argument takes fds (and closes them):
+        # any sent along with another call are closed here, at once.
+        if msg.unix_fds and "h" not in msg.signature:
+            for fd in msg.unix_fds:
+                os.close(fd)
 
 
 def install(bus: MessageBus) -> None:
@@ -32,6 +38,11 @@ def current_message() -> Message:
     if msg is None:
         raise RuntimeError("caller.current_message() outside a D-Bus method call")
     return msg
+
+
+def passed_fds() -> list[int]:
+    """The fds that came with this call, now the daemon's own."""
+    return list(current_message().unix_fds)
 
 
 def sender() -> str:

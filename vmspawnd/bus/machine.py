@@ -10,9 +10,10 @@ from dbus_fast.annotations import DBusSignature, DBusStr, DBusUInt32, DBusUInt64
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
 from .. import opener
+from ..errors import InvalidArgument
 from ..machine import Machine
 from ..model import Drive, DriveSpec
-from . import MACHINE_IFACE, MANAGER_PATH
+from . import MACHINE_IFACE, MANAGER_PATH, caller
 from . import options as parse
 from .errors import replies_errors
 
@@ -131,25 +132,34 @@ class MachineInterface(ServiceInterface):
         drive, drive_id = parse.add_drive(path, options)
         # Refuse bad options before touching the file.
         self.machine.validate_drive(drive, drive_id)
-        return await self._attach(drive, drive_id, await opener.open_as(uid, path, drive.read_only))
+        fd = await opener.open_as(uid, path, drive.read_only)
+        try:
+            return await self._attach(drive, drive_id, fd)
+        finally:
+            os.close(fd)
 
     @dbus_method()
     @replies_errors
     async def AddDriveFd(self, fd: DBusUnixFd, options: Options) -> DrivePort:
+        passed = caller.passed_fds()
         try:
+            # Without fds in the message dbus-fast hands over the bare index:
+            # never take it for one of the daemon's own fds.
+            if fd not in passed:
+                raise InvalidArgument(
+                    "AddDriveFd needs an open file descriptor sent with the call (busctl cannot send one; "
+                    "use AddDrive with a path, vmspawnctl add-drive, or gdbus call --unix-fd)"
+                )
             await self._authorize(self.machine)
             drive, drive_id = parse.add_drive(os.readlink(f"/proc/self/fd/{fd}"), options)
-        except BaseException:
-            os.close(fd)
-            raise
-        return await self._attach(drive, drive_id, fd)
+            return await self._attach(drive, drive_id, fd)
+        finally:
+            # QEMU holds its own copy now.
+            for passed_fd in passed:
+                os.close(passed_fd)
 
     async def _attach(self, drive: DriveSpec, drive_id: str, fd: int) -> list[str]:
-        """Hand `fd` to the machine; it is closed here either way (QEMU keeps its own)."""
-        try:
-            added = await self.machine.add_drive(drive, drive_id, fd)
-        finally:
-            os.close(fd)
+        added = await self.machine.add_drive(drive, drive_id, fd)
         return [added.id, added.port]
 
     @dbus_method()

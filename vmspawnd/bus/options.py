@@ -69,8 +69,9 @@ def unpack(options: dict[str, Variant], schema: dict[str, str], where: str) -> d
             got = variant.signature if isinstance(variant, Variant) else type(variant).__name__
             raise InvalidArgument(f"{where} option {key!r} must have type '{schema[key]}', got '{got}'")
         value = variant.value
-        if isinstance(value, str) and len(value) > MAX_STRING:
-            raise InvalidArgument(f"{where} option {key!r} is longer than {MAX_STRING} characters")
+        strings = value if schema[key] == "as" else [value] if isinstance(value, str) else []
+        if any(len(s.encode()) > MAX_STRING for s in strings):
+            raise InvalidArgument(f"{where} option {key!r} holds a string longer than {MAX_STRING} bytes")
         values[key] = value
     return values
 
