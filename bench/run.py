@@ -150,15 +150,15 @@ def chart(runs: list[dict[str, Any]], info: dict[str, Any], out: Path) -> None:
         ax.plot([lo, hi], [y, y], color="black", linewidth=1)
         if r["target_ratio"]:
             ax.plot([r["target_ratio"]] * 2, [y - 0.38, y + 0.38], color="black", linewidth=2.5)
-        ax.text(max(hi, r["ratio"]) * 1.06, y, f"{r['ratio']:.2f}x {r['verdict']}", va="center", fontsize=8)
+        right = max(hi, r["ratio"], r["target_ratio"] or 0, 1.0)
+        ax.text(right * 1.06, y, f"{r['ratio']:.2f}x {r['verdict']}", va="center", fontsize=8)
     ax.axvline(1.0, color="tab:blue", linestyle="--", linewidth=1)
     ax.set_xscale("log")
     ax.set_yticks(range(len(rows)), [r["figure"] for r in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel(
         "ours / baseline (ratio of the medians, log scale; 1 = on par)\n"
-        "whisker: ours min-max / baseline median; black tick: the target's limit; "
-        "green PASS, red MISS, grey: no target"
+        "whisker: ours min-max / baseline median; black tick: target limit; green PASS, red MISS, grey no target"
     )
     ax.set_title(f"vmspawnd vs baselines, {info['when']} ({info['host']['cpus']} CPUs, QEMU {info['host']['qemu']})")
     lo = min(0.1, *(r["ours"]["min"] / r["baseline"]["median"] for r in rows)) if rows else 0.1
@@ -207,7 +207,10 @@ def main() -> int:
                 raise KeyboardInterrupt
             if code == 0 and out.exists():
                 result = json.loads(out.read_text())
-                rows = result["rows"]
+                rows = result.get("rows") or [
+                    broken_row(name, "its JSON has no table rows; see its output above")
+                    | {"figure": f"{name} (see its own output)", "verdict": "info"}
+                ]
                 status = "ran" if "unavailable" not in result else f"ran; baseline n/a: {result['unavailable']}"
                 if result.get("libvirt"):
                     info["libvirt"] = result["libvirt"]

@@ -369,7 +369,10 @@ def test_drive_bad_values(key: str, value: str, fragment: str) -> None:
 
 
 def test_drive_string_too_long() -> None:
-    refused({"drives": V("aa{sv}", [{"path": V("s", "/" + "a" * MAX_STRING)}])}, "drives[0] option 'path' holds a string longer")
+    refused(
+        {"drives": V("aa{sv}", [{"path": V("s", "/" + "a" * MAX_STRING)}])},
+        "drives[0] option 'path' holds a string longer",
+    )
 
 
 def test_empty_drive_list() -> None:
