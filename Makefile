@@ -38,6 +38,8 @@ demo: deps
 	bash tools/demo.sh
 
 bench: deps
+	apt-get install -y --no-install-recommends libvirt-daemon-system libvirt-dev
+	$(VENV)/bin/pip install -e '.[bench]'
 	$(PY) bench/run.py
 
 install:

@@ -35,6 +35,7 @@ BENCHMARKS = {
     "weight": 480,
     "throughput": 480,
     "versus_libvirt": 460,
+    "restart": 240,
 }
 BUDGET_S = 15 * 60
 CURRENT: list[subprocess.Popen[bytes]] = []
