@@ -94,6 +94,7 @@ class Machine:
         self._writing: asyncio.Future[None] | None = None
         self._next_fdset = 1
         self._next_controller = 1
+        self._next_drive = len(spec.boot_drives)
         # Drive ids whose block node QEMU would not give back.
         self._stuck_ids: set[str] = set()
         for i, drive in enumerate(spec.boot_drives):
@@ -137,6 +138,7 @@ class Machine:
             tuple(self.drives.values()),
             self._next_fdset,
             self._next_controller,
+            self._next_drive,
         )
 
     def _write_state(self) -> None:
@@ -220,6 +222,7 @@ class Machine:
             raise QemuFailed(f"QEMU pid {record.pid} does not answer on its monitor: {e}") from e
         self._next_fdset = record.next_fdset
         self._next_controller = record.next_controller
+        self._next_drive = max(self._next_drive, record.next_drive)
         await self._reconcile({d.id: d for d in record.drives})
         self._running()
         log.info(
@@ -512,6 +515,8 @@ class Machine:
                 raise
             record = Drive(dev, str(drive.path), drive.disk_type, port, fdset=fdset, controller=controller)
             self.drives[dev] = record
+            if not requested_id:
+                self._next_drive = int(dev.removeprefix("disk")) + 1
             self.save()
         log.info("machine %s: drive %s added on %s", self.name, dev, port, extra={"MACHINE": self.name, "DRIVE": dev})
         self._notify("Drives", "Ports", "FreeSparePorts")
@@ -520,9 +525,10 @@ class Machine:
         return record
 
     def _new_drive_id(self) -> str:
-        """The lowest free diskN: derived, so a refused request uses up nothing."""
+        """The next diskN: never one a removed drive had (a client holding a
+        stale id must not hit a new drive), and a refused request uses none."""
         known = self._known_ids()
-        return next(dev for i in itertools.count() if (dev := drive_id(i)) not in known)
+        return next(dev for i in itertools.count(self._next_drive) if (dev := drive_id(i)) not in known)
 
     async def _undo(self, undo: list[tuple[str, dict[str, object]]], port: str, dev: str) -> None:
         for command, args in reversed(undo):

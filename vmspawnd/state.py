@@ -40,6 +40,7 @@ class MachineRecord:
     drives: tuple[Drive, ...]
     next_fdset: int
     next_controller: int
+    next_drive: int = 0
 
 
 def _plain(value: Any) -> Any:
@@ -108,6 +109,7 @@ def loads(text: str) -> MachineRecord:
         ),
         next_fdset=d["next_fdset"],
         next_controller=d["next_controller"],
+        next_drive=d.get("next_drive", 0),
     )
 
 

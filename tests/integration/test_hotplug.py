@@ -121,8 +121,9 @@ async def test_full_spares_give_no_free_port_and_removing_one_makes_room(
     assert "all 4 spare root ports of hp are taken (rp0=disk0, rp1=disk1, rp2=disk2, rp3=disk3)" in e.value.text
     assert "hotplug_spares" in e.value.text
     await client.remove_drive(vm.path, ids[2])
-    # A refused request used up nothing: the freed id and port are handed out again.
-    assert await client.add_drive(vm.path, disk(tmp_path, "one-more")) == ("disk2", "rp2")
+    # The freed port is handed out again; ids are not (a stale id must not hit
+    # a new drive), and the refused request used none up.
+    assert await client.add_drive(vm.path, disk(tmp_path, "one-more")) == ("disk4", "rp2")
 
 
 async def test_20_add_remove_cycles_leave_nothing_behind(client: Client, vm: VM, tmp_path: Path) -> None:
@@ -188,7 +189,7 @@ async def test_failed_device_add_is_rolled_back(client: Client, vm: VM, tmp_path
         ({"serial": Variant("s", "x" * 21)}, "InvalidArgument", "virtio-blk allows at most 20"),
         ({"colour": Variant("s", "x")}, "InvalidArgument", "unknown AddDrive option 'colour'"),
         ({"read_only": Variant("s", "yes")}, "InvalidArgument", "must have type 'b'"),
-        ({"id": Variant("s", "rp1")}, "InvalidArgument", "already used"),
+        ({"id": Variant("s", "rp1")}, "InvalidArgument", "reserved for vmspawnd"),
         ({"id": Variant("s", "1bad")}, "InvalidArgument", "drive id '1bad' is invalid"),
     ],
 )
