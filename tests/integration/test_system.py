@@ -434,7 +434,7 @@ async def test_add_drive_opens_paths_as_the_caller_and_takes_the_callers_fds(
     if not system_python_matches():
         pytest.skip(f"{SYSTEM_PYTHON} is not Python {sys.version_info[:2]}: cannot load the venv's dbus-fast")
     system = polkit
-    path = await root.create("rootvm", **machine_options(image))
+    path = await root.create("rootvm", **(machine_options(image) | {"hotplug_spares": 3}))
     await system.start_polkit(rules=True)  # nobody may manage machines, nothing more
 
     shadow = await gdbus_machine(system, "nobody", path, "AddDrive", "/etc/shadow", "@a{sv} {}")
@@ -456,6 +456,15 @@ async def test_add_drive_opens_paths_as_the_caller_and_takes_the_callers_fds(
     drive_id, port = by_fd["reply"]
     drives = {d["id"]: d for d in await root.prop(path, "Drives")}
     assert drives[drive_id]["path"] == mine and drives[drive_id]["port"] == port
+
+    # vmspawnctl add-drive as nobody: it opens the file itself and passes the fd.
+    ctl_file = owned_file(system, "nobody")
+    ctl = await run_as(
+        system, "nobody", "env", f"PYTHONPATH={SITE_PACKAGES}:{ROOT}", SYSTEM_PYTHON, "-c",
+        "import sys; from vmspawnd.ctl import main; sys.exit(main())", "add-drive", "rootvm", ctl_file,
+    )  # fmt: skip
+    assert ctl.code == 0, ctl
+    assert ctl_file in {d["path"] for d in await root.prop(path, "Drives")}
 
     # Without polkit nobody may not even try.
     await system.stop_polkit()
