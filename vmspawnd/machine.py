@@ -11,7 +11,7 @@ import re
 import shutil
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -115,7 +115,7 @@ class Machine:
 
     @property
     def qemu_log(self) -> Path:
-        return self.dir / "qemu.log"
+        return self.dir / state.LOG
 
     @property
     def leader(self) -> int:
@@ -164,11 +164,8 @@ class Machine:
     async def start(self, vsock_cid: int, opened: dict[str, int]) -> None:
         """Start QEMU; returns once its monitor answered qmp_capabilities."""
         self.dir.mkdir(parents=True)
-        dirfd = os.open(self.dir, os.O_PATH | os.O_DIRECTORY)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            # Through the dirfd, so a long runtime dir does not hit sun_path's 108 bytes.
-            sock_path = f"/proc/self/fd/{dirfd}/qmp.sock"
+        with self._qmp_sock_path() as sock_path, contextlib.closing(listener):
             listener.bind(sock_path)
             listener.listen()
             fd_paths = {path: f"/proc/self/fd/{fd}" for path, fd in opened.items()}
@@ -189,12 +186,19 @@ class Machine:
             listener.close()
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             conn.connect(sock_path)
-        finally:
-            listener.close()
-            os.close(dirfd)
         await self._await_monitor(conn)
         self._running()
         log.info("machine %s running, QEMU pid %d", self.name, self.leader, extra={"MACHINE": self.name})
+
+    @contextlib.contextmanager
+    def _qmp_sock_path(self) -> Iterator[str]:
+        """qmp.sock named through a dirfd, so a long runtime dir does not hit
+        sun_path's 108 bytes."""
+        dirfd = os.open(self.dir, os.O_PATH | os.O_DIRECTORY)
+        try:
+            yield f"/proc/self/fd/{dirfd}/qmp.sock"
+        finally:
+            os.close(dirfd)
 
     def _running(self) -> None:
         self.state = MachineState.RUNNING
@@ -209,12 +213,9 @@ class Machine:
         self.process = Process.attach(record.pid)
         if self.process.start_time != record.start_time:
             raise QemuFailed(f"pid {record.pid} is another process now")
-        dirfd = os.open(self.dir, os.O_PATH | os.O_DIRECTORY)
-        try:
+        with self._qmp_sock_path() as sock_path:
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            conn.connect(f"/proc/self/fd/{dirfd}/qmp.sock")
-        finally:
-            os.close(dirfd)
+            conn.connect(sock_path)
         try:
             async with asyncio.timeout(START_TIMEOUT):
                 await self._monitor.connect(conn)
@@ -372,9 +373,7 @@ class Machine:
             await asyncio.wait({self._writing})
         self._dirty.clear()
         if keep_log:
-            for entry in self.dir.iterdir():
-                if entry != self.qemu_log:
-                    entry.unlink()
+            state.clear_all_but_log(self.dir)
         else:
             shutil.rmtree(self.dir, ignore_errors=True)
         self._ended.set()

@@ -74,10 +74,10 @@ def check_shares(spec: MachineSpec) -> None:
 def check_shares_owner(spec: MachineSpec, owner_uid: int) -> None:
     """virtiofsd runs as root: a user may only share directories they own."""
     for share in cmdline.shares(spec):
-        if owner_uid != 0 and share.source.stat().st_uid != owner_uid:
+        if owner_uid != 0 and (uid := share.source.stat().st_uid) != owner_uid:
             raise AccessDenied(
                 f"uid {owner_uid} may not share {str(share.source)!r}: it belongs to uid "
-                f"{share.source.stat().st_uid}; share a directory you own"
+                f"{uid}; share a directory you own"
             )
 
 
@@ -115,16 +115,8 @@ def same_process(pid: int, recorded_start: int) -> bool:
 
 
 def clear_dead(directory: Path, why: str) -> None:
-    """Remove a dead machine's runtime state, keeping qemu.log for post-mortem."""
-    leftovers = [p for p in directory.iterdir() if p.name != "qemu.log"]
-    if not leftovers:
-        return
-    log.warning("cleaning up machine %s: %s; its log stays at %s", directory.name, why, directory / "qemu.log")
-    for entry in leftovers:
-        if entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+    if state.clear_all_but_log(directory):
+        log.warning("cleaned up machine %s: %s; its log stays at %s", directory.name, why, directory / state.LOG)
 
 
 class Manager:

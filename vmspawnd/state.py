@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,23 @@ def write(directory: Path, record: MachineRecord) -> None:
         os.fsync(dirfd)
     finally:
         os.close(dirfd)
+
+
+LOG = "qemu.log"
+
+
+def clear_all_but_log(directory: Path) -> list[Path]:
+    """Remove a dead machine's runtime state, keeping qemu.log for post-mortem.
+
+    Returns what was removed.
+    """
+    leftovers = [p for p in directory.iterdir() if p.name != LOG]
+    for entry in leftovers:
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    return leftovers
 
 
 def read(directory: Path) -> MachineRecord:
