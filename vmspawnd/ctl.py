@@ -178,6 +178,18 @@ ERRORS: dict[str, tuple[Exit, _Hint]] = {
         Exit.FAILED,
         lambda c: f"'{PROG} status {c.name or 'NAME'}' shows its state; a stopped machine has to be created again",
     ),
+    "QuotaExceeded": (
+        Exit.DENIED,
+        lambda c: "stop one of your machines or ask for less; the caps are in /etc/vmspawnd/vmspawnd.conf",
+    ),
+    "QemuUnresponsive": (
+        Exit.FAILED,
+        lambda c: f"QEMU did not answer its monitor; '{PROG} terminate {c.name or 'NAME'}' stops it for good",
+    ),
+    "NoSpace": (
+        Exit.FAILED,
+        lambda c: "free space on the file system the message names (the daemon's runtime directory), then retry",
+    ),
 }
 
 # Errors from the bus itself, not from vmspawnd.

@@ -61,6 +61,18 @@ class AccessDenied(VmspawndError):
     pass
 
 
+class QuotaExceeded(VmspawndError):
+    pass
+
+
+class QemuUnresponsive(VmspawndError):
+    pass
+
+
+class NoSpace(VmspawndError):
+    pass
+
+
 ALL_ERRORS: tuple[type[VmspawndError], ...] = (
     InvalidArgument,
     NoSuchMachine,
@@ -74,4 +86,7 @@ ALL_ERRORS: tuple[type[VmspawndError], ...] = (
     QemuFailed,
     NotRunning,
     AccessDenied,
+    QuotaExceeded,
+    QemuUnresponsive,
+    NoSpace,
 )
