@@ -9,9 +9,15 @@ PYTHON ?= /usr/bin/python3
 STAMP := $(VENV)/.installed
 APT_PACKAGES := qemu-system-x86 qemu-utils qemu-system-common libsystemd-dev pkg-config gcc \
 	python3-venv python3-dev linux-image-amd64 busybox-static polkitd ovmf dbus cpio zstd xz-utils \
-	systemd util-linux
+	systemd util-linux python3-pip python3-setuptools systemd-container debootstrap
 PREFIX ?= /usr
 DESTDIR ?=
+# dbus-daemon and polkitd read their policy from /usr/share only, whatever PREFIX is.
+DBUS_POLICY_DIR ?= /usr/share/dbus-1/system.d
+POLKIT_ACTIONS_DIR ?= /usr/share/polkit-1/actions
+# Debian's pip installs under /usr/local whatever --prefix says, unless told
+# the layout (as Debian's own packaging does); elsewhere the variable is ignored.
+DEB_LAYOUT := $(if $(filter /usr,$(PREFIX)),deb_system,deb)
 
 .PHONY: all deps test lint unit integration demo bench install clean
 
@@ -42,13 +48,18 @@ bench: deps
 	$(VENV)/bin/pip install -e '.[bench]'
 	$(PY) bench/run.py
 
+# The package and its commands (/usr/bin/vmspawnd, vmspawnctl) for Debian's
+# python3, as a distribution package would; its dependencies (dbus-fast,
+# qemu.qmp, python3-systemd) are the system's to provide.
 install:
+	DEB_PYTHON_INSTALL_LAYOUT=$(DEB_LAYOUT) $(PYTHON) -m pip install --quiet --no-deps --no-build-isolation \
+		--no-warn-script-location --root-user-action=ignore --root=$(or $(DESTDIR),/) --prefix=$(PREFIX) .
 	install -Dm644 units/vmspawnd.service $(DESTDIR)$(PREFIX)/lib/systemd/system/vmspawnd.service
-	install -Dm644 dbus/org.vmspawnd1.conf $(DESTDIR)$(PREFIX)/share/dbus-1/system.d/org.vmspawnd1.conf
+	install -Dm644 dbus/org.vmspawnd1.conf $(DESTDIR)$(DBUS_POLICY_DIR)/org.vmspawnd1.conf
 	install -Dm644 dbus/org.vmspawnd1.service $(DESTDIR)$(PREFIX)/share/dbus-1/system-services/org.vmspawnd1.service
 	install -Dm644 dbus/org.vmspawnd1.Manager.xml $(DESTDIR)$(PREFIX)/share/dbus-1/interfaces/org.vmspawnd1.Manager.xml
 	install -Dm644 dbus/org.vmspawnd1.Machine.xml $(DESTDIR)$(PREFIX)/share/dbus-1/interfaces/org.vmspawnd1.Machine.xml
-	install -Dm644 dbus/org.vmspawnd1.policy $(DESTDIR)$(PREFIX)/share/polkit-1/actions/org.vmspawnd1.policy
+	install -Dm644 dbus/org.vmspawnd1.policy $(DESTDIR)$(POLKIT_ACTIONS_DIR)/org.vmspawnd1.policy
 	install -Dm644 completion/vmspawnctl.bash $(DESTDIR)$(PREFIX)/share/bash-completion/completions/vmspawnctl
 
 clean:
