@@ -90,6 +90,9 @@ class Machine:
         self._unplugs: dict[str, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._ended = asyncio.Event()
+        # PowerOff asked the guest to power down: an exit then is a clean one,
+        # even when its status is unknown (a re-attached QEMU is not our child).
+        self._powering_off = False
         self._dirty = asyncio.Event()
         self._writing: asyncio.Future[None] | None = None
         self._next_fdset = 1
@@ -351,8 +354,8 @@ class Machine:
         assert self.process is not None
         await self.process.exited
         code = self.process.returncode
-        stopping = self.state is MachineState.STOPPING
-        self.state = MachineState.STOPPED if stopping or code == 0 else MachineState.FAILED
+        clean = self.state is MachineState.STOPPING or code == 0 or (code is None and self._powering_off)
+        self.state = MachineState.STOPPED if clean else MachineState.FAILED
         if self.state is MachineState.FAILED:
             log.warning(
                 "machine %s: QEMU exited unexpectedly (%s); its log: %s",
@@ -618,6 +621,7 @@ class Machine:
         """ACPI power button; past `timeout` quit, then SIGTERM, then SIGKILL."""
         self._check_running()
         assert self.process is not None
+        self._powering_off = True
         try:
             await self._monitor.execute("system_powerdown")
         except QmpDisconnected as e:
