@@ -8,6 +8,9 @@ through the leader's root. QEMU boots the tiny guest under TCG.
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,7 +52,7 @@ def console(box: tool.Container, path: str) -> Path:
 
 
 async def boot(box: tool.Container, client: Client, guest: tinyguest.Guest, name: str, **extra: object) -> str:
-    path = await client.create(name, **guest_options(guest, memory=128 << 20, **extra))
+    path = await client.create(name, **guest_options(guest, **({"memory": 128 << 20} | extra)))
     await wait_console(console(box, await client.prop(path, "ConsoleLog")), r"VMSPAWN-GUEST-READY", timeout=60)
     return path
 
@@ -231,4 +234,68 @@ async def test_poweroff_after_a_restart_is_a_clean_stop(
     assert await client.names() == []
     assert "failed" not in states, states
     logged = container.run(["journalctl", "--no-pager", "-o", "cat", "MACHINE=pvm"]).stdout
+    assert "exited unexpectedly" not in logged, logged
+
+
+# vmspawnd/cgroup.py (a transient vmspawnd-<name>.scope per machine) is another change's;
+# until it is in, machines sit in vmspawnd.service's own cgroup and these fail.
+SCOPES = pytest.mark.xfail(
+    importlib.util.find_spec("vmspawnd.cgroup") is None, reason="no per-machine scope yet (vmspawnd/cgroup.py)",
+    strict=False,
+)  # fmt: skip
+LIMITS = "[limits]\nmemory_overhead_mib = 96\ntasks_base = 40\ntasks_per_cpu = 6\n"
+
+
+@pytest.fixture
+def limits_config(container: tool.Container) -> Iterator[None]:
+    config = container.path("/etc/vmspawnd/vmspawnd.conf")
+    config.parent.mkdir(exist_ok=True)
+    config.write_text(LIMITS)
+    container.run(["systemctl", "restart", UNIT])
+    yield
+    config.unlink()
+    container.run(["systemctl", "restart", UNIT])
+
+
+def scope_of(box: tool.Container, pid: int) -> str:
+    """The .scope unit a process inside the container is in ("" if none)."""
+    cgroups = box.run(["cat", f"/proc/{pid}/cgroup"]).stdout
+    found = re.search(r"/([^/\s]+\.scope)$", cgroups, re.MULTILINE)
+    return found.group(1) if found else ""
+
+
+@SCOPES
+async def test_each_machine_runs_in_its_own_scope_with_its_limits(
+    container: tool.Container, client: Client, guest: tinyguest.Guest, limits_config: None
+) -> None:
+    sizes = {"sca": (128 << 20, 1), "scb": (160 << 20, 2)}
+    paths = {name: await boot(container, client, guest, name, memory=m, cpus=c) for name, (m, c) in sizes.items()}
+    for name, (memory, cpus) in sizes.items():
+        leader = await client.prop(paths[name], "Leader")
+        assert scope_of(container, leader) == f"vmspawnd-{name}.scope"
+        scope = show(container, f"vmspawnd-{name}.scope", "ActiveState", "MemoryMax", "TasksMax")
+        assert scope == {
+            "ActiveState": "active", "MemoryMax": str(memory + (96 << 20)), "TasksMax": str(40 + 6 * cpus),
+        }  # fmt: skip
+        assert show_machine(container, name)["Unit"] == f"vmspawnd-{name}.scope"
+    await client.call("TerminateMachine", "s", ["sca"])
+    assert show(container, "vmspawnd-sca.scope", "ActiveState")["ActiveState"] in ("inactive", "")
+    assert show(container, "vmspawnd-scb.scope", "ActiveState")["ActiveState"] == "active"
+
+
+@SCOPES
+async def test_machinectl_terminate_ends_only_that_machine(
+    container: tool.Container, client: Client, guest: tinyguest.Guest
+) -> None:
+    """machined stops the unit a machine was registered in: its scope, never vmspawnd.service."""
+    await boot(container, client, guest, "tvm")
+    before = show(container, UNIT, "MainPID")
+    container.run(["machinectl", "terminate", "tvm"])
+    wait_until("the machine's end", lambda: "tvm" not in container.run(["machinectl", "list", "--no-legend"]).stdout)
+    assert show(container, UNIT, "MainPID", "ActiveState") == {"MainPID": before["MainPID"], "ActiveState": "active"}
+    deadline = time.monotonic() + 30
+    while "tvm" in await client.names():
+        assert time.monotonic() < deadline, "vmspawnd still lists the machine machined terminated"
+        await asyncio.sleep(0.1)
+    logged = container.run(["journalctl", "--no-pager", "-o", "cat", "MACHINE=tvm"]).stdout
     assert "exited unexpectedly" not in logged, logged
