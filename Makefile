@@ -52,6 +52,8 @@ bench: deps
 # python3, as a distribution package would; its dependencies (dbus-fast,
 # qemu.qmp, python3-systemd) are the system's to provide.
 install:
+	# setuptools builds in build/: a module deleted since the last build must not be installed.
+	rm -rf build
 	DEB_PYTHON_INSTALL_LAYOUT=$(DEB_LAYOUT) $(PYTHON) -m pip install --quiet --no-deps --no-build-isolation \
 		--no-warn-script-location --root-user-action=ignore --root=$(or $(DESTDIR),/) --prefix=$(PREFIX) .
 	install -Dm644 units/vmspawnd.service $(DESTDIR)$(PREFIX)/lib/systemd/system/vmspawnd.service

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -138,39 +139,67 @@ def run(argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]
     return result
 
 
-def build_rootfs(cache: Path | None = None, log: Path | None = None) -> Path:
-    """The cached root for today's package list, built first if needed."""
+def build_rootfs(cache: Path | None = None) -> Path:
+    """The cached root for today's package list, built first if needed.
+
+    One build at a time per cache (other runs wait for it); a root another
+    run's container still uses (it holds a shared lock on its .complete) is
+    not removed.
+    """
     cache = cache or default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     final = cache / f"rootfs-{rootfs_key()}"
-    if (final / ".complete").exists():
-        return final
-    for stale in cache.glob("rootfs-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    partial = Path(tempfile.mkdtemp(prefix="build-", dir=cache))
-    try:
-        run(
-            ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(partial), apt_mirror()],
-            timeout=900,
-        )
-        site = partial / "usr/local/lib/python3.11/dist-packages"
-        run(
-            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--only-binary=:all:",
-             "--target", str(site), *pypi_pins()],
-            timeout=300,
-        )  # fmt: skip
-        init = partial / INIT.lstrip("/")
-        init.parent.mkdir(parents=True, exist_ok=True)
-        init.write_text(INIT_SCRIPT)
-        init.chmod(0o755)
-        # Downloaded .debs are not needed once installed.
-        shutil.rmtree(partial / "var/cache/apt/archives", ignore_errors=True)
-        (partial / ".complete").touch()
-        partial.rename(final)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    with open(cache / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / ".complete").exists():
+            return final
+        for stale in cache.glob("build-*"):
+            remove_tree(stale)
+        for stale in cache.glob("rootfs-*"):
+            if not in_use(stale):
+                remove_tree(stale)
+        partial = Path(tempfile.mkdtemp(prefix="build-", dir=cache))
+        try:
+            debootstrap = ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE]
+            run([*debootstrap, str(partial), apt_mirror()], timeout=900)
+            site = partial / "usr/local/lib/python3.11/dist-packages"
+            run(
+                [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--only-binary=:all:",
+                 "--target", str(site), *pypi_pins()],
+                timeout=300,
+            )  # fmt: skip
+            init = partial / INIT.lstrip("/")
+            init.parent.mkdir(parents=True, exist_ok=True)
+            init.write_text(INIT_SCRIPT)
+            init.chmod(0o755)
+            # Downloaded .debs are not needed once installed.
+            shutil.rmtree(partial / "var/cache/apt/archives", ignore_errors=True)
+            (partial / ".complete").touch()
+            partial.rename(final)
+        except BaseException:
+            remove_tree(partial)
+            raise
     return final
+
+
+def in_use(rootfs: Path) -> bool:
+    try:
+        with open(rootfs / ".complete") as marker:
+            fcntl.flock(marker, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except FileNotFoundError:
+        return False
+    except BlockingIOError:
+        return True
+    return False
+
+
+def remove_tree(path: Path) -> None:
+    """A directory, after whatever is mounted below it (an interrupted debootstrap leaves /proc there)."""
+    prefix = f"{path.resolve()}/"
+    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    for mount in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "--lazy", mount], check=False, timeout=30)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def own_cgroups(name: str) -> list[Path]:
@@ -218,6 +247,9 @@ class Container:
         self.proc: subprocess.Popen[bytes] | None = None
         self.leader = 0
         self._mounted = False
+        # Held while the overlay uses the root: build_rootfs() leaves it alone.
+        self._in_use = open(rootfs / ".complete")  # noqa: SIM115 - closed by stop()
+        fcntl.flock(self._in_use, fcntl.LOCK_SH)
 
     # Set-up, in the order start() does it.
 
@@ -254,8 +286,10 @@ class Container:
             for cgroup in cgroups:
                 (cgroup / "cgroup.procs").write_text(str(os.getpid()))
 
-        argv = ["systemd-nspawn", "-D", str(self.root), "-M", self.name, "--register=no", "--keep-unit",
-                "--private-network", "--kill-signal=SIGRTMIN+3", "--console=pipe", "--notify-ready=yes", INIT]  # fmt: skip
+        argv = [
+            "systemd-nspawn", "-D", str(self.root), "-M", self.name, "--register=no", "--keep-unit",
+            "--private-network", "--kill-signal=SIGRTMIN+3", "--console=pipe", "--notify-ready=yes", INIT,
+        ]  # fmt: skip
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=enter_cgroups,
@@ -339,6 +373,7 @@ class Container:
         for cgroup in self.cgroups:
             remove_cgroup(cgroup)
         shutil.rmtree(self.rundir, ignore_errors=True)
+        self._in_use.close()
 
     def _kill_leftovers(self) -> None:
         """Anything still in the container's cgroups once nspawn is gone (nothing, normally)."""
@@ -361,13 +396,15 @@ def booted(rootfs: Path | None = None) -> Iterator[Container]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["build", "shell"])
+    parser.add_argument("--cache", type=Path, default=default_cache_dir(), help="where the roots are kept")
     args = parser.parse_args()
     if reason := unavailable():
         sys.exit(f"container.py: {reason}")
+    rootfs = build_rootfs(args.cache)
     if args.command == "build":
-        print(build_rootfs())
+        print(rootfs)
         return
-    with booted() as container:
+    with booted(rootfs) as container:
         print(f"{container.name}: leader {container.leader}, root {container.root}", file=sys.stderr)
         subprocess.run(container.nsenter(["bash", "-l"]), check=False)
 

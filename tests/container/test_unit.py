@@ -19,7 +19,7 @@ import pytest
 
 from tests.integration.harness import Client, guest_options, wait_console
 
-from .conftest import tool, tinyguest
+from .conftest import tinyguest, tool
 
 UNIT = "vmspawnd.service"
 DROPINS = "/run/systemd/system/vmspawnd.service.d"
@@ -93,9 +93,9 @@ def test_installed_unit_verifies_clean(container: tool.Container) -> None:
 def test_bus_activation_starts_the_unit(container: tool.Container) -> None:
     container.run(["systemctl", "stop", UNIT])
     assert show(container, UNIT, "ActiveState")["ActiveState"] == "inactive"
+    get = ["Get", "ss", "org.vmspawnd1.Manager", "Version"]
     result = container.run(
-        ["busctl", "call", "org.vmspawnd1", "/org/vmspawnd1", "org.freedesktop.DBus.Properties", "Get", "ss",
-         "org.vmspawnd1.Manager", "Version"]  # fmt: skip
+        ["busctl", "call", "org.vmspawnd1", "/org/vmspawnd1", "org.freedesktop.DBus.Properties", *get]
     )
     assert result.stdout.startswith('v s "')
     assert show(container, UNIT, "ActiveState")["ActiveState"] == "active"
@@ -130,7 +130,9 @@ def show_machine(box: tool.Container, name: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
-async def test_journal_has_the_machines_lines(container: tool.Container, client: Client, guest: tinyguest.Guest) -> None:
+async def test_journal_has_the_machines_lines(
+    container: tool.Container, client: Client, guest: tinyguest.Guest
+) -> None:
     await boot(container, client, guest, "jvm")
     await client.call("TerminateMachine", "s", ["jvm"])
     lines = container.run(["journalctl", "--no-pager", "-o", "cat", "MACHINE=jvm"]).stdout.splitlines()
@@ -163,7 +165,9 @@ async def keeps_machines_across(container: tool.Container, client: Client, guest
     assert show(container, UNIT, "StatusText")["StatusText"] == "2 machines running"
 
 
-async def test_restart_keeps_running_machines(container: tool.Container, client: Client, guest: tinyguest.Guest) -> None:
+async def test_restart_keeps_running_machines(
+    container: tool.Container, client: Client, guest: tinyguest.Guest
+) -> None:
     before = show(container, UNIT, "MainPID")
 
     def restart() -> None:

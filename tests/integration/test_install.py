@@ -89,7 +89,15 @@ def test_every_file_lands_where_its_reader_looks(destdir: Path) -> None:
         f"{PREFIX}/share/polkit-1/actions/org.vmspawnd1.policy": ROOT / "dbus" / "org.vmspawnd1.policy",
         f"{PREFIX}/share/bash-completion/completions/vmspawnctl": ROOT / "completion" / "vmspawnctl.bash",
     }
-    assert sorted(files) == sorted(wanted)
+    package = f"{PREFIX}/lib/python3/dist-packages/"
+    commands = {f"{PREFIX}/bin/vmspawnd", f"{PREFIX}/bin/vmspawnctl"}
+    assert sorted(t for t in files if not t.startswith(package) and t not in commands) == sorted(wanted)
+    # The package where Debian's python3 looks, every module of it, and its commands run by that python3.
+    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "vmspawnd").rglob("*.py")}
+    assert {t.removeprefix(package) for t in files if t.startswith(package) and t.endswith(".py")} == modules
+    for command in commands:
+        assert files[command].read_text().startswith("#!/usr/bin/python3\n"), command
+        assert files[command].stat().st_mode & 0o777 == 0o755, command
     for target, source in wanted.items():
         assert files[target].read_bytes() == source.read_bytes(), target
         assert files[target].stat().st_mode & 0o777 == 0o644, target
