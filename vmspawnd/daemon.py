@@ -70,6 +70,7 @@ async def serve(args: argparse.Namespace) -> int:
     else:
         log.info("stopping; %d machines keep running and are taken back on the next start", len(manager.machines))
     await manager.close()
+    await service.machined.flush()
     service.close()
     return 0
 

@@ -69,6 +69,11 @@ class Machined:
         name = machine.name
         self._queue(name, lambda: self._unregister(name))
 
+    async def flush(self, timeout: float = TIMEOUT) -> None:
+        """Let the calls under way finish (at shutdown: a machine powered off is unregistered)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+
     def _queue(self, name: str, call: Callable[[], Awaitable[None]]) -> None:
         previous = self._last.get(name)
 

@@ -9,7 +9,7 @@ to two minutes and is cached in ~/.cache/vmspawnd-container.
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,12 @@ import container as tool
 import tinyguest
 
 GUEST_DIR = "/srv/tinyguest"
+DROPINS = "/run/systemd/system/vmspawnd.service.d"
+
+
+def bus_address(box: tool.Container) -> str:
+    """The container's system bus, from the host (the container's /run is its own tmpfs)."""
+    return f"unix:path=/proc/{box.leader}/root/run/dbus/system_bus_socket"
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +60,28 @@ def guest(container: tool.Container) -> tinyguest.Guest:
 async def client(container: tool.Container) -> AsyncIterator[Client]:
     """A client on the container's system bus (from the host, as root), the daemon started."""
     container.run(["systemctl", "start", "vmspawnd.service"])
-    c = await Client.connect(f"unix:path=/proc/{container.leader}/root/run/dbus/system_bus_socket")
+    c = await Client.connect(bus_address(container))
     yield c
     await c.terminate_all()
     c.close()
+
+
+@pytest.fixture
+def dropin(container: tool.Container) -> Iterator[Callable[[str, str], None]]:
+    """Runtime drop-ins for vmspawnd.service, removed (and the daemon restarted plain) after the test."""
+    written: list[Path] = []
+
+    def write(name: str, text: str) -> None:
+        # /run is the container's own tmpfs: write through the leader's root.
+        path = Path(f"/proc/{container.leader}/root{DROPINS}/{name}.conf")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"[Service]\n{text}\n")
+        written.append(path)
+        container.run(["systemctl", "daemon-reload"])
+        container.run(["systemctl", "restart", "vmspawnd.service"])
+
+    yield write
+    for path in written:
+        path.unlink()
+    container.run(["systemctl", "daemon-reload"])
+    container.run(["systemctl", "restart", "vmspawnd.service"])

@@ -13,76 +13,13 @@ import importlib.util
 import re
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Client, guest_options, wait_console
+from tests.integration.harness import Client
 
 from .conftest import tinyguest, tool
-
-UNIT = "vmspawnd.service"
-DROPINS = "/run/systemd/system/vmspawnd.service.d"
-DRIVES = "/var/lib/vmspawnd-test"
-
-
-def show(box: tool.Container, unit: str, *props: str) -> dict[str, str]:
-    out = box.run(["systemctl", "show", unit, *(f"--property={p}" for p in props)]).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-
-def wait_until(what: str, check: Callable[[], bool], timeout: float = 30) -> None:
-    """Poll systemd's view of the world (nothing signals a restart to an outside client)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:g} s"
-        time.sleep(0.1)
-
-
-def restarted(box: tool.Container, before: dict[str, str]) -> Callable[[], bool]:
-    def check() -> bool:
-        now = show(box, UNIT, "MainPID", "ActiveState", "NRestarts")
-        return now["ActiveState"] == "active" and now["MainPID"] not in ("0", before["MainPID"])
-
-    return check
-
-
-def console(box: tool.Container, path: str) -> Path:
-    return Path(f"/proc/{box.leader}/root{path}")
-
-
-async def boot(box: tool.Container, client: Client, guest: tinyguest.Guest, name: str, **extra: object) -> str:
-    path = await client.create(name, **guest_options(guest, **({"memory": 128 << 20} | extra)))
-    await wait_console(console(box, await client.prop(path, "ConsoleLog")), r"VMSPAWN-GUEST-READY", timeout=60)
-    return path
-
-
-def drive_file(box: tool.Container, name: str) -> str:
-    target = box.path(f"{DRIVES}/{name}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(b"\0" * (1 << 20))
-    return f"{DRIVES}/{name}"
-
-
-@pytest.fixture
-def dropin(container: tool.Container) -> Iterator[Callable[[str, str], None]]:
-    """Runtime drop-ins for vmspawnd.service, removed (and the daemon restarted plain) after the test."""
-    written: list[Path] = []
-
-    def write(name: str, text: str) -> None:
-        # /run is the container's own tmpfs: write through the leader's root.
-        path = Path(f"/proc/{container.leader}/root{DROPINS}/{name}.conf")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"[Service]\n{text}\n")
-        written.append(path)
-        container.run(["systemctl", "daemon-reload"])
-        container.run(["systemctl", "restart", UNIT])
-
-    yield write
-    for path in written:
-        path.unlink()
-    container.run(["systemctl", "daemon-reload"])
-    container.run(["systemctl", "restart", UNIT])
+from .support import UNIT, boot, journal, show, show_machine, wait_until
 
 
 def test_installed_unit_verifies_clean(container: tool.Container) -> None:
@@ -125,85 +62,15 @@ async def test_machine_shows_in_machinectl_with_its_leader(
     assert container.run(["machinectl", "list", "--no-legend", "--no-pager"]).stdout.strip() == ""
 
 
-def show_machine(box: tool.Container, name: str) -> dict[str, str]:
-    out = box.run(["machinectl", "show", name]).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-
 async def test_journal_has_the_machines_lines(
     container: tool.Container, client: Client, guest: tinyguest.Guest
 ) -> None:
     await boot(container, client, guest, "jvm")
     await client.call("TerminateMachine", "s", ["jvm"])
-    lines = container.run(["journalctl", "--no-pager", "-o", "cat", "MACHINE=jvm"]).stdout.splitlines()
+    lines = journal(container, "MACHINE=jvm").splitlines()
     assert lines and all("jvm" in line for line in lines), lines
-    other = container.run(["journalctl", "--no-pager", "-o", "cat", "MACHINE=nosuchvm"]).stdout
+    other = journal(container, "MACHINE=nosuchvm")
     assert other.strip() in ("", "-- No entries --")
-
-
-async def keeps_machines_across(container: tool.Container, client: Client, guest: tinyguest.Guest,
-                                restart: Callable[[], None]) -> None:  # fmt: skip
-    """Two running machines, one with a hotplugged drive, survive `restart` whole."""
-    one = await boot(container, client, guest, "rvm1")
-    two = await boot(container, client, guest, "rvm2")
-    drive_id, port = await client.add_drive(two, drive_file(container, "hot.raw"), serial="hot1")
-    log = console(container, await client.prop(two, "ConsoleLog"))
-    await wait_console(log, r"VMSPAWN-BLOCK-ADD \S+ serial=hot1")
-    leaders = [await client.prop(p, "Leader") for p in (one, two)]
-    restart()
-    # The client's connection is to the bus, which stays: the new daemon answers on it.
-    assert sorted(await client.names()) == ["rvm1", "rvm2"]
-    for path, leader in zip((one, two), leaders, strict=True):
-        assert await client.prop(path, "State") == "running"
-        assert await client.prop(path, "Leader") == leader
-    drives = await client.prop(two, "Drives")
-    assert [(d["id"], d["port"]) for d in drives if d["id"] == drive_id] == [(drive_id, port)]
-    # The guest is unaffected and the new daemon drives it: the drive unplugs for real.
-    assert "VMSPAWN-BLOCK-REMOVE" not in log.read_text()
-    await client.remove_drive(two, drive_id)
-    await wait_console(log, r"VMSPAWN-BLOCK-REMOVE")
-    assert show(container, UNIT, "StatusText")["StatusText"] == "2 machines running"
-
-
-async def test_restart_keeps_running_machines(
-    container: tool.Container, client: Client, guest: tinyguest.Guest
-) -> None:
-    before = show(container, UNIT, "MainPID")
-
-    def restart() -> None:
-        container.run(["systemctl", "restart", UNIT])
-        assert restarted(container, before)()
-
-    await keeps_machines_across(container, client, guest, restart)
-
-
-async def test_killed_daemon_is_restarted_and_keeps_machines(
-    container: tool.Container, client: Client, guest: tinyguest.Guest
-) -> None:
-    before = show(container, UNIT, "MainPID", "NRestarts")
-
-    def crash() -> None:
-        container.run(["systemctl", "kill", "--kill-whom=main", "--signal=SIGKILL", UNIT])
-        wait_until("Restart=on-failure after SIGKILL", restarted(container, before))
-        assert int(show(container, UNIT, "NRestarts")["NRestarts"]) == int(before["NRestarts"]) + 1
-
-    await keeps_machines_across(container, client, guest, crash)
-
-
-async def test_watchdog_restarts_a_daemon_that_stops_answering(
-    container: tool.Container, client: Client, guest: tinyguest.Guest, dropin: Callable[[str, str], None]
-) -> None:
-    dropin("watchdog", "WatchdogSec=3s\nTimeoutAbortSec=5s")
-    before = show(container, UNIT, "MainPID", "NRestarts")
-
-    def hang() -> None:
-        container.run(["kill", "-STOP", before["MainPID"]])
-        wait_until("the watchdog's restart", restarted(container, before), timeout=40)
-        assert show(container, UNIT, "Result")["Result"] in ("success", "watchdog")
-
-    await keeps_machines_across(container, client, guest, hang)
-    logged = container.run(["journalctl", "--no-pager", "-u", UNIT, "-o", "cat"]).stdout
-    assert "Watchdog timeout" in logged
 
 
 async def test_stop_with_stop_machines_on_exit_powers_them_off(
@@ -215,7 +82,7 @@ async def test_stop_with_stop_machines_on_exit_powers_them_off(
     container.run(["systemctl", "stop", UNIT], timeout=90)
     assert container.run(["pgrep", "-c", "qemu-system"], check=False).stdout.strip() == "0"
     assert container.run(["machinectl", "list", "--no-legend", "--no-pager"]).stdout.strip() == ""
-    logged = container.run(["journalctl", "--no-pager", "-o", "cat", "MACHINE=svm1"]).stdout
+    logged = journal(container, "MACHINE=svm1")
     assert "exited unexpectedly" not in logged
     container.run(["systemctl", "start", UNIT])
 
@@ -237,7 +104,7 @@ async def test_poweroff_after_a_restart_is_a_clean_stop(
     await client.call("PowerOff", "t", [20_000_000], path=path, interface="org.vmspawnd1.Machine")
     assert await client.names() == []
     assert "failed" not in states, states
-    logged = container.run(["journalctl", "--no-pager", "-o", "cat", "MACHINE=pvm"]).stdout
+    logged = journal(container, "MACHINE=pvm")
     assert "exited unexpectedly" not in logged, logged
 
 
@@ -301,5 +168,5 @@ async def test_machinectl_terminate_ends_only_that_machine(
     while "tvm" in await client.names():
         assert time.monotonic() < deadline, "vmspawnd still lists the machine machined terminated"
         await asyncio.sleep(0.1)
-    logged = container.run(["journalctl", "--no-pager", "-o", "cat", "MACHINE=tvm"]).stdout
+    logged = journal(container, "MACHINE=tvm")
     assert "exited unexpectedly" not in logged, logged
