@@ -27,6 +27,16 @@ def test_installed_unit_verifies_clean(container: tool.Container) -> None:
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
+def test_running_unit_exposure_stays_low(container: tool.Container) -> None:
+    """The loaded unit, as systemd itself sees it (not an offline parse), is as hardened as documented."""
+    container.run(["systemctl", "start", UNIT])
+    result = container.run(["systemd-analyze", "security", "--no-pager", UNIT])
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d)", result.stdout)
+    assert match, result.stdout[-2000:]
+    # docs/system-service.md: 3.1.
+    assert float(match.group(1)) <= 3.5, result.stdout
+
+
 def test_bus_activation_starts_the_unit(container: tool.Container) -> None:
     container.run(["systemctl", "stop", UNIT])
     assert show(container, UNIT, "ActiveState")["ActiveState"] == "inactive"
