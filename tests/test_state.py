@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,11 @@ from vmspawnd.model import (
     Network,
     NetworkMode,
 )
-from vmspawnd.state import FILE, VERSION, MachineRecord, dumps, loads, read, write
+from vmspawnd.errors import NoSpace
+from vmspawnd.state import FILE, VERSION, MachineRecord, StateError, dumps, loads, read, write
 
-# Every exception Manager.recover() turns into "its state.json is unreadable".
-UNREADABLE = (ValueError, KeyError, TypeError, OSError)
+# The one exception a damaged state.json gives: nothing else may escape the reader.
+UNREADABLE = StateError
 
 
 def record(**kw: Any) -> MachineRecord:
@@ -167,20 +169,20 @@ def test_any_record_round_trips_through_the_file(r: MachineRecord) -> None:
 def test_version_mismatch_refused(version: object) -> None:
     d = json.loads(dumps(record()))
     d["version"] = version
-    with pytest.raises(ValueError, match=f"state version {version!r}, expected 1"):
+    with pytest.raises(StateError, match=rf"version: {re.escape(repr(version))} is not one this vmspawnd reads \(1\)"):
         loads(json.dumps(d))
 
 
 def test_missing_version_refused() -> None:
     d = json.loads(dumps(record()))
     del d["version"]
-    with pytest.raises(ValueError, match="state version None, expected 1"):
+    with pytest.raises(StateError, match="version: None is not one"):
         loads(json.dumps(d))
 
 
 @pytest.mark.parametrize("text", ["", "{", "not json", '{"version": 1', "\0"])
-def test_broken_json_is_a_value_error(text: str) -> None:
-    with pytest.raises(ValueError):
+def test_broken_json_is_a_state_error(text: str) -> None:
+    with pytest.raises(StateError, match="not JSON"):
         loads(text)
 
 
@@ -188,7 +190,7 @@ def test_broken_json_is_a_value_error(text: str) -> None:
 def test_missing_field_is_unreadable(key: str) -> None:
     d = json.loads(dumps(record()))
     del d[key]
-    with pytest.raises(KeyError):
+    with pytest.raises(StateError, match=f"^{key}: missing$"):
         loads(json.dumps(d))
 
 
@@ -229,7 +231,7 @@ def test_any_corrupted_field_is_unreadable_or_loads(data: st.DataObject, junk: A
         del parent[where[-1]]
     else:
         parent[where[-1]] = junk
-    with contextlib.suppress(*UNREADABLE):
+    with contextlib.suppress(UNREADABLE):
         loads(json.dumps(d))
 
 
@@ -299,7 +301,11 @@ def test_write_goes_through_a_temp_file_fsynced_then_renamed(tmp_path: Path, mon
     monkeypatch.setattr(os, "fsync", fsync)
     write(tmp_path, r2)
     # The file is fsynced before the rename, the directory after it.
-    assert events == [("fsync", False), ("rename", f".{FILE}.tmp"), ("fsync", True)]
+    assert [(e, v if e != "rename" else re.fullmatch(rf"\.{FILE}\.\w+\.tmp", v) is not None) for e, v in events] == [
+        ("fsync", False),
+        ("rename", True),
+        ("fsync", True),
+    ]
     assert read(tmp_path) == r2
     assert os.listdir(tmp_path) == [FILE]
 
@@ -315,21 +321,94 @@ def test_a_write_cut_short_leaves_the_old_state(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(os, fail, boom)
     if fail == "rename":
         monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(NoSpace, match=f"no space left for {tmp_path}"):
         write(tmp_path, record(pid=2))
     monkeypatch.undo()
     assert read(tmp_path) == old
+    # The temp file went with the failed write.
+    assert os.listdir(tmp_path) == [FILE]
 
 
-def test_write_over_a_stale_temp_file(tmp_path: Path) -> None:
+def test_write_beside_a_stale_temp_file(tmp_path: Path) -> None:
     (tmp_path / f".{FILE}.tmp").write_text("x" * 100_000)
     r = record()
     write(tmp_path, r)
     assert read(tmp_path) == r
-    assert os.listdir(tmp_path) == [FILE]
+    assert sorted(os.listdir(tmp_path)) == sorted([FILE, f".{FILE}.tmp"])
 
 
 def test_write_into_a_missing_directory_fails_without_creating_it(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         write(tmp_path / "gone", record())
     assert not (tmp_path / "gone").exists()
+
+
+def test_two_writers_never_share_a_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 9: a write still running in its thread and the next one each have their own file."""
+    seen: list[str] = []
+    real_rename = os.rename
+
+    def rename(src: Any, dst: Any) -> None:
+        seen.append(str(src))
+        if len(seen) == 1:
+            # The second write runs whole while the first is between its fsync and its rename.
+            write(tmp_path, record(pid=2))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    write(tmp_path, record(pid=1))
+    assert len(set(seen)) == 2
+    monkeypatch.undo()
+    assert read(tmp_path) == record(pid=1)
+    assert os.listdir(tmp_path) == [FILE]
+
+
+WRONG_TYPES = [
+    (("pid",), "123", "pid: expected int, got str '123'"),
+    (("next_fdset",), "1", "next_fdset: expected int, got str '1'"),
+    (("pid",), True, "pid: expected int, got bool"),
+    (("owner_uid",), 1.0, "owner_uid: expected int, got float"),
+    (("id",), 7, "id: expected str, got int"),
+    (("spec", "memory"), "512M", "spec.memory: expected int, got str"),
+    (("spec", "accel"), "fast", "spec.accel: 'fast' is not one of kvm, tcg, auto"),
+    (("spec", "network"), [], "spec.network: expected dict, got list"),
+    (("spec", "network", "mode"), None, "spec.network.mode: expected str, got NoneType"),
+    (("spec", "image", "read_only"), 0, "spec.image.read_only: expected bool, got int"),
+    (("spec", "drives", 0, "disk_type"), "floppy", r"spec.drives\[0\].disk_type: 'floppy' is not one of"),
+    (("spec", "qemu_extra", 1), 2, r"spec.qemu_extra\[1\]: expected str, got int"),
+    (("spec", "mounts", 0), "srv", r"spec.mounts\[0\]: expected an object, got str"),
+    (("drives", 1, "fdset"), "3", r"drives\[1\].fdset: expected int, got str"),
+    (("drives", 0, "state"), "gone", r"drives\[0\].state: 'gone' is not one of attached, removing"),
+    (("drives",), {}, "drives: expected list, got dict"),
+    (("spec",), None, "spec: expected dict, got NoneType"),
+]
+
+
+@pytest.mark.parametrize(("where", "value", "message"), WRONG_TYPES)
+def test_a_wrong_type_is_a_state_error_naming_the_field(where: tuple[Any, ...], value: Any, message: str) -> None:
+    """Finding 1: one bad field gives a typed error naming it, never a TypeError later."""
+    d = json.loads(dumps(record()))
+    parent = d
+    for step in where[:-1]:
+        parent = parent[step]
+    parent[where[-1]] = value
+    with pytest.raises(StateError, match=message):
+        loads(json.dumps(d))
+
+
+def test_files_without_next_drive_still_load() -> None:
+    d = json.loads(dumps(record()))
+    del d["next_drive"]
+    assert loads(json.dumps(d)).next_drive == 0
+
+
+@pytest.mark.parametrize("data", [b"\xff\xfe", b'{"version": 1, "id": "\xc3"}'])
+def test_bytes_that_are_not_utf8_are_a_state_error(tmp_path: Path, data: bytes) -> None:
+    (tmp_path / FILE).write_bytes(data)
+    with pytest.raises(StateError, match="not UTF-8"):
+        read(tmp_path)
+
+
+def test_deep_nesting_is_a_state_error() -> None:
+    with pytest.raises(StateError):
+        loads("[" * 100_000 + "]" * 100_000)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -13,6 +15,7 @@ from pathlib import Path
 from . import __version__, systemd
 from .bus.service import BusService, NameTaken
 from .manager import Manager, default_runtime_dir
+from .model import MachineState
 
 log = logging.getLogger("vmspawnd")
 
@@ -36,33 +39,90 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+LOCK = "lock"
+
+
+class RuntimeDirBusy(Exception):
+    """Another vmspawnd serves this runtime dir."""
+
+
+def lock_runtime_dir(runtime_dir: Path) -> int:
+    """flock on <runtime dir>/lock, held for the daemon's life; its pid is written in.
+
+    Two daemons on one directory would each take the other's machines for
+    dead and clean them up.
+    """
+    runtime_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(runtime_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise RuntimeDirBusy(
+            f"another vmspawnd (pid {holder}) is serving {runtime_dir}; stop it first, or give this one "
+            "its own --runtime-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    # The pid is for the message above only: a full disk must not stop the daemon.
+    with contextlib.suppress(OSError):
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 async def serve(args: argparse.Namespace) -> int:
     runtime_dir = args.runtime_dir or default_runtime_dir(args.user)
+    try:
+        lock = lock_runtime_dir(runtime_dir)
+    except (RuntimeDirBusy, OSError) as e:
+        log.error("%s", e)
+        return 1
+    try:
+        return await _serve(args, runtime_dir)
+    finally:
+        os.close(lock)
+
+
+async def _serve(args: argparse.Namespace, runtime_dir: Path) -> int:
     manager = Manager(runtime_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await manager.recover()
     try:
         service = await BusService.connect(manager, args.user)
     except (OSError, ValueError) as e:
         variable = "DBUS_SESSION_BUS_ADDRESS" if args.user else "DBUS_SYSTEM_BUS_ADDRESS"
         log.error("cannot connect to the %s bus (%s=%s): %s", "session" if args.user else "system", variable,
                   os.environ.get(variable, "unset"), e)  # fmt: skip
-        await manager.close()
         return 1
+    # The name first: a second daemon on the bus fails at once, before it
+    # touches any machine; machines are published as they are taken back.
     try:
         await service.start()
     except NameTaken as e:
         log.error("%s", e)
         service.close()
         return 1
+    await manager.recover()
+    unmanaged = sum(m.state is MachineState.UNMANAGED for m in manager.machines.values())
     systemd.notify("READY=1", f"STATUS={len(manager.machines)} machines running")
     log.info(
-        "vmspawnd %s serving on the %s bus, state in %s", __version__, "session" if args.user else "system", runtime_dir
-    )
-    await stop.wait()
+        "vmspawnd %s serving on the %s bus, state in %s; %d machines (%d unmanaged)", __version__,
+        "session" if args.user else "system", runtime_dir, len(manager.machines), unmanaged,
+    )  # fmt: skip
+    stopped = loop.create_task(stop.wait())
+    lost = loop.create_task(service.wait_for_disconnect())
+    await asyncio.wait({stopped, lost}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if lost.done():
+        # Nobody can reach us: stop feeding the watchdog and exit non-zero so
+        # Restart= brings a daemon back that takes the name and the machines.
+        systemd.stop_watchdog()
+        log.error("lost the bus connection (%s); exiting, machines keep running", service.disconnect_reason(lost))
+        await manager.close()
+        return 1
+    lost.cancel()
     systemd.notify("STOPPING=1")
     if args.stop_machines_on_exit:
         log.info("stopping; powering off %d machines", len(manager.machines))

@@ -11,7 +11,8 @@ import re
 import shutil
 import signal
 import socket
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,22 +21,27 @@ from . import cmdline, state
 from .errors import (
     InvalidArgument,
     NoFreePort,
+    NoSpace,
     NoSuchDrive,
     NotRunning,
     QemuFailed,
+    QemuUnresponsive,
     UnplugInProgress,
     UnplugTimeout,
     VmspawndError,
 )
 from .model import DiskType, Drive, DriveSpec, DriveState, MachineSpec, MachineState, PortRole
 from .process import Process
-from .qmp import Monitor, QmpDisconnected, QmpError
+from .qmp import TIMEOUT, Monitor, QmpDisconnected, QmpError
 from .topology import SCSI_CONTROLLER, Plan, drive_id
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 30.0
 QUIT_TIMEOUT = 5.0
+# How long terminate() waits for quit's reply: a QEMU that cannot answer it
+# cannot act on SIGTERM either, so it is killed.
+QUIT_REPLY_TIMEOUT = 2.0
 # The guest cuts longer serials (nvme and virtio-blk: 20 bytes); QEMU's scsi-disk refuses over 36.
 SERIAL_MAX = {DiskType.VIRTIO_BLK: 20, DiskType.NVME: 20, DiskType.VIRTIO_SCSI: 36, DiskType.VIRTIO_SCSI_CDROM: 36}
 DRIVE_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,31}")
@@ -77,6 +83,11 @@ class Machine:
         self.dir = directory
         self.owner_uid = owner_uid
         self.state = MachineState.STARTING
+        # Why the machine is unmanaged (or was refused); "" when all is well.
+        self.reason = ""
+        # Set while a command has gone unanswered: requests are refused at
+        # once until QEMU answers again.
+        self._unresponsive = ""
         self.observer: Observer | None = None
         self.on_ended: Callable[[Machine], None] | None = None
         self.process: Process | None = None
@@ -148,6 +159,14 @@ class Machine:
         if self.process is not None and self.dir.exists():
             state.write(self.dir, self.record())
 
+    def _try_write_state(self) -> None:
+        try:
+            self._write_state()
+        except (OSError, NoSpace) as e:
+            log.warning("machine %s: cannot write state.json: %s", self.name, e, extra={"MACHINE": self.name})
+            # The saver tries again with the next change.
+            self._dirty.set()
+
     def save(self) -> None:
         """Persist soon, off the request path: fsync costs milliseconds, and
         QMP, not state.json, is the truth for drives on re-attach."""
@@ -160,8 +179,10 @@ class Machine:
             self._dirty.clear()
             self._writing = asyncio.ensure_future(asyncio.to_thread(self._write_state))
             try:
-                await self._writing
-            except OSError as e:
+                # Shielded: cancelling the saver must not hide a write still
+                # running in its thread from close() and _finish().
+                await asyncio.shield(self._writing)
+            except (OSError, NoSpace) as e:
                 log.warning("machine %s: cannot write state.json: %s", self.name, e, extra={"MACHINE": self.name})
 
     async def start(self, vsock_cid: int, opened: dict[str, int]) -> None:
@@ -190,7 +211,7 @@ class Machine:
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             conn.connect(sock_path)
         await self._await_monitor(conn)
-        self._running()
+        self._running(persist=self._write_state)
         log.info("machine %s running, QEMU pid %d", self.name, self.leader, extra={"MACHINE": self.name})
 
     @contextlib.contextmanager
@@ -203,32 +224,54 @@ class Machine:
         finally:
             os.close(dirfd)
 
-    def _running(self) -> None:
+    def _running(self, persist: Callable[[], None]) -> None:
+        was = self.state
         self.state = MachineState.RUNNING
+        self.reason = ""
         # Before the machine is announced: a daemon killed right after still finds it.
-        self._write_state()
+        persist()
         self._spawn(self._saver())
-        self._spawn(self._watch_exit())
+        if was is not MachineState.UNMANAGED:
+            self._spawn(self._watch_exit())
         self._spawn(self._dispatch_events())
 
-    async def attach(self, record: state.MachineRecord) -> None:
-        """Take a running QEMU back after a daemon restart; QMP is the truth."""
+    async def attach(self, record: state.MachineRecord, timeout: float) -> None:
+        """Take a running QEMU back after a daemon restart; QMP is the truth.
+
+        The caller has checked that record.pid is this machine's QEMU (its
+        start time and the uuid in its argv); the QEMU on the monitor socket
+        must report the same uuid. Everything is bounded by `timeout`
+        (QemuUnresponsive); nothing here needs to write to succeed.
+        """
         self.process = Process.attach(record.pid)
         if self.process.start_time != record.start_time:
             raise QemuFailed(f"pid {record.pid} is another process now")
         with self._qmp_sock_path() as sock_path:
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            conn.connect(sock_path)
+            conn.setblocking(False)
+            try:
+                conn.connect(sock_path)
+            except BlockingIOError:
+                conn.close()
+                raise QemuUnresponsive(f"QEMU pid {record.pid} accepts no monitor connection (backlog full)") from None
         try:
-            async with asyncio.timeout(START_TIMEOUT):
+            async with asyncio.timeout(timeout):
                 await self._monitor.connect(conn)
-        except (QmpDisconnected, TimeoutError) as e:
-            raise QemuFailed(f"QEMU pid {record.pid} does not answer on its monitor: {e}") from e
-        self._next_fdset = record.next_fdset
-        self._next_controller = record.next_controller
-        self._next_drive = max(self._next_drive, record.next_drive)
-        await self._reconcile({d.id: d for d in record.drives})
-        self._running()
+                answered = (await self._monitor.execute("query-uuid"))["UUID"]
+                if uuid.UUID(answered) != uuid.UUID(self.id):
+                    raise QemuFailed(f"the QEMU on {self.dir / 'qmp.sock'} is machine {answered}, not {self.id}")
+                self._next_fdset = record.next_fdset
+                self._next_controller = record.next_controller
+                self._next_drive = max(self._next_drive, record.next_drive)
+                await self._reconcile({d.id: d for d in record.drives})
+        except TimeoutError:
+            raise QemuUnresponsive(
+                f"QEMU pid {record.pid} did not answer on its monitor within {timeout:g} s "
+                "(stopped, hung, or another client holds the monitor); retrying in the background"
+            ) from None
+        except QmpDisconnected as e:
+            raise QemuFailed(f"QEMU pid {record.pid} dropped its monitor connection: {e}") from e
+        self._running(persist=self._try_write_state)
         log.info(
             "machine %s re-attached, QEMU pid %d, %d drives", self.name, self.leader, len(self.drives),
             extra={"MACHINE": self.name},
@@ -350,6 +393,26 @@ class Machine:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def unmanaged(self, reason: str, process: Process | None) -> None:
+        """Keep the machine listed (and its directory) though it cannot be
+        managed; its QEMU, when known, is watched so its exit is seen."""
+        self.state = MachineState.UNMANAGED
+        self.reason = reason
+        if process is not None and self.process is None:
+            self.process = process
+        if self.process is not None:
+            self._spawn(self._watch_exit())
+        self._notify("State", "StateReason", "Leader")
+
+    async def release(self) -> None:
+        """Let go of an unmanaged machine that a fresh re-attach replaces."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.process is not None:
+            self.process.release()
+        await self._monitor.close(QUIT_REPLY_TIMEOUT)
+
     async def _watch_exit(self) -> None:
         assert self.process is not None
         await self.process.exited
@@ -393,8 +456,13 @@ class Machine:
             return
         self.state = MachineState.STOPPING
         self._notify("State")
-        with contextlib.suppress(QmpDisconnected, QmpError):
-            await self._monitor.execute("quit")
+        try:
+            await self._monitor.execute("quit", timeout=QUIT_REPLY_TIMEOUT)
+        except QemuUnresponsive as e:
+            log.warning("machine %s: %s; killing it", self.name, e, extra={"MACHINE": self.name})
+            self.process.signal(signal.SIGKILL)
+        except (QmpDisconnected, QmpError):
+            pass  # quit's reply often loses the race with QEMU's exit
         if not await self.process.wait(QUIT_TIMEOUT):
             await self.process.stop(QUIT_TIMEOUT)
         await self._ended.wait()
@@ -404,17 +472,68 @@ class Machine:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._dirty.is_set():
-            self._write_state()
-        await self._monitor.close()
+        # A write still in its thread lands first: the last word is ours.
+        if self._writing is not None:
+            await asyncio.wait({self._writing})
+        if self._dirty.is_set() and self.state is not MachineState.UNMANAGED:
+            self._try_write_state()
+        await self._monitor.close(QUIT_REPLY_TIMEOUT)
 
     def _notify(self, *properties: str) -> None:
         if self.observer:
             self.observer.changed(self, set(properties))
 
     def _check_running(self) -> None:
+        if self.state is MachineState.UNMANAGED:
+            raise NotRunning(f"machine {self.name} is unmanaged: {self.reason}")
         if self.state is not MachineState.RUNNING:
             raise NotRunning(f"machine {self.name} is {self.state}, not running; start it again with CreateMachine")
+
+    @contextlib.asynccontextmanager
+    async def _request(self, what: str) -> Any:
+        """One request at a time per machine, each bounded: a QEMU that left
+        a command unanswered refuses the next ones at once."""
+        self._check_running()
+        if self._unresponsive:
+            raise QemuUnresponsive(f"machine {self.name}: {self._unresponsive}; {what} refused until it answers")
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                await self._lock.acquire()
+        except TimeoutError:
+            raise QemuUnresponsive(
+                f"machine {self.name} is still busy with an earlier request; {what} refused"
+            ) from None
+        try:
+            self._check_running()
+            yield
+        finally:
+            self._lock.release()
+
+    def _unanswered(self, e: QemuUnresponsive, then: Callable[[], Awaitable[None]] | None = None) -> None:
+        """A command timed out but may still be carried out when QEMU wakes:
+        refuse requests until QEMU answers again, then run `then` (the undo)."""
+        self._unresponsive = str(e)
+        log.warning("machine %s: %s", self.name, e, extra={"MACHINE": self.name})
+        self._spawn(self._when_back(then))
+
+    async def _when_back(self, then: Callable[[], Awaitable[None]] | None) -> None:
+        async with self._lock:
+            while True:
+                try:
+                    # Commands run in order: once this answers, the late one is done.
+                    await self._monitor.execute("query-status")
+                    break
+                except QemuUnresponsive:
+                    continue
+                except (QmpDisconnected, QmpError):
+                    return  # QEMU is gone; _watch_exit cleans up
+            if then is not None:
+                with contextlib.suppress(QmpError, QmpDisconnected, QemuUnresponsive):
+                    await then()
+            self._unresponsive = ""
+            self.save()
+        log.info("machine %s: QEMU answers again", self.name, extra={"MACHINE": self.name})
+        self._notify("Drives", "Ports", "FreeSparePorts")
 
     # -- hotplug ------------------------------------------------------------
 
@@ -478,34 +597,43 @@ class Machine:
 
     async def add_drive(self, drive: DriveSpec, requested_id: str = "", fd: int | None = None) -> Drive:
         """blockdev-add + device_add on the lowest free spare port; undone on failure."""
-        async with self._lock:
-            self._check_running()
+        async with self._request("AddDrive"):
             self.validate_drive(drive, requested_id)
             dev = requested_id or self._new_drive_id()
             undo: list[tuple[str, dict[str, object]]] = []
+            # The undo of the command in flight: one that times out may still be carried out.
+            pending: list[tuple[str, dict[str, object]]] = []
             port = ""
+            fdset = None
+            controller = ""
             try:
                 filename = None
-                fdset = None
                 if fd is not None:
                     fdset = self._next_fdset
                     self._next_fdset += 1
+                    pending = [("remove-fd", {"fdset-id": fdset})]
                     await self._monitor.pass_fd(fd, fdset, f"{dev}:{drive.path}")
-                    undo.append(("remove-fd", {"fdset-id": fdset}))
+                    undo += pending
                     filename = f"/dev/fdset/{fdset}"
-                controller = ""
                 if drive.disk_type.is_scsi:
+                    pending = []
                     controller, port, created = await self._scsi_controller()
                     if created:
                         undo.append(("device_del", {"id": controller}))
                     bus = controller
                 else:
                     port = bus = self._take_spare(dev)
+                pending = [("blockdev-del", {"node-name": cmdline.node_name(dev)})]
                 await self._monitor.execute("blockdev-add", cmdline.blockdev(dev, drive, filename))
-                undo.append(("blockdev-del", {"node-name": cmdline.node_name(dev)}))
+                undo += pending
+                pending = []
                 if FAULT == "after-blockdev-add":
                     os.kill(os.getpid(), signal.SIGKILL)
                 await self._monitor.execute("device_add", cmdline.drive_device(dev, drive, bus))
+            except QemuUnresponsive as e:
+                late = Drive(dev, str(drive.path), drive.disk_type, port, DriveState.REMOVING, fdset, controller)
+                self._unanswered(e, lambda: self._cancel_late_add(late, undo + pending))
+                raise
             except QmpError as e:
                 await self._undo(undo, port, dev)
                 raise InvalidArgument(f"QEMU refused drive {dev} ({drive.disk_type} {drive.path}): {e}") from e
@@ -525,6 +653,21 @@ class Machine:
         if self.observer:
             self.observer.drive_added(self, record)
         return record
+
+    async def _cancel_late_add(self, late: Drive, undo: list[tuple[str, dict[str, object]]]) -> None:
+        """Undo an AddDrive whose caller got QemuUnresponsive, now that QEMU answers."""
+        peripheral = {c["name"] for c in await self._monitor.execute("qom-list", {"path": "/machine/peripheral"})}
+        if late.id in peripheral:
+            # device_add was carried out late: unplug it like any drive, the
+            # DEVICE_DELETED handler frees its node, fdset and port.
+            log.warning("machine %s: unplugging %s, added after its AddDrive timed out", self.name, late.id)
+            self.drives[late.id] = late
+            self._unplugs[late.id] = asyncio.get_running_loop().create_future()
+            await self._monitor.execute("device_del", {"id": late.id})
+        else:
+            log.warning("machine %s: undoing the AddDrive of %s that timed out", self.name, late.id)
+            await self._undo(undo, late.port, late.id)
+        self._stuck_ids.add(late.id)
 
     def _new_drive_id(self) -> str:
         """The next diskN: never one a removed drive had (a client holding a
@@ -553,8 +696,7 @@ class Machine:
 
     async def remove_drive(self, dev: str, timeout: float) -> None:
         """device_del, then wait for DEVICE_DELETED (freed later if it comes late)."""
-        async with self._lock:
-            self._check_running()
+        async with self._request("RemoveDrive"):
             drive = self.drives.get(dev)
             if drive is None:
                 raise NoSuchDrive(f"machine {self.name} has no drive {dev!r}; see its Drives property")
@@ -571,6 +713,12 @@ class Machine:
                 raise InvalidArgument(f"QEMU refused to unplug {dev}: {e}") from e
             except QmpDisconnected as e:
                 raise NotRunning(f"machine {self.name} stopped during RemoveDrive: {e}") from e
+            except QemuUnresponsive as e:
+                # device_del cannot be taken back: the drive is on its way out
+                # and goes when the guest lets go, as after UnplugTimeout.
+                self.drives[dev] = replace(drive, state=DriveState.REMOVING)
+                self._unanswered(e)
+                raise
             self.drives[dev] = replace(drive, state=DriveState.REMOVING)
             self.save()
         self._notify("Drives")
@@ -623,9 +771,13 @@ class Machine:
         assert self.process is not None
         self._powering_off = True
         try:
-            await self._monitor.execute("system_powerdown")
+            await self._monitor.execute("system_powerdown", timeout=min(timeout, TIMEOUT))
         except QmpDisconnected as e:
             raise NotRunning(f"machine {self.name} stopped during PowerOff: {e}") from e
+        except QemuUnresponsive as e:
+            log.warning("machine %s: %s; stopping QEMU", self.name, e, extra={"MACHINE": self.name})
+            await self.terminate()
+            return
         if await self.process.wait(timeout):
             await self._ended.wait()
             return

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 import os
 import re
@@ -10,19 +12,27 @@ import secrets
 import shutil
 import stat
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from . import cmdline, state
 from .errors import AccessDenied, InvalidArgument, MachineExists, NoSuchMachine, VmspawndError
 from .machine import Machine
-from .model import DiskType, MachineSpec
+from .model import DiskType, MachineSpec, MachineState
 from .opener import open_as
-from .process import start_time
+from .process import Process, option, qemu_processes, start_time
 from .qmp import QmpDisconnected, QmpError
 from .topology import Plan, plan_machine
 
 log = logging.getLogger(__name__)
+
+# Each machine's re-attach at start is bounded by this (they run all at
+# once): READY comes within about this long whatever the QEMUs do.
+ATTACH_TIMEOUT = 1.5
+# An unmanaged machine is retried after these many seconds, then every last one.
+RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0)
 
 NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -119,12 +129,35 @@ def clear_dead(directory: Path, why: str) -> None:
         log.warning("cleaned up machine %s: %s; its log stays at %s", directory.name, why, directory / state.LOG)
 
 
+def recorded_uuid(directory: Path) -> uuid.UUID | None:
+    """The machine's uuid from the argv it was started with (when state.json cannot tell)."""
+    try:
+        value = option((directory / "argv").read_text().splitlines(), "-uuid")
+        return uuid.UUID(value) if value else None
+    except (OSError, ValueError):
+        return None
+
+
+def is_machine(argv: list[str], machine_id: uuid.UUID | None, directory: Path) -> bool:
+    """This QEMU argv is the machine's: its -uuid, or (uuid unknown) its console log path."""
+    if machine_id is None:
+        return any(f"path={directory}/console.log" in arg for arg in argv)
+    try:
+        return uuid.UUID(option(argv, "-uuid") or "") == machine_id
+    except ValueError:
+        return False
+
+
 class Manager:
     def __init__(self, runtime_dir: Path) -> None:
         self.runtime_dir = runtime_dir
         self.machines: dict[str, Machine] = {}
-        # Names being created: a second CreateMachine of the same name is refused at once.
+        # Names being created or recovered: a CreateMachine of one is refused at once.
         self._reserved: set[str] = set()
+        # QEMU pids being taken back right now: never two machines with one leader.
+        self._claiming: set[int] = set()
+        # Retries of unmanaged machines.
+        self._tasks: set[asyncio.Task[None]] = set()
         self.on_new: Callable[[Machine], None] = lambda m: None
         self.on_removed: Callable[[Machine], None] = lambda m: None
 
@@ -148,7 +181,14 @@ class Manager:
             raise MachineExists(f"a machine named {spec.name!r} exists already; pick another name or terminate it")
         plan = self.plan(spec)
         directory = self.machines_dir / spec.name
-        # A dead machine's leftovers (its kept qemu.log) make way for the new one.
+        # A dead machine's leftovers (its kept qemu.log) make way for the new
+        # one; anything else may belong to a live QEMU and is never deleted.
+        with contextlib.suppress(FileNotFoundError):
+            if {p.name for p in directory.iterdir()} - {state.LOG}:
+                raise MachineExists(
+                    f"{directory} holds a machine this vmspawnd does not manage; pick another name, "
+                    "or remove the directory once its QEMU is gone"
+                )
         shutil.rmtree(directory, ignore_errors=True)
         check_shares_owner(spec, owner_uid)
         if spec.qemu_extra and owner_uid != 0:
@@ -163,7 +203,8 @@ class Manager:
             for what, path, read_only in boot_files(spec):
                 if str(path) not in opened:
                     opened[str(path)] = await open_as(owner_uid, str(path), read_only, what)
-            await machine.start(3 + secrets.randbelow(2**31), opened)
+            with state.space_of(directory):
+                await machine.start(3 + secrets.randbelow(2**31), opened)
         except BaseException:
             await asyncio.shield(machine.discard())
             raise
@@ -184,39 +225,137 @@ class Manager:
         await self.get(name).terminate()
 
     async def recover(self) -> None:
-        """Daemon start: take back every machine whose QEMU still runs, clear the rest."""
-        if not self.machines_dir.is_dir():
+        """Daemon start: take back every machine whose QEMU still runs, all at
+        once and each bounded; list the ones that cannot be (unmanaged, retried);
+        clear only the directories whose QEMU is certainly gone."""
+        try:
+            directories = [d for d in sorted(self.machines_dir.iterdir()) if d.is_dir()]
+        except FileNotFoundError:
             return
-        for directory in sorted(self.machines_dir.iterdir()):
+        self._reserved |= {d.name for d in directories}
+        qemus = await asyncio.to_thread(qemu_processes)
+        await asyncio.gather(*(self._recover_guarded(d, qemus) for d in directories))
+
+    async def _recover_guarded(self, directory: Path, qemus: dict[int, list[str]]) -> None:
+        try:
+            machine = await self._recover(directory, qemus)
+        except Exception as e:  # one machine's unforeseen fault must not cost the others
+            log.exception("machine %s: re-attach failed", directory.name, extra={"MACHINE": directory.name})
+            machine = self._placeholder(directory, f"re-attach failed: {e!r}", None, None)
+        try:
+            if machine is not None:
+                self._install(machine)
+        finally:
+            self._reserved.discard(directory.name)
+
+    def _placeholder(self, directory: Path, reason: str, machine_id: uuid.UUID | None, pid: int | None) -> Machine:
+        """An unmanaged machine known only by its directory (and maybe its QEMU)."""
+        spec = MachineSpec(directory.name)
+        machine = Machine(spec, plan_machine(spec), (machine_id or uuid.UUID(int=0)).hex, directory, 0)
+        machine.on_ended = self._ended
+        machine.unmanaged(reason, Process.attach(pid) if pid is not None else None)
+        return machine
+
+    async def _recover(
+        self, directory: Path, qemus: dict[int, list[str]], exclude: Machine | None = None
+    ) -> Machine | None:
+        """The machine in `directory`, managed or unmanaged; None when its QEMU is gone."""
+        record: state.MachineRecord | None = None
+        try:
+            record = state.read(directory)
+            problem = ""
+            if record.spec.name != directory.name:
+                problem, record = f"its state.json is for machine {record.spec.name!r}", None
+        except FileNotFoundError:
+            problem = "it has no state.json"
+        except (state.StateError, OSError) as e:
+            problem = f"its state.json is unreadable ({e})"
+        machine_id = uuid.UUID(record.id) if record is not None and _is_uuid(record.id) else recorded_uuid(directory)
+        claimed = {m.leader for m in self.machines.values() if m is not exclude} | self._claiming
+        candidates = [pid for pid, argv in qemus.items() if is_machine(argv, machine_id, directory)]
+        free = [pid for pid in candidates if pid not in claimed]
+        if not candidates:
+            # No QEMU carries this machine's uuid (or, unknown, its paths): nothing alive to lose.
+            clear_dead(directory, problem or f"its QEMU (pid {record.pid if record else '?'}) is gone")
+            return None
+        if len(free) != 1:
+            why = f"QEMU pids {', '.join(map(str, candidates))} carry its uuid"
+            return self._placeholder(directory, f"{problem or why}; {why}", machine_id, None)
+        pid = free[0]
+        if record is None:
+            return self._placeholder(directory, f"{problem}; its QEMU pid {pid} still runs", machine_id, pid)
+        if record.pid != pid or not same_process(pid, record.start_time):
+            log.warning(
+                "machine %s: state.json names pid %d, but its QEMU (uuid %s) is pid %d; taking that one",
+                directory.name, record.pid, machine_id, pid, extra={"MACHINE": directory.name},
+            )  # fmt: skip
+            record = replace(record, pid=pid, start_time=start_time(pid))
+        try:
+            plan = plan_machine(record.spec)
+        except VmspawndError as e:
+            return self._placeholder(directory, f"its recorded spec is refused now ({e})", machine_id, pid)
+        machine = Machine(record.spec, plan, record.id, directory, record.owner_uid)
+        machine.on_ended = self._ended
+        self._claiming.add(pid)
+        try:
+            await machine.attach(record, ATTACH_TIMEOUT)
+        except (VmspawndError, QmpError, QmpDisconnected, OSError) as e:
+            machine.unmanaged(str(e), None)
+        finally:
+            self._claiming.discard(pid)
+        return machine
+
+    def _install(self, machine: Machine) -> None:
+        self.machines[machine.name] = machine
+        self.on_new(machine)
+        if machine.state is MachineState.UNMANAGED:
+            log.warning(
+                "machine %s is unmanaged, its directory kept, retried in the background: %s",
+                machine.name, machine.reason, extra={"MACHINE": machine.name},
+            )  # fmt: skip
+            self._own(self._retry(machine))
+
+    def _own(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _retry(self, machine: Machine) -> None:
+        """Try an unmanaged machine again until it is adopted or its QEMU is gone."""
+        for attempt in itertools.count():
+            await asyncio.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
+            if self.machines.get(machine.name) is not machine:
+                return  # its QEMU exited: _watch_exit cleaned up
+            qemus = await asyncio.to_thread(qemu_processes)
             try:
-                record = state.read(directory)
-            except FileNotFoundError:
-                # A dead machine's kept log, or a start cut short by a crash.
-                clear_dead(directory, "it has no state.json")
+                again = await self._recover(machine.dir, qemus, exclude=machine)
+            except Exception:  # keep retrying; the machine stays listed meanwhile
+                log.exception("machine %s: retry failed", machine.name, extra={"MACHINE": machine.name})
                 continue
-            except (ValueError, KeyError, TypeError, OSError) as e:
-                clear_dead(directory, f"its state.json is unreadable ({e})")
+            if self.machines.get(machine.name) is not machine:
+                if again is not None:
+                    await again.release()
+                return
+            if again is not None and again.state is MachineState.UNMANAGED:
+                await again.release()
+                if again.reason != machine.reason:
+                    machine.reason = again.reason
+                    if machine.observer:
+                        machine.observer.changed(machine, {"StateReason"})
                 continue
-            if not same_process(record.pid, record.start_time):
-                clear_dead(directory, f"its QEMU (pid {record.pid}) is gone")
-                continue
-            machine = Machine(record.spec, plan_machine(record.spec), record.id, directory, record.owner_uid)
-            machine.on_ended = self._ended
-            try:
-                await machine.attach(record)
-            except (VmspawndError, QmpError, QmpDisconnected, OSError) as e:
-                log.error(
-                    "machine %s: cannot re-attach to QEMU pid %d, leaving it alone: %s", record.spec.name,
-                    record.pid, e, extra={"MACHINE": record.spec.name},
-                )  # fmt: skip
-                await machine.close()
-                continue
-            self.machines[machine.name] = machine
+            del self.machines[machine.name]
+            self.on_removed(machine)
+            await machine.release()
+            if again is not None:
+                log.info("machine %s adopted after %d retries", machine.name, attempt + 1)
+                self._install(again)
+            return
 
     async def power_off_all(self, timeout: float) -> None:
         """--stop-machines-on-exit: ACPI power-off, escalating past `timeout`."""
         results = await asyncio.gather(
-            *(m.power_off(timeout) for m in list(self.machines.values())), return_exceptions=True
+            *(m.power_off(timeout) for m in list(self.machines.values()) if m.state is MachineState.RUNNING),
+            return_exceptions=True,
         )
         for result in results:
             if isinstance(result, Exception):
@@ -224,8 +363,19 @@ class Manager:
 
     async def close(self) -> None:
         """Daemon shutdown: let go of every machine, leaving QEMU running."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(m.close() for m in self.machines.values()))
         self.machines.clear()
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
 
 
 def default_runtime_dir(user: bool) -> Path:

@@ -46,6 +46,9 @@ class MachineState(enum.StrEnum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
+    # Its QEMU may be alive but the daemon cannot manage it (see StateReason);
+    # its directory is kept and it is retried.
+    UNMANAGED = "unmanaged"
 
 
 class PortRole(enum.StrEnum):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -18,6 +19,29 @@ def start_time(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()
     # The command name may hold spaces and parentheses: split after the last ')'.
     return int(stat.rpartition(")")[2].split()[19])
+
+
+def cmdline(pid: int) -> list[str]:
+    """/proc/PID/cmdline as a list; empty when the process is gone or not ours to read."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def option(argv: list[str], name: str) -> str | None:
+    """The value after `name` in an argv (QEMU's `-uuid X`), None if absent."""
+    return next((value for opt, value in itertools.pairwise(argv) if opt == name), None)
+
+
+def qemu_processes() -> dict[int, list[str]]:
+    """pid -> argv of every QEMU system emulator on the host."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        argv = cmdline(int(entry.name)) if entry.name.isdigit() else []
+        if argv and Path(argv[0]).name.startswith("qemu-system-"):
+            found[int(entry.name)] = argv
+    return found
 
 
 class Process:
@@ -65,6 +89,13 @@ class Process:
         self._pidfd = -1
         if not self.exited.done():
             self.exited.set_result(None)
+
+    def release(self) -> None:
+        """Stop watching without waiting for the exit (a re-attach given up)."""
+        if self._pidfd >= 0:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
 
     def signal(self, sig: signal.Signals) -> None:
         if self._pidfd >= 0:

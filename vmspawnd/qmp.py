@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 from typing import Any
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
+
+from .errors import QemuUnresponsive
+
+# Every command is bounded: a stopped or wedged QEMU must never hold a
+# request (or the daemon) for longer than this.
+TIMEOUT = 10.0
 
 
 class QmpError(Exception):
@@ -32,15 +39,23 @@ class Monitor:
         except (QMPError, OSError, EOFError) as e:
             raise QmpDisconnected(str(e) or type(e).__name__) from e
 
-    async def execute(self, cmd: str, args: dict[str, object] | None = None) -> Any:
+    async def execute(self, cmd: str, args: dict[str, object] | None = None, timeout: float = TIMEOUT) -> Any:
+        """QEMU's reply; QemuUnresponsive past `timeout`.
+
+        A command that timed out may still be carried out when QEMU wakes up:
+        it was written to the socket already. The caller undoes it then.
+        """
         try:
-            return await self._client.execute(cmd, args)
+            async with asyncio.timeout(timeout):
+                return await self._client.execute(cmd, args)
+        except TimeoutError:
+            raise QemuUnresponsive(f"QEMU did not answer {cmd} within {timeout:g} s; is it stopped or hung?") from None
         except ExecuteError as e:
             raise QmpError(str(e)) from e
         except (QMPError, OSError, EOFError) as e:
             raise QmpDisconnected(f"{cmd}: {e or type(e).__name__}") from e
 
-    async def pass_fd(self, fd: int, fdset_id: int, opaque: str) -> int:
+    async def pass_fd(self, fd: int, fdset_id: int, opaque: str, timeout: float = TIMEOUT) -> int:
         """Hand `fd` to QEMU in fdset `fdset_id`; `opaque` is kept with it.
 
         Returns the fd number QEMU holds.
@@ -49,7 +64,7 @@ class Monitor:
             self._client.send_fd_scm(fd)
         except (QMPError, OSError) as e:
             raise QmpDisconnected(f"add-fd: {e}") from e
-        reply = await self.execute("add-fd", {"fdset-id": fdset_id, "opaque": opaque})
+        reply = await self.execute("add-fd", {"fdset-id": fdset_id, "opaque": opaque}, timeout)
         return int(reply["fd"])
 
     async def next_event(self) -> tuple[str, dict[str, Any]]:
@@ -57,7 +72,9 @@ class Monitor:
         data = event.get("data")
         return str(event["event"]), dict(data) if isinstance(data, dict) else {}
 
-    async def close(self) -> None:
-        # A connection that is already broken is as closed as we want it.
-        with contextlib.suppress(QMPError, OSError, EOFError):
-            await self._client.disconnect()
+    async def close(self, timeout: float = TIMEOUT) -> None:
+        # A connection that is already broken is as closed as we want it;
+        # one to a stopped QEMU is abandoned past `timeout`.
+        with contextlib.suppress(QMPError, OSError, EOFError, TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._client.disconnect()

@@ -6,13 +6,19 @@ crash leaves either the old or the new state, never half of one.
 
 from __future__ import annotations
 
+import contextlib
+import enum
+import errno
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from .errors import NoSpace
 from .model import (
     Accel,
     DiskType,
@@ -54,29 +60,126 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _drive_spec(d: dict[str, Any]) -> DriveSpec:
-    return DriveSpec(Path(d["path"]), DiskType(d["disk_type"]), ImageFormat(d["format"]), d["read_only"], d["serial"])
+class StateError(ValueError):
+    """state.json is not a record this daemon can use; the message names the field."""
 
 
-def _spec(d: dict[str, Any]) -> MachineSpec:
-    return MachineSpec(
-        name=d["name"],
-        kernel=Path(d["kernel"]) if d["kernel"] else None,
-        initrd=Path(d["initrd"]) if d["initrd"] else None,
-        cmdline=d["cmdline"],
-        image=_drive_spec(d["image"]) if d["image"] else None,
-        drives=tuple(_drive_spec(x) for x in d["drives"]),
-        directory=Path(d["directory"]) if d["directory"] else None,
-        mounts=tuple(MountSpec(Path(m["source"]), m["tag"], m["read_only"]) for m in d["mounts"]),
-        network=Network(NetworkMode(d["network"]["mode"]), d["network"]["tap"]),
-        vsock=d["vsock"],
-        memory=d["memory"],
-        cpus=d["cpus"],
-        hotplug_spares=d["hotplug_spares"],
-        accel=Accel(d["accel"]),
-        qemu_extra=tuple(d["qemu_extra"]),
-        firmware=Firmware(d["firmware"]),
+_MISSING: Any = object()
+
+
+def _get(d: Any, key: str, kind: type, where: str, default: Any = _MISSING) -> Any:
+    """d[key] checked to be a `kind` (bool is never taken for an int)."""
+    name = f"{where}.{key}" if where and key else where or key
+    if not isinstance(d, dict):
+        raise StateError(f"{where or 'state'}: expected an object, got {type(d).__name__}")
+    if key not in d:
+        if default is _MISSING:
+            raise StateError(f"{name}: missing")
+        return default
+    value = d[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise StateError(f"{name}: expected {kind.__name__}, got {type(value).__name__} {value!r:.40}")
+    return value
+
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+def _enum(d: Any, key: str, kind: type[E], where: str) -> E:
+    value = _get(d, key, str, where)
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = ", ".join(str(e.value) for e in kind)
+        raise StateError(f"{where}.{key}: {value!r:.40} is not one of {allowed}") from None
+
+
+def _optional(d: Any, key: str, kind: type, where: str) -> Any:
+    """d[key], which may be null."""
+    return None if _get(d, key, object, where) is None else _get(d, key, kind, where)
+
+
+def _path(d: Any, key: str, where: str) -> Path | None:
+    # An empty path was never written; "" reads as none, as before.
+    return Path(p) if (p := _optional(d, key, str, where)) else None
+
+
+def _items(d: Any, key: str, where: str) -> list[tuple[str, Any]]:
+    """(where, item) for every entry of the list d[key]."""
+    return [(f"{where}.{key}[{i}]" if where else f"{key}[{i}]", x) for i, x in enumerate(_get(d, key, list, where))]
+
+
+def _strings(d: Any, key: str, where: str) -> tuple[str, ...]:
+    return tuple(_get({"": x}, "", str, w) for w, x in _items(d, key, where))
+
+
+def _drive_spec(d: Any, where: str) -> DriveSpec:
+    return DriveSpec(
+        path=Path(_get(d, "path", str, where)),
+        disk_type=_enum(d, "disk_type", DiskType, where),
+        format=_enum(d, "format", ImageFormat, where),
+        read_only=_get(d, "read_only", bool, where),
+        serial=_get(d, "serial", str, where),
     )
+
+
+def _spec(d: Any, where: str = "spec") -> MachineSpec:
+    net_where = f"{where}.network"
+    network = _get(d, "network", dict, where)
+    image = _optional(d, "image", dict, where)
+    return MachineSpec(
+        name=_get(d, "name", str, where),
+        kernel=_path(d, "kernel", where),
+        initrd=_path(d, "initrd", where),
+        cmdline=_get(d, "cmdline", str, where),
+        image=_drive_spec(image, f"{where}.image") if image is not None else None,
+        drives=tuple(_drive_spec(x, w) for w, x in _items(d, "drives", where)),
+        directory=_path(d, "directory", where),
+        mounts=tuple(
+            MountSpec(Path(_get(m, "source", str, w)), _get(m, "tag", str, w), _get(m, "read_only", bool, w))
+            for w, m in _items(d, "mounts", where)
+        ),
+        network=Network(_enum(network, "mode", NetworkMode, net_where), _get(network, "tap", str, net_where)),
+        vsock=_get(d, "vsock", bool, where),
+        memory=_get(d, "memory", int, where),
+        cpus=_get(d, "cpus", int, where),
+        hotplug_spares=_get(d, "hotplug_spares", int, where),
+        accel=_enum(d, "accel", Accel, where),
+        qemu_extra=_strings(d, "qemu_extra", where),
+        firmware=_enum(d, "firmware", Firmware, where),
+    )
+
+
+def _drive(d: Any, where: str) -> Drive:
+    return Drive(
+        id=_get(d, "id", str, where),
+        path=_get(d, "path", str, where),
+        disk_type=_enum(d, "disk_type", DiskType, where),
+        port=_get(d, "port", str, where),
+        state=_enum(d, "state", DriveState, where),
+        fdset=_optional(d, "fdset", int, where),
+        controller=_get(d, "controller", str, where),
+    )
+
+
+def _v1(d: dict[str, Any]) -> MachineRecord:
+    # One line per field: a new field is one more line here (with a default
+    # when files without it must still load).
+    return MachineRecord(
+        spec=_spec(_get(d, "spec", dict, "")),
+        id=_get(d, "id", str, ""),
+        owner_uid=_get(d, "owner_uid", int, ""),
+        pid=_get(d, "pid", int, ""),
+        start_time=_get(d, "start_time", int, ""),
+        drives=tuple(_drive(x, w) for w, x in _items(d, "drives", "")),
+        next_fdset=_get(d, "next_fdset", int, ""),
+        next_controller=_get(d, "next_controller", int, ""),
+        next_drive=_get(d, "next_drive", int, "", 0),
+    )
+
+
+# version -> reader; an older version keeps its reader when the format moves on.
+READERS = {1: _v1}
 
 
 def dumps(record: MachineRecord) -> str:
@@ -84,48 +187,53 @@ def dumps(record: MachineRecord) -> str:
 
 
 def loads(text: str) -> MachineRecord:
-    """Parse a state file; ValueError (or KeyError/TypeError) if it is not ours."""
-    d = json.loads(text)
+    """Parse and check a state file; StateError naming the field if it is not ours."""
+    try:
+        d = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise StateError(f"not JSON: {e}") from None
     if not isinstance(d, dict):
-        raise ValueError(f"state is a JSON {type(d).__name__}, not an object")
-    if d.get("version") != VERSION:
-        raise ValueError(f"state version {d.get('version')!r}, expected {VERSION}")
-    return MachineRecord(
-        spec=_spec(d["spec"]),
-        id=d["id"],
-        owner_uid=d["owner_uid"],
-        pid=d["pid"],
-        start_time=d["start_time"],
-        drives=tuple(
-            Drive(
-                x["id"],
-                x["path"],
-                DiskType(x["disk_type"]),
-                x["port"],
-                DriveState(x["state"]),
-                x["fdset"],
-                x["controller"],
-            )
-            for x in d["drives"]
-        ),
-        next_fdset=d["next_fdset"],
-        next_controller=d["next_controller"],
-        next_drive=d.get("next_drive", 0),
-    )
+        raise StateError(f"state is a JSON {type(d).__name__}, not an object")
+    version = d.get("version")
+    reader = READERS.get(version) if isinstance(version, int) and not isinstance(version, bool) else None
+    if reader is None:
+        raise StateError(f"version: {version!r:.40} is not one this vmspawnd reads ({', '.join(map(str, READERS))})")
+    try:
+        return reader(d)
+    except RecursionError:
+        raise StateError("nested too deeply") from None
+
+
+@contextlib.contextmanager
+def space_of(directory: Path) -> Iterator[None]:
+    """A full disk (or quota) under `directory` becomes NoSpace naming it."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(f"no space left for {directory} ({e.strerror}); free some space there") from e
+        raise
 
 
 def write(directory: Path, record: MachineRecord) -> None:
-    tmp = directory / f".{FILE}.tmp"
-    with open(tmp, "w") as f:
-        f.write(dumps(record))
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, directory / FILE)
-    dirfd = os.open(directory, os.O_DIRECTORY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    """Atomic: a unique temp file (two writers never share one), fsync, rename, fsync of the directory."""
+    with space_of(directory):
+        fd, tmp = tempfile.mkstemp(prefix=f".{FILE}.", suffix=".tmp", dir=directory)
+        try:
+            with open(fd, "w") as f:
+                f.write(dumps(record))
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, directory / FILE)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        dirfd = os.open(directory, os.O_DIRECTORY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
 
 
 LOG = "qemu.log"
@@ -146,4 +254,10 @@ def clear_all_but_log(directory: Path) -> list[Path]:
 
 
 def read(directory: Path) -> MachineRecord:
-    return loads((directory / FILE).read_text())
+    """FileNotFoundError if there is none, StateError if it is not a record we can use."""
+    data = (directory / FILE).read_bytes()
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        raise StateError(f"not UTF-8: {e}") from None
+    return loads(text)

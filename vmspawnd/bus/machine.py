@@ -70,6 +70,7 @@ class MachineInterface(ServiceInterface):
     def changed(self, machine: Machine, properties: set[str]) -> None:
         getters: dict[str, Callable[[], object]] = {
             "State": lambda: str(machine.state),
+            "StateReason": lambda: machine.reason,
             "Leader": lambda: machine.leader,
             "Drives": lambda: drives_value(machine),
             "Ports": lambda: ports_value(machine),
@@ -94,6 +95,11 @@ class MachineInterface(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def State(self) -> DBusStr:
         return str(self.machine.state)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def StateReason(self) -> DBusStr:
+        """Why the machine is unmanaged; empty otherwise."""
+        return self.machine.reason
 
     @dbus_property(access=PropertyAccess.READ)
     def Leader(self) -> DBusUInt32:

@@ -1,5 +1,6 @@
 """Puts the manager and its machines on the bus and keeps them in step."""
 
+import asyncio
 import logging
 
 from dbus_fast import BusType, NameFlag, RequestNameReply
@@ -80,6 +81,15 @@ class BusService:
         count = len(self.manager.machines)
         self.iface.emit_properties_changed({"Machines": count})
         systemd.notify(f"STATUS={count} machines running")
+
+    async def wait_for_disconnect(self) -> None:
+        """Returns (or raises the connection's error) when the bus connection is gone."""
+        await self.bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+
+    @staticmethod
+    def disconnect_reason(done: "asyncio.Task[None]") -> str:
+        error = done.exception()
+        return str(error) or type(error).__name__ if error else "the bus closed the connection"
 
     def close(self) -> None:
         self.bus.disconnect()
