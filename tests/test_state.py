@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vmspawnd.errors import NoSpace
 from vmspawnd.model import (
     Accel,
     DiskType,
@@ -28,7 +29,6 @@ from vmspawnd.model import (
     Network,
     NetworkMode,
 )
-from vmspawnd.errors import NoSpace
 from vmspawnd.state import FILE, VERSION, MachineRecord, StateError, dumps, loads, read, write
 
 # The one exception a damaged state.json gives: nothing else may escape the reader.

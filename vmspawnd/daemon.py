@@ -104,12 +104,14 @@ async def _serve(args: argparse.Namespace, runtime_dir: Path) -> int:
         log.error("%s", e)
         service.close()
         return 1
+    started = loop.time()
     await manager.recover()
     unmanaged = sum(m.state is MachineState.UNMANAGED for m in manager.machines.values())
     systemd.notify("READY=1", f"STATUS={len(manager.machines)} machines running")
     log.info(
-        "vmspawnd %s serving on the %s bus, state in %s; %d machines (%d unmanaged)", __version__,
-        "session" if args.user else "system", runtime_dir, len(manager.machines), unmanaged,
+        "vmspawnd %s serving on the %s bus, state in %s; recovered %d machines in %.2f s (%d unmanaged)",
+        __version__, "session" if args.user else "system", runtime_dir, len(manager.machines),
+        loop.time() - started, unmanaged,
     )  # fmt: skip
     stopped = loop.create_task(stop.wait())
     lost = loop.create_task(service.wait_for_disconnect())

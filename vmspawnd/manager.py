@@ -343,12 +343,13 @@ class Manager:
                     if machine.observer:
                         machine.observer.changed(machine, {"StateReason"})
                 continue
+            # Swapped with no await between: the name is never missing from the bus.
             del self.machines[machine.name]
             self.on_removed(machine)
-            await machine.release()
             if again is not None:
                 log.info("machine %s adopted after %d retries", machine.name, attempt + 1)
                 self._install(again)
+            await machine.release()
             return
 
     async def power_off_all(self, timeout: float) -> None:
