@@ -25,6 +25,12 @@ and 20 machines; then once restarted with the 20 re-attached (compared with
 the with0 daemon, also freshly restarted). 10 of the 20 are terminated before
 the restart rounds.
 
+Unresponsive: then 3 of the 10 QEMUs are stopped (SIGSTOP) and the with10
+daemon restarted --stopped-rounds times (SIGTERM): READY=1 and ListMachines
+must not wait for them (each re-attach is bounded, all run at once); the 3
+must be listed as unmanaged. They are continued (SIGCONT) afterwards and
+must be adopted again by the daemon's background retry.
+
 Machines: paused (-S: the vCPUs never run), accel=tcg, 64 MiB, a 1 MiB raw
 image each (sparse, all zeroes), no network, default hotplug spares.
 
@@ -278,6 +284,7 @@ async def run(env: Env, idle: Daemon, idle_address: str, args: argparse.Namespac
                 for what, ns in zip(("stop", "ready", "listed"), took, strict=True):
                     samples[label][sig_name][what].append(ns)
         rss["restarted_0_machines_kib"] = await settled_rss(zero)
+        stopped = await unresponsive_rounds(busy, args)
     finally:
         with contextlib.suppress(Exception):
             if busy.daemon.proc is not None:
@@ -332,7 +339,43 @@ async def run(env: Env, idle: Daemon, idle_address: str, args: argparse.Namespac
             "listed": round(listed20 / 1e6, 3),
         },
         "rss": rss,
+        "stopped_3_of_10": {
+            "rounds": args.stopped_rounds,
+            "ready": figures(stopped["ready"]),
+            "listed": figures(stopped["listed"]),
+            "adopted_after_sigcont_s": stopped["adopted_s"],
+        },
     }
+
+
+async def states(site: Site) -> list[str]:
+    (machines,) = await site.client.call("ListMachines")
+    return sorted(str(m[1]) for m in machines)
+
+
+async def unresponsive_rounds(site: Site, args: argparse.Namespace) -> dict[str, Any]:
+    """Restarts with 3 of the machines' QEMUs stopped; ns to READY and to a full ListMachines."""
+    frozen = site.pids[:3]
+    samples: dict[str, Any] = {"ready": [], "listed": []}
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(args.stopped_rounds):
+            _stop, ready, listed = await restart(site, signal.SIGTERM, args.settle, args.start_timeout)
+            samples["ready"].append(ready)
+            samples["listed"].append(listed)
+            if (got := await states(site)).count("unmanaged") != len(frozen):
+                raise RuntimeError(f"{site.label}: expected {len(frozen)} unmanaged machines, states {got}")
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    t0 = time.monotonic()
+    while (got := await states(site)) != ["running"] * len(site.names):
+        if time.monotonic() - t0 > 30:
+            raise RuntimeError(f"{site.label}: stopped machines not adopted 30 s after SIGCONT: {got}")
+        await asyncio.sleep(0.1)
+    samples["adopted_s"] = round(time.monotonic() - t0, 2)
+    return samples
 
 
 def report(r: dict[str, Any], out: Path) -> None:
@@ -378,6 +421,12 @@ def report(r: dict[str, Any], out: Path) -> None:
     print(
         f"  RSS after a restart: {r['rss_machines']} re-attached {m['restarted_20_reattached_kib'] / mib:.1f} MiB, "
         f"0 machines {m['restarted_0_machines_kib'] / mib:.1f} MiB -> {m['per_machine_reattached_kib']:.0f} KiB per machine"
+    )
+    st = r["stopped_3_of_10"]
+    print(
+        f"  3 of {r['machines']} QEMUs stopped (SIGSTOP), {st['rounds']} SIGTERM restarts: READY median "
+        f"{st['ready']['median_ms']:.1f} ms (max {st['ready']['max_ms']:.1f}), ListMachines={r['machines']} median "
+        f"{st['listed']['median_ms']:.1f} ms; adopted {st['adopted_after_sigcont_s']:.1f} s after SIGCONT"
     )
     print(f"  figures written to {out}")
 
@@ -430,14 +479,15 @@ def main() -> int:
     parser.add_argument("--term", type=int, default=12, help="counted SIGTERM restarts per series (default 12)")
     parser.add_argument("--kill", type=int, default=4, help="counted SIGKILL restarts per series (default 4)")
     parser.add_argument("--warmup", type=int, default=1, help="leading SIGTERM rounds not counted (default 1)")
+    parser.add_argument("--stopped-rounds", type=int, default=4, help="restarts with 3 QEMUs stopped (default 4)")
     parser.add_argument("--settle", type=float, default=0.2, help="idle seconds before each start (default 0.2)")
     parser.add_argument("--start-timeout", type=float, default=30, help="seconds a start may take")
     parser.add_argument("--timeout", type=float, default=170, help="give up after this many seconds")
     parser.add_argument("--json", type=Path, default=RESULTS / "restart.json", help="where the figures go")
     args = parser.parse_args()
     args.machines, args.rss_machines = 10, 20
-    if args.term < 1 or args.kill < 0 or args.warmup < 0:
-        parser.error("need --term >= 1, --kill >= 0 and --warmup >= 0")
+    if args.term < 1 or args.kill < 0 or args.warmup < 0 or args.stopped_rounds < 1:
+        parser.error("need --term >= 1, --kill >= 0, --warmup >= 0 and --stopped-rounds >= 1")
     # SIGTERM stops the run like Ctrl-C: everything started is torn down.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

@@ -265,12 +265,14 @@ class Machine:
                 self._next_drive = max(self._next_drive, record.next_drive)
                 await self._reconcile({d.id: d for d in record.drives})
         except TimeoutError:
+            await self._monitor.close(QUIT_REPLY_TIMEOUT)
             raise QemuUnresponsive(
                 f"QEMU pid {record.pid} did not answer on its monitor within {timeout:g} s "
                 "(stopped, hung, or another client holds the monitor); retrying in the background"
             ) from None
-        except QmpDisconnected as e:
-            raise QemuFailed(f"QEMU pid {record.pid} dropped its monitor connection: {e}") from e
+        except (QmpDisconnected, QmpError, QemuFailed) as e:
+            await self._monitor.close(QUIT_REPLY_TIMEOUT)
+            raise QemuFailed(f"QEMU pid {record.pid} on {self.dir / 'qmp.sock'}: {e}") from e
         self._running(persist=self._try_write_state)
         log.info(
             "machine %s re-attached, QEMU pid %d, %d drives", self.name, self.leader, len(self.drives),

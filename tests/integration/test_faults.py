@@ -168,7 +168,8 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path, dict[str, Any]], None], str]] = {
     # name: (damage, what StateReason says; "" means it is adopted)
     "truncated": (lambda p, d: p.write_text(p.read_text()[:100]), "state.json is unreadable (not JSON"),
     "garbage": (lambda p, d: p.write_bytes(os.urandom(300) + b"\xff"), "state.json is unreadable"),
-    "pid-string": (edit("pid", "123"), "pid: expected int, got str '123'"),
+    # Its own pid, as a string.
+    "pid-string": (lambda p, d: edit("pid", str(d["pid"]))(p, d), "pid: expected int, got str"),
     "next-fdset-string": (edit("next_fdset", "1"), "next_fdset: expected int, got str"),
     "wrong-schema": (lambda p, d: p.write_text(json.dumps({"version": 1, "machines": []})), "spec: missing"),
     "wrong-version": (edit("version", 2), "version: 2 is not one this vmspawnd reads"),
@@ -185,7 +186,9 @@ async def test_a_damaged_state_file_loses_no_vm(site: Site, client: Client, gues
     unmanaged with its reason (its directory kept), no QEMU killed or leaked;
     once the file is good again the retry adopts it."""
     await client.create("healthy", **guest_options(guest, **paused()))
-    await client.create("hurt", **guest_options(guest, **paused()))
+    hurt_path = await client.create("hurt", **guest_options(guest, **paused()))
+    # A drive, so the record has an fdset and a drive to get wrong.
+    await client.add_drive(hurt_path, disk(site.base, "hurt.raw"))
     leaders = {name: (await props(client, name))["Leader"] for name in ("healthy", "hurt")}
     assert site.pids() == set(leaders.values())
     site.daemon.stop(signal.SIGKILL)
