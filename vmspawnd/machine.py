@@ -225,14 +225,11 @@ class Machine:
             os.close(dirfd)
 
     def _running(self, persist: Callable[[], None]) -> None:
-        was = self.state
         self.state = MachineState.RUNNING
-        self.reason = ""
         # Before the machine is announced: a daemon killed right after still finds it.
         persist()
         self._spawn(self._saver())
-        if was is not MachineState.UNMANAGED:
-            self._spawn(self._watch_exit())
+        self._spawn(self._watch_exit())
         self._spawn(self._dispatch_events())
 
     async def attach(self, record: state.MachineRecord, timeout: float) -> None:
