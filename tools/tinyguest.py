@@ -11,6 +11,7 @@ The guest speaks a line protocol on its serial console (ttyS0)::
     VMSPAWN-BLOCK <name> serial=<serial>                # one per disk at boot
     VMSPAWN-NVME-COUNT <n>                              # nvme controllers
     VMSPAWN-MOUNT <tag> files=<names>                   # tinyguest.mount=TAG shares
+    VMSPAWN-RUN <tag> rc=<status>                       # tinyguest.run=TAG: ran TAG's run.sh
     VMSPAWN-GUEST-READY                                 # boot snapshot done
     VMSPAWN-BLOCK-ADD <name> serial=<serial>            # hotplugged disk
     VMSPAWN-BLOCK-REMOVE <name>                         # unplugged disk
@@ -265,6 +266,13 @@ for arg in $(cat /proc/cmdline); do
     else
         echo "VMSPAWN-MOUNT-FAILED $tag"
     fi
+done
+# Commands from a mounted share, as root: tinyguest.run=TAG runs /mnt/TAG/run.sh
+for arg in $(cat /proc/cmdline); do
+    case $arg in tinyguest.run=*) ;; *) continue ;; esac
+    tag=${arg#tinyguest.run=}
+    sh "/mnt/$tag/run.sh"
+    echo "VMSPAWN-RUN $tag rc=$?"
 done
 echo VMSPAWN-GUEST-READY
 
