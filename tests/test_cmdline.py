@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import string
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from vmspawnd.cmdline import OVMF, QEMU, VIRTIOFSD, Runtime, Share, blockdev, build_argv, escape, shares, virtiofsd_argv
+from vmspawnd.cmdline import OVMF, QEMU, Runtime, Share, blockdev, build_argv, escape, shares
 from vmspawnd.errors import VmspawndError
 from vmspawnd.model import (
     Accel,
@@ -400,14 +401,18 @@ def test_user_network() -> None:
     assert net["bus"] == "rp1"
 
 
-@pytest.mark.parametrize(("tap", "escaped"), [("tap0", "tap0"), ("a,b", "a,,b"), (",", ",,")])
-def test_tap_network(tap: str, escaped: str) -> None:
-    s = spec(network=Network(NetworkMode.TAP, tap))
-    argv = argv_for(s)
+def test_tap_network_is_an_fd_never_a_name() -> None:
+    s = spec(network=Network(NetworkMode.TAP, "tap0"))
+    argv = argv_for(s, replace(RT, tap_fd=11))
     [netdev] = values(argv, "-netdev")
-    assert netdev == f"tap,id=net0,ifname={escaped},script=no,downscript=no"
-    assert parse_kv(netdev)["ifname"] == tap
+    assert netdev == "tap,id=net0,fd=11"
+    assert "tap0" not in " ".join(argv)
     assert device(argv, "net0")["driver"] == "virtio-net-pci"
+
+
+def test_tap_network_without_the_daemons_fd_is_a_bug() -> None:
+    with pytest.raises(ValueError, match="tap fd"):
+        argv_for(spec(network=Network(NetworkMode.TAP, "tap0")))
 
 
 def test_vsock() -> None:
@@ -534,45 +539,6 @@ def test_virtiofs_tag_is_escaped() -> None:
     assert parse_kv(dev)["tag"] == "a,b"
 
 
-def test_virtiofsd_argv() -> None:
-    assert virtiofsd_argv(Share("fs0", Path("/srv/a"), "a"), 7) == [
-        VIRTIOFSD,
-        "--fd=7",
-        "-o",
-        "source=/srv/a",
-        "-o",
-        "sandbox=chroot",
-        "-o",
-        "cache=auto",
-    ]
-
-
-def fuse_opt_split(value: str) -> list[str]:
-    """How virtiofsd (libfuse fuse_opt) splits an -o value: ',' separates, '\\' escapes."""
-    out, cur, i = [], "", 0
-    while i < len(value):
-        if value[i] == "\\" and i + 1 < len(value):
-            cur += value[i + 1]
-            i += 2
-            continue
-        if value[i] == ",":
-            out.append(cur)
-            cur = ""
-        else:
-            cur += value[i]
-        i += 1
-    return [*out, cur]
-
-
-@pytest.mark.parametrize("source", ["/home/u/x,source=/etc", "/srv/a,b", "/srv/back\\slash"])
-def test_virtiofsd_source_survives_fuse_opt_parsing(source: str) -> None:
-    argv = virtiofsd_argv(Share("fs0", Path(source), "t"), 7)
-    o_values = [argv[i + 1] for i, a in enumerate(argv) if a == "-o"]
-    parsed = [opt for v in o_values for opt in fuse_opt_split(v)]
-    assert [opt for opt in parsed if opt.startswith("source=")] == [f"source={source}"]
-    assert len(parsed) == 3
-
-
 # -- properties --------------------------------------------------------------
 
 texts = st.text(st.characters(codec="utf-8", exclude_characters="\0"), max_size=16)
@@ -633,7 +599,8 @@ def test_any_spec_gives_well_formed_argv(spec: MachineSpec, open_all: bool) -> N
     files = [d.path for d in spec.boot_drives] + [p for p in (spec.kernel, spec.initrd) if p]
     opened = {str(p): f"/proc/self/fd/{100 + i}" for i, p in enumerate(files)} if open_all else {}
     fs_fds = {share.device: 200 + i for i, share in enumerate(shares(spec))}
-    argv = build_argv(spec, plan, Runtime(MACHINE_ID, 3, Path("/run/x,y/console.log"), 5, opened, fs_fds))
+    rt = Runtime(MACHINE_ID, 3, Path("/run/x,y/console.log"), 5, opened, fs_fds, tap_fd=6)
+    argv = build_argv(spec, plan, rt)
     extra = spec.qemu_extra
     own = argv[: len(argv) - len(extra)]
     assert tuple(argv[len(own) :]) == extra
@@ -675,7 +642,7 @@ def test_any_spec_gives_well_formed_argv(spec: MachineSpec, open_all: bool) -> N
     assert parse_kv(dict(own_pairs)["-name"]) == {"guest": spec.name}
     assert parse_kv(values(own, "-chardev")[1])["path"] == "/run/x,y/console.log"
     if spec.network.mode is NetworkMode.TAP:
-        assert parse_kv(values(own, "-netdev")[0])["ifname"] == spec.network.tap
+        assert parse_kv(values(own, "-netdev")[0]) == {"driver": "tap", "id": "net0", "fd": "6"}
     chardev_ids = [parse_kv(v)["id"] for v in values(own, "-chardev")]
     assert len(chardev_ids) == len(set(chardev_ids))
     for share in shares(spec):

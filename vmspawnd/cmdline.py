@@ -11,7 +11,6 @@ from .model import Accel, DiskType, DriveSpec, Firmware, MachineSpec, MiB, Netwo
 from .topology import IMPLICIT_DEVICES, SCSI_CONTROLLER, Plan, drive_id
 
 QEMU = "qemu-system-x86_64"
-VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 OVMF = Path("/usr/share/ovmf/OVMF.fd")
 
 _ACCEL = {Accel.KVM: "kvm", Accel.TCG: "tcg", Accel.AUTO: "kvm:tcg"}
@@ -30,6 +29,8 @@ class Runtime:
     opened: dict[str, str] = field(default_factory=dict)
     # virtiofs device id -> QEMU's end of its connection to virtiofsd.
     fs_fds: dict[str, int] = field(default_factory=dict)
+    # The tap device the daemon opened (and checked the creator may use).
+    tap_fd: int | None = None
 
     def path(self, path: Path) -> str:
         return self.opened.get(str(path), str(path))
@@ -105,22 +106,6 @@ def shares(spec: MachineSpec) -> list[Share]:
     return out + [Share(f"fs{i}", m.source, m.tag) for i, m in enumerate(spec.mounts)]
 
 
-def fuse_escape(value: str) -> str:
-    """virtiofsd splits -o on commas; a backslash escapes (fuse_opt)."""
-    return value.replace("\\", "\\\\").replace(",", "\\,")
-
-
-def virtiofsd_argv(share: Share, fd: int) -> list[str]:
-    return [
-        VIRTIOFSD,
-        f"--fd={fd}",
-        "-o", f"source={fuse_escape(str(share.source))}",
-        # chroot works in containers too; QEMU's connection ending ends it.
-        "-o", "sandbox=chroot",
-        "-o", "cache=auto",
-    ]  # fmt: skip
-
-
 def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
     fs = shares(spec)
     argv = [
@@ -173,7 +158,10 @@ def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
 
     if spec.network.mode is not NetworkMode.NONE:
         if spec.network.mode is NetworkMode.TAP:
-            netdev = opts("tap", id="net0", ifname=escape(spec.network.tap), script="no", downscript="no")
+            # An fd, never a name: QEMU opening /dev/net/tun itself could attach any tap.
+            if rt.tap_fd is None:
+                raise ValueError("a tap network needs the tap fd the daemon opened")
+            netdev = opts("tap", id="net0", fd=rt.tap_fd)
         else:
             netdev = opts("user", id="net0")
         argv += ["-netdev", netdev]

@@ -12,12 +12,12 @@ import shutil
 import signal
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import cmdline, state
+from . import cmdline, share, state
 from .errors import (
     InvalidArgument,
     NoFreePort,
@@ -91,7 +91,9 @@ class Machine:
         self.observer: Observer | None = None
         self.on_ended: Callable[[Machine], None] | None = None
         self.process: Process | None = None
-        self._virtiofsd: list[Process] = []
+        self._virtiofsd: list[tuple[share.OpenShare, Process]] = []
+        # virtiofsd logs a failed start keeps, for the error that names them.
+        self._kept_logs: list[Path] = []
         self._monitor = Monitor(spec.name)
         # Port id -> the device id occupying it (builtin and spare ports alike).
         self.port_owner: dict[str, str] = {p.id: p.carries for p in plan.ports if p.carries}
@@ -185,8 +187,18 @@ class Machine:
             except (OSError, NoSpace) as e:
                 log.warning("machine %s: cannot write state.json: %s", self.name, e, extra={"MACHINE": self.name})
 
-    async def start(self, vsock_cid: int, opened: dict[str, int]) -> None:
-        """Start QEMU; returns once its monitor answered qmp_capabilities."""
+    async def start(
+        self,
+        vsock_cid: int,
+        opened: dict[str, int],
+        shares: Sequence[share.OpenShare] = (),
+        tap_fd: int | None = None,
+    ) -> None:
+        """Start QEMU; returns once its monitor answered qmp_capabilities.
+
+        `opened` maps caller-named paths to fds, `shares` are the opened
+        share directories, `tap_fd` the attached tap: all the caller's to close.
+        """
         self.dir.mkdir(parents=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with self._qmp_sock_path() as sock_path, contextlib.closing(listener):
@@ -194,13 +206,14 @@ class Machine:
             listener.listen()
             fd_paths = {path: f"/proc/self/fd/{fd}" for path, fd in opened.items()}
             self.qemu_log.write_text("")
-            fs_fds = self._start_virtiofsd()
-            rt = cmdline.Runtime(self.id, listener.fileno(), self.console_log, vsock_cid, fd_paths, fs_fds)
-            argv = cmdline.build_argv(self.spec, self.plan, rt)
-            (self.dir / "argv").write_text("\n".join(argv) + "\n")
+            fs_fds = self._start_virtiofsd(shares)
+            taps = () if tap_fd is None else (tap_fd,)
             try:
+                rt = cmdline.Runtime(self.id, listener.fileno(), self.console_log, vsock_cid, fd_paths, fs_fds, tap_fd)
+                argv = cmdline.build_argv(self.spec, self.plan, rt)
+                (self.dir / "argv").write_text("\n".join(argv) + "\n")
                 self.process = Process.spawn(
-                    argv, self.qemu_log, pass_fds=(listener.fileno(), *opened.values(), *fs_fds.values())
+                    argv, self.qemu_log, pass_fds=(listener.fileno(), *opened.values(), *fs_fds.values(), *taps)
                 )
             finally:
                 for fd in fs_fds.values():
@@ -210,7 +223,13 @@ class Machine:
             listener.close()
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             conn.connect(sock_path)
-        await self._await_monitor(conn)
+        try:
+            await self._await_monitor(conn)
+        except QemuFailed as e:
+            # QEMU only says "vhost_backend_init failed: Protocol error": virtiofsd's own words say why.
+            if failed := await self._virtiofsd_failures():
+                raise QemuFailed(f"{e}; {failed}") from e
+            raise
         self._running(persist=self._write_state)
         log.info("machine %s running, QEMU pid %d", self.name, self.leader, extra={"MACHINE": self.name})
 
@@ -329,28 +348,43 @@ class Machine:
             if not drive.controller:
                 self.port_owner[drive.port] = drive.id
 
-    def _start_virtiofsd(self) -> dict[str, int]:
-        """One virtiofsd per share; returns QEMU's ends of their sockets.
-
-        Each virtiofsd gets a listening socket (auto-bound, abstract: no
-        file, no path-length limit) with QEMU's connection already queued.
-        """
-        fs_fds = {}
-        for share in cmdline.shares(self.spec):
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-                listener.bind("")  # autobind: an abstract address of the kernel's choosing
-                listener.listen(1)
-                conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                conn.connect(listener.getsockname())
-                fs_fds[share.device] = conn.detach()
-                log_path = self.dir / f"virtiofsd-{share.device}.log"
-                argv = cmdline.virtiofsd_argv(share, listener.fileno())
-                self._virtiofsd.append(Process.spawn(argv, log_path, pass_fds=(listener.fileno(),)))
+    def _start_virtiofsd(self, shares: Sequence[share.OpenShare]) -> dict[str, int]:
+        """One virtiofsd per share; returns QEMU's ends of their connections."""
+        fs_fds: dict[str, int] = {}
+        binary = share.find_virtiofsd() if shares else None
+        try:
+            for opened in shares:
+                assert binary is not None
+                process, fs_fds[opened.share.device] = share.spawn(
+                    binary, opened, share.log_path(self.dir, opened.share)
+                )
+                self._virtiofsd.append((opened, process))
+        except BaseException:
+            for fd in fs_fds.values():
+                os.close(fd)
+            raise
         return fs_fds
 
     async def _stop_virtiofsd(self) -> None:
         """They end with QEMU's connection; this is for a QEMU that never came up."""
-        await asyncio.gather(*(p.stop(QUIT_TIMEOUT) for p in self._virtiofsd if not p.exited.done()))
+        await asyncio.gather(*(p.stop(QUIT_TIMEOUT) for _, p in self._virtiofsd if not p.exited.done()))
+
+    async def _virtiofsd_failures(self) -> str:
+        """Each virtiofsd that failed, in its own words, with its log (kept)."""
+        # QEMU is gone: its connections closed, so every virtiofsd ends on its own.
+        if running := [p.exited for _, p in self._virtiofsd if not p.exited.done()]:
+            await asyncio.wait(running, timeout=QUIT_TIMEOUT)
+        await self._stop_virtiofsd()
+        failed = []
+        for opened, process in self._virtiofsd:
+            if process.returncode not in (0, None, -signal.SIGTERM):
+                log_path = share.log_path(self.dir, opened.share)
+                self._kept_logs.append(log_path)
+                failed.append(
+                    f"virtiofsd for share {opened.share.tag!r} ({opened.share.source}) exited with "
+                    f"{process.returncode}: {share.errors(log_path)} (its log: {log_path})"
+                )
+        return "; ".join(failed)
 
     async def _await_monitor(self, conn: socket.socket) -> None:
         assert self.process is not None
@@ -385,7 +419,10 @@ class Machine:
             await self.process.stop(QUIT_TIMEOUT)
         await self._stop_virtiofsd()
         await self._monitor.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self._kept_logs:
+            state.clear_all_but_log(self.dir)
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

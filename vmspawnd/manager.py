@@ -17,10 +17,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import cmdline, state
+from . import share, state, tap
+from .config import Config
 from .errors import AccessDenied, InvalidArgument, MachineExists, NoSuchMachine, VmspawndError
 from .machine import Machine
-from .model import DiskType, MachineSpec, MachineState
+from .model import DiskType, MachineSpec, MachineState, NetworkMode
 from .opener import open_as
 from .process import Process, option, qemu_processes, start_time
 from .qmp import QmpDisconnected, QmpError
@@ -58,39 +59,6 @@ def check_file(what: str, path: Path) -> None:
         raise InvalidArgument(f"{what} {str(path)!r} is a directory; give a file")
 
 
-TAG = re.compile(r"[A-Za-z0-9_.:-]{1,36}")
-
-
-def check_shares(spec: MachineSpec) -> None:
-    shares = cmdline.shares(spec)
-    if shares and not Path(cmdline.VIRTIOFSD).exists():
-        raise InvalidArgument(f"virtiofs needs {cmdline.VIRTIOFSD}: apt-get install qemu-system-common")
-    for share in shares:
-        try:
-            is_dir = share.source.is_absolute() and stat.S_ISDIR(share.source.stat().st_mode)
-        except OSError:
-            is_dir = False
-        if not is_dir:
-            raise InvalidArgument(f"shared directory {str(share.source)[:200]!r} is not an existing directory")
-        if not TAG.fullmatch(share.tag):
-            raise InvalidArgument(f"virtiofs tag {share.tag!r}: use 1-36 characters from A-Z a-z 0-9 _ . : -")
-    tags = [s.tag for s in shares]
-    if len(set(tags)) != len(tags):
-        raise InvalidArgument(f"virtiofs tags must be unique (got {', '.join(tags)}); 'root' is the directory's")
-    if any(m.read_only for m in spec.mounts):
-        raise InvalidArgument("read-only virtiofs mounts are not supported by virtiofsd 7.2; drop read_only")
-
-
-def check_shares_owner(spec: MachineSpec, owner_uid: int) -> None:
-    """virtiofsd runs as root: a user may only share directories they own."""
-    for share in cmdline.shares(spec):
-        if owner_uid != 0 and (uid := share.source.stat().st_uid) != owner_uid:
-            raise AccessDenied(
-                f"uid {owner_uid} may not share {str(share.source)!r}: it belongs to uid "
-                f"{uid}; share a directory you own"
-            )
-
-
 def check_spec(spec: MachineSpec) -> None:
     check_name(spec.name)
     if spec.kernel is None and spec.image is None:
@@ -102,7 +70,7 @@ def check_spec(spec: MachineSpec) -> None:
             check_file(what, path)
     for drive in spec.boot_drives:
         check_file("drive", drive.path)
-    check_shares(spec)
+    share.check(spec)
     if spec.vsock and not Path("/dev/vhost-vsock").exists():
         raise InvalidArgument("vsock needs /dev/vhost-vsock on the host: run 'modprobe vhost_vsock' or drop 'vsock'")
 
@@ -149,8 +117,9 @@ def is_machine(argv: list[str], machine_id: uuid.UUID | None, directory: Path) -
 
 
 class Manager:
-    def __init__(self, runtime_dir: Path) -> None:
+    def __init__(self, runtime_dir: Path, config: Config | None = None) -> None:
         self.runtime_dir = runtime_dir
+        self.config = config or Config()
         self.machines: dict[str, Machine] = {}
         # Names being created or recovered: a CreateMachine of one is refused at once.
         self._reserved: set[str] = set()
@@ -181,16 +150,15 @@ class Manager:
             raise MachineExists(f"a machine named {spec.name!r} exists already; pick another name or terminate it")
         plan = self.plan(spec)
         directory = self.machines_dir / spec.name
-        # A dead machine's leftovers (its kept qemu.log) make way for the new
+        # A dead machine's leftovers (its kept logs) make way for the new
         # one; anything else may belong to a live QEMU and is never deleted.
         with contextlib.suppress(FileNotFoundError):
-            if {p.name for p in directory.iterdir()} - {state.LOG}:
+            if any(not state.is_log(p.name) for p in directory.iterdir()):
                 raise MachineExists(
                     f"{directory} holds a machine this vmspawnd does not manage; pick another name, "
                     "or remove the directory once its QEMU is gone"
                 )
         shutil.rmtree(directory, ignore_errors=True)
-        check_shares_owner(spec, owner_uid)
         if spec.qemu_extra and owner_uid != 0:
             raise AccessDenied(
                 "qemu_extra hands options to QEMU, which runs as root: only root may use it; drop qemu_extra"
@@ -199,18 +167,24 @@ class Manager:
         machine.on_ended = self._ended
         self._reserved.add(spec.name)
         opened: dict[str, int] = {}
+        shares: list[share.OpenShare] = []
+        tap_fd = None
         try:
             for what, path, read_only in boot_files(spec):
                 if str(path) not in opened:
                     opened[str(path)] = await open_as(owner_uid, str(path), read_only, what)
+            shares = await share.open_all(owner_uid, spec)
+            if spec.network.mode is NetworkMode.TAP:
+                granted = self.config.taps_by_uid.get(owner_uid, ())
+                tap_fd = tap.open_tap(owner_uid, spec.network.tap, granted)
             with state.space_of(directory):
-                await machine.start(3 + secrets.randbelow(2**31), opened)
+                await machine.start(3 + secrets.randbelow(2**31), opened, shares, tap_fd)
         except BaseException:
             await asyncio.shield(machine.discard())
             raise
         finally:
             self._reserved.discard(spec.name)
-            for fd in opened.values():
+            for fd in [*opened.values(), *(s.fd for s in shares), *([tap_fd] if tap_fd is not None else [])]:
                 os.close(fd)
         self.machines[spec.name] = machine
         self.on_new(machine)

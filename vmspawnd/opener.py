@@ -65,3 +65,22 @@ async def open_as(uid: int, path: str, read_only: bool, what: str = "drive") -> 
         os.close(fd)
         raise InvalidArgument(f"{what} {path!r} is a directory; give a file")
     return fd
+
+
+async def open_dir_as(uid: int, path: str, what: str = "shared directory") -> int:
+    """An fd for the directory `path` opened with `uid`'s rights, or InvalidArgument saying why not.
+
+    The last component must be the directory itself, not a symbolic link
+    to it: what is checked and shared is what the caller named.
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, _open_as, uid, path, flags)
+    except OSError as e:
+        # O_NOFOLLOW|O_DIRECTORY on a symbolic link gives ENOTDIR.
+        hint = (
+            "give a directory (a symbolic link is not followed: name the directory it points to)"
+            if e.errno in (errno.ENOTDIR, errno.ELOOP)
+            else "check the path and its permissions"
+        )
+        raise InvalidArgument(f"cannot open {what} {path!r} as uid {uid}: {e.strerror}; {hint}") from e

@@ -239,12 +239,21 @@ def write(directory: Path, record: MachineRecord) -> None:
 LOG = "qemu.log"
 
 
+def virtiofsd_log(device: str) -> str:
+    return f"virtiofsd-{device}.log"
+
+
+def is_log(name: str) -> bool:
+    """qemu.log, or a virtiofsd's log: what a dead machine's directory keeps."""
+    return name == LOG or (name.startswith(virtiofsd_log("")[:-4]) and name.endswith(".log"))
+
+
 def clear_all_but_log(directory: Path) -> list[Path]:
-    """Remove a dead machine's runtime state, keeping qemu.log for post-mortem.
+    """Remove a dead machine's runtime state, keeping its logs for post-mortem.
 
     Returns what was removed.
     """
-    leftovers = [p for p in directory.iterdir() if p.name != LOG]
+    leftovers = [p for p in directory.iterdir() if not is_log(p.name)]
     for entry in leftovers:
         if entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from .harness import guest_options, wait_console
-from .test_system import System, gdbus_manager, new_image, owned_file, polkit, root, system  # noqa: F401
+
+# Fixtures of test_system's (the parameters below reuse their names: F811).
+from .test_system import System, gdbus_manager, owned_file, polkit, root, system  # noqa: F401
 
 DAEMON = pwd.getpwnam("daemon")
 IN_OPEN = 0x20
@@ -80,14 +82,11 @@ def gvariant(options: dict[str, str]) -> str:
     return "{" + ", ".join(f"'{k}': <{v}>" for k, v in options.items()) + "}"
 
 
-async def test_a_symlink_swapped_in_during_create_never_exports_more_than_the_share(
-    polkit: System, root: Any
-) -> None:
+async def test_a_symlink_swapped_in_during_create_never_exports_more_than_the_share(polkit: System, root: Any) -> None:  # noqa: F811
     """The share's path is W/sw/tmp/..: W/sw while sw is the user's directory (with a tmp/ in it),
     the host's / once sw is a symlink to /. The swap happens when the daemon opens the boot image."""
-    system = polkit
-    await system.start_polkit(rules=True)
-    work = system.dir / f"race-{os.urandom(3).hex()}"
+    await polkit.start_polkit(rules=True)
+    work = polkit.dir / f"race-{os.urandom(3).hex()}"
     work.mkdir()
     os.chown(work, DAEMON.pw_uid, DAEMON.pw_gid)
     real, link = work / "sw", work / "lnk"
@@ -97,15 +96,15 @@ async def test_a_symlink_swapped_in_during_create_never_exports_more_than_the_sh
         os.chown(p, DAEMON.pw_uid, DAEMON.pw_gid)
     share_stat = real.stat()
     source = f"{work}/sw/tmp/.."
-    daemon_pid = system.daemon.proc.pid if system.daemon.proc else 0
+    daemon_pid = polkit.daemon.proc.pid if polkit.daemon.proc else 0
     outcomes = []
     for i in range(6):
         link.symlink_to("/")
-        image = owned_file(system, "daemon")
+        image = owned_file(polkit, "daemon")
         options = {"image": f"'{image}'", "firmware": "'bios'", "accel": "'tcg'", "memory": f"uint64 {64 << 20}",
                    "hotplug_spares": "uint32 1", "directory": f"'{source}'"}  # fmt: skip
         with swap_on_open(image, real, link) as swapped:
-            created = await gdbus_manager(system, "daemon", "CreateMachine", f"race{i}", gvariant(options))
+            created = await gdbus_manager(polkit, "daemon", "CreateMachine", f"race{i}", gvariant(options))
         assert swapped.is_set()
         if created.error:
             assert created.error == "org.vmspawnd1.Error.AccessDenied", created
@@ -123,7 +122,7 @@ async def test_a_symlink_swapped_in_during_create_never_exports_more_than_the_sh
     assert outcomes, outcomes
 
 
-async def test_the_guests_root_is_the_share_owner_on_the_host(system: System, root: Any, guest: Any) -> None:
+async def test_the_guests_root_is_the_share_owner_on_the_host(system: System, root: Any, guest: Any) -> None:  # noqa: F811
     """The guest, as root, creates a setuid-root binary and a device node in a share of `daemon`'s
     and a file in a world-writable root-owned share: on the host none of it belongs to root, the
     setuid binary gives its owner's rights only, and no device node exists."""
@@ -141,7 +140,9 @@ async def test_the_guests_root_is_the_share_owner_on_the_host(system: System, ro
         "echo x > /mnt/roots/made-by-guest\n"
         "true\n"
     )
-    options = guest_options(guest, mounts=[{"source": str(mine), "tag": "mine"}, {"source": str(roots), "tag": "roots"}])
+    options = guest_options(
+        guest, mounts=[{"source": str(mine), "tag": "mine"}, {"source": str(roots), "tag": "roots"}]
+    )
     options["cmdline"] += " tinyguest.mount=mine tinyguest.mount=roots tinyguest.run=mine"
     path = await root.create("owner", **options)
     console = await root.prop(path, "ConsoleLog")
@@ -155,14 +156,12 @@ async def test_the_guests_root_is_the_share_owner_on_the_host(system: System, ro
     await root.call("TerminateMachine", "s", ["owner"])
 
 
-async def test_a_share_the_creator_cannot_open_is_refused(polkit: System, root: Any) -> None:
-    system = polkit
-    await system.start_polkit(rules=True)
-    private = system.dir / f"private-{os.urandom(3).hex()}"
+async def test_a_share_the_creator_cannot_open_is_refused(polkit: System, root: Any) -> None:  # noqa: F811
+    await polkit.start_polkit(rules=True)
+    private = polkit.dir / f"private-{os.urandom(3).hex()}"
     private.mkdir(mode=0o700)
-    options = {"image": f"'{new_image(system)}'", "firmware": "'bios'", "accel": "'tcg'",
+    options = {"image": f"'{owned_file(polkit, 'daemon')}'", "firmware": "'bios'", "accel": "'tcg'",
                "memory": f"uint64 {64 << 20}", "directory": f"'{private}'"}  # fmt: skip
-    created = await gdbus_manager(system, "daemon", "CreateMachine", "private", gvariant(options))
+    created = await gdbus_manager(polkit, "daemon", "CreateMachine", "private", gvariant(options))
     assert created.error in ("org.vmspawnd1.Error.AccessDenied", "org.vmspawnd1.Error.InvalidArgument"), created
     assert str(private) in created.err
-

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from .test_system import System, gdbus_manager, new_image, polkit, root, system  # noqa: F401
+# Fixtures of test_system's (the parameters below reuse their names: F811).
+from .test_system import System, gdbus_manager, owned_file, polkit, root, system  # noqa: F401
 
 TAPS = [f"vmst{os.getpid() % 10000}{suffix}" for suffix in ("n", "d", "x")]
 
@@ -36,27 +37,28 @@ def taps() -> Iterator[dict[str, str]]:
         assert not [n for n in TAPS if Path(f"/sys/class/net/{n}").exists()]
 
 
-def options(system: System, network: str) -> str:
+def options(where: System, network: str) -> str:
     return (
-        f"{{'image': <'{new_image(system)}'>, 'firmware': <'bios'>, 'accel': <'tcg'>, "
+        f"{{'image': <'{owned_file(where, 'daemon')}'>, 'firmware': <'bios'>, 'accel': <'tcg'>, "
         f"'memory': <uint64 {64 << 20}>, 'hotplug_spares': <uint32 1>, 'network': <'{network}'>}}"
     )
 
 
-async def test_a_creator_may_use_its_own_tap_only(polkit: System, root: Any, taps: dict[str, str]) -> None:
-    system = polkit
-    await system.start_polkit(rules=True)
-    theirs = await gdbus_manager(system, "daemon", "CreateMachine", "theirs", options(system, f"tap:{taps['nobody']}"))
+async def test_a_creator_may_use_its_own_tap_only(polkit: System, root: Any, taps: dict[str, str]) -> None:  # noqa: F811
+    await polkit.start_polkit(rules=True)
+    theirs = await gdbus_manager(polkit, "daemon", "CreateMachine", "theirs", options(polkit, f"tap:{taps['nobody']}"))
     assert theirs.error == "org.vmspawnd1.Error.AccessDenied", theirs
     assert taps["nobody"] in theirs.err and "owned by uid 65534" in theirs.err, theirs.err
-    missing = await gdbus_manager(system, "daemon", "CreateMachine", "missing", options(system, f"tap:{taps['missing']}"))
+    missing = await gdbus_manager(
+        polkit, "daemon", "CreateMachine", "missing", options(polkit, f"tap:{taps['missing']}")
+    )
     assert missing.error == "org.vmspawnd1.Error.InvalidArgument", missing
     assert "does not exist" in missing.err, missing.err
     assert not Path(f"/sys/class/net/{taps['missing']}").exists()
 
-    mine = await gdbus_manager(system, "daemon", "CreateMachine", "mine", options(system, f"tap:{taps['daemon']}"))
+    mine = await gdbus_manager(polkit, "daemon", "CreateMachine", "mine", options(polkit, f"tap:{taps['daemon']}"))
     assert mine.code == 0, mine
-    argv = (system.daemon.runtime_dir / "machines" / "mine" / "argv").read_text().splitlines()
+    argv = (polkit.daemon.runtime_dir / "machines" / "mine" / "argv").read_text().splitlines()
     netdev = argv[argv.index("-netdev") + 1]
     assert netdev.startswith("tap,id=net0,fd="), netdev
     assert taps["daemon"] not in " ".join(argv) and "/dev/net/tun" not in argv

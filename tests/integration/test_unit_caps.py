@@ -25,11 +25,12 @@ from dbus_fast import DBusError
 from dbus_fast.aio import MessageBus
 
 from .harness import ROOT, Client, guest_options, qemu_pids, wait_console
+
+# world_dir is a fixture (the parameters below reuse its name: F811).
 from .test_install import UNIT, setpriv_args, world_dir  # noqa: F401
 
 sys.path.insert(0, str(ROOT / "tools"))
 import testbus
-
 
 
 async def start_daemon(directory: Path, address: str, setpriv: list[str]) -> tuple[subprocess.Popen[bytes], Client]:
@@ -50,7 +51,7 @@ async def start_daemon(directory: Path, address: str, setpriv: list[str]) -> tup
 
 
 @pytest.fixture
-def bus(world_dir: Path) -> Iterator[str]:
+def bus(world_dir: Path) -> Iterator[str]:  # noqa: F811
     proc, address = testbus.start(world_dir / "bus")
     yield address
     proc.terminate()
@@ -69,7 +70,7 @@ async def stop(proc: subprocess.Popen[bytes], client: Client, directory: Path) -
 
 
 @pytest.fixture
-async def confined(world_dir: Path, bus: str) -> AsyncIterator[Client]:
+async def confined(world_dir: Path, bus: str) -> AsyncIterator[Client]:  # noqa: F811
     proc, client = await start_daemon(world_dir, bus, setpriv_args(ROOT / "units" / UNIT))
     try:
         yield client
@@ -78,7 +79,9 @@ async def confined(world_dir: Path, bus: str) -> AsyncIterator[Client]:
 
 
 async def test_a_guest_boots_hotplugs_and_reads_a_share_within_the_units_capabilities(
-    confined: Client, world_dir: Path, guest: Any
+    confined: Client,
+    world_dir: Path,  # noqa: F811
+    guest: Any,
 ) -> None:
     share = world_dir / "share"
     share.mkdir()
@@ -97,9 +100,7 @@ async def test_a_guest_boots_hotplugs_and_reads_a_share_within_the_units_capabil
     await confined.call("TerminateMachine", "s", ["capsfs"])
 
 
-async def test_a_virtiofsd_that_cannot_start_is_named_with_its_own_error(
-    world_dir: Path, bus: str, guest: Any
-) -> None:
+async def test_a_virtiofsd_that_cannot_start_is_named_with_its_own_error(world_dir: Path, bus: str, guest: Any) -> None:  # noqa: F811
     """Without CAP_SETUID the daemon cannot hand virtiofsd to the share's owner: the error says
     so in virtiofsd's (here setpriv's) own words and names the log, which is kept."""
     setpriv = [a.replace(",+setuid", "").replace(",+setgid", "") for a in setpriv_args(ROOT / "units" / UNIT)]

@@ -1,0 +1,103 @@
+"""virtiofs shares: virtiofsd's argv, who the guest's root is, the open-and-check on a handle."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vmspawnd import share
+from vmspawnd.cmdline import Share
+from vmspawnd.errors import AccessDenied, InvalidArgument
+from vmspawnd.model import MachineSpec, MountSpec
+from vmspawnd.share import SQUASHED, OpenShare, Virtiofsd, guest_root, virtiofsd_argv
+
+OPENED = OpenShare(Share("fs0", Path("/home/u/a,source=/etc"), "a"), fd=9, uid=1000, gid=1001)
+CONFINE = [
+    "setpriv", "--reuid=1000", "--regid=1001", "--clear-groups", "--inh-caps=-all", "--no-new-privs", "--",
+    "unshare", "--user", "--map-root-user", "--",
+]  # fmt: skip
+
+
+def test_c_virtiofsd_gets_the_handle_never_the_path() -> None:
+    argv = virtiofsd_argv(Virtiofsd("/usr/lib/qemu/virtiofsd", rust=False), OPENED, 7)
+    assert argv == [
+        *CONFINE,
+        "/usr/lib/qemu/virtiofsd",
+        "--fd=7",
+        "-o", "source=/proc/self/fd/9/",
+        "-o", "sandbox=chroot",
+        "-o", "cache=auto",
+        "-o", "modcaps=-mknod:-setfcap",
+    ]  # fmt: skip
+    assert "/home/u" not in " ".join(argv)
+
+
+def test_rust_virtiofsd_gets_the_handle_never_the_path() -> None:
+    argv = virtiofsd_argv(Virtiofsd("/usr/libexec/virtiofsd", rust=True), OPENED, 7)
+    assert argv == [
+        *CONFINE,
+        "/usr/libexec/virtiofsd",
+        "--fd=7",
+        "--shared-dir=/proc/self/fd/9/",
+        "--sandbox=chroot",
+        "--cache=auto",
+        "--modcaps=-mknod:-setfcap",
+    ]
+
+
+@given(st.integers(1, 2**32 - 2), st.integers(0, 2**32 - 2), st.none() | st.integers(0, 2**32 - 2))
+def test_the_guests_root_is_the_owner_never_root(uid: int, gid: int, primary: int | None) -> None:
+    assert guest_root(uid, gid, primary) == (uid, gid if primary is None else primary)
+    assert guest_root(0, gid, primary) == SQUASHED
+    assert 0 not in guest_root(0, gid, primary)
+
+
+def test_share_checks_before_opening() -> None:
+    with pytest.raises(InvalidArgument, match="not an existing directory"):
+        share.check(MachineSpec("m", directory=Path("/nonexistent/dir")))
+    with pytest.raises(InvalidArgument, match="tag"):
+        share.check(MachineSpec("m", mounts=(MountSpec(Path("/tmp"), "a b"),)))
+    with pytest.raises(InvalidArgument, match="unique"):
+        share.check(MachineSpec("m", mounts=(MountSpec(Path("/tmp"), "a"), MountSpec(Path("/"), "a"))))
+
+
+@pytest.fixture
+def world_dir() -> Iterator[Path]:
+    """Traversable by other uids (pytest's tmp_path sits under a 0700 directory)."""
+    path = Path(tempfile.mkdtemp(prefix="vmspawnd-share-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_open_share_checks_the_owner_on_the_handle(world_dir: Path) -> None:
+    mine = world_dir / "mine"
+    mine.mkdir()
+    opened = asyncio.run(share.open_share(0, Share("fs0", mine, "t")))
+    try:
+        assert os.path.samestat(os.fstat(opened.fd), mine.stat())
+        assert (opened.uid, opened.gid) == SQUASHED  # root's own directory
+    finally:
+        os.close(opened.fd)
+    os.chown(mine, 1, 1)
+    with pytest.raises(AccessDenied, match="belongs to uid 1"):
+        asyncio.run(share.open_share(65534, Share("fs0", mine, "t")))
+    link = world_dir / "link"
+    link.symlink_to(mine)
+    with pytest.raises(InvalidArgument, match="symbolic link is not followed"):
+        asyncio.run(share.open_share(0, Share("fs0", link, "t")))
+
+
+def test_errors_are_the_logs_last_lines(tmp_path: Path) -> None:
+    log = tmp_path / "virtiofsd.log"
+    assert share.errors(log) == "(no output)"
+    log.write_text("a\n\nb\nc\nsetpriv: setresuid failed: Operation not permitted\n")
+    assert share.errors(log) == "b; c; setpriv: setresuid failed: Operation not permitted"

@@ -1,0 +1,200 @@
+"""virtiofs shares: open, check, virtiofsd's argv, spawn.
+
+Each shared directory is opened with its creator's rights and its owner is
+checked on that handle; virtiofsd gets the handle (`/proc/self/fd/N/`),
+never the path, so what was checked is what is exported. virtiofsd runs
+in a user namespace whose only uid is the share's owner: the guest's root
+is that owner on the host, files it creates are the owner's, and device
+nodes cannot be made (mknod of a device needs CAP_MKNOD in the host's
+namespace). A share root owns is squashed to nobody, as NFS's root_squash.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import cmdline, state
+from .errors import AccessDenied, InvalidArgument
+from .model import MachineSpec
+from .opener import open_dir_as
+from .process import Process
+
+# The Rust virtiofsd (Debian 13's `virtiofsd` package), then QEMU's own C one (7.2).
+VIRTIOFSD_RUST = Path("/usr/libexec/virtiofsd")
+VIRTIOFSD_C = Path("/usr/lib/qemu/virtiofsd")
+# Root's shares: the guest's root is nobody on the host (NFS's root_squash).
+SQUASHED = (65534, 65534)
+TAG = re.compile(r"[A-Za-z0-9_.:-]{1,36}")
+# Device nodes and file capabilities have no business on a share: virtiofsd
+# drops what it would keep for them (inside its namespace they mean nothing
+# on the host anyway).
+DROPPED_CAPS = "-mknod:-setfcap"
+
+
+@dataclass(frozen=True)
+class Virtiofsd:
+    path: str
+    rust: bool
+
+
+def find_virtiofsd() -> Virtiofsd | None:
+    for path, rust in ((VIRTIOFSD_RUST, True), (VIRTIOFSD_C, False)):
+        if path.exists():
+            return Virtiofsd(str(path), rust)
+    return None
+
+
+def check(spec: MachineSpec) -> None:
+    """What can be told before opening anything (PlanMachine too)."""
+    shares = cmdline.shares(spec)
+    if shares and find_virtiofsd() is None:
+        raise InvalidArgument(f"virtiofs needs {VIRTIOFSD_RUST} or {VIRTIOFSD_C}: apt-get install virtiofsd")
+    for share in shares:
+        try:
+            is_dir = share.source.is_absolute() and stat.S_ISDIR(share.source.stat().st_mode)
+        except OSError:
+            is_dir = False
+        if not is_dir:
+            raise InvalidArgument(f"shared directory {str(share.source)[:200]!r} is not an existing directory")
+        if not TAG.fullmatch(share.tag):
+            raise InvalidArgument(f"virtiofs tag {share.tag!r}: use 1-36 characters from A-Z a-z 0-9 _ . : -")
+    tags = [s.tag for s in shares]
+    if len(set(tags)) != len(tags):
+        raise InvalidArgument(f"virtiofs tags must be unique (got {', '.join(tags)}); 'root' is the directory's")
+    if any(m.read_only for m in spec.mounts):
+        raise InvalidArgument("read-only virtiofs mounts are not supported by virtiofsd 7.2; drop read_only")
+
+
+@dataclass(frozen=True)
+class OpenShare:
+    share: cmdline.Share
+    fd: int
+    # The host uid and gid the guest's root is in this share.
+    uid: int
+    gid: int
+
+
+def guest_root(owner_uid: int, owner_gid: int, primary_gid: int | None) -> tuple[int, int]:
+    """Who the guest's root is on the host: the share's owner (with their own
+    group, else the directory's), nobody for a share of root's."""
+    if owner_uid == 0:
+        return SQUASHED
+    return owner_uid, owner_gid if primary_gid is None else primary_gid
+
+
+async def open_share(creator_uid: int, share: cmdline.Share) -> OpenShare:
+    """The share opened as its creator; a non-root creator must own it."""
+    fd = await open_dir_as(creator_uid, str(share.source))
+    st = os.fstat(fd)
+    if creator_uid != 0 and st.st_uid != creator_uid:
+        os.close(fd)
+        raise AccessDenied(
+            f"uid {creator_uid} may not share {str(share.source)!r}: it belongs to uid {st.st_uid}; "
+            "share a directory you own"
+        )
+    try:
+        primary: int | None = pwd.getpwuid(st.st_uid).pw_gid
+    except KeyError:
+        primary = None
+    uid, gid = guest_root(st.st_uid, st.st_gid, primary)
+    return OpenShare(share, fd, uid, gid)
+
+
+async def open_all(creator_uid: int, spec: MachineSpec) -> list[OpenShare]:
+    opened: list[OpenShare] = []
+    try:
+        for share in cmdline.shares(spec):
+            opened.append(await open_share(creator_uid, share))
+    except BaseException:
+        close(opened)
+        raise
+    return opened
+
+
+def close(opened: list[OpenShare]) -> None:
+    for share in opened:
+        os.close(share.fd)
+
+
+def virtiofsd_argv(binary: Virtiofsd, share: OpenShare, listen_fd: int) -> list[str]:
+    """virtiofsd as the guest-root identity, root of a user namespace of its own.
+
+    setpriv drops to that uid (no capabilities left, no new privileges),
+    unshare makes it root of a new user namespace, where virtiofsd has what
+    its chroot sandbox needs and nothing outside. The trailing slash makes
+    virtiofsd's lstat() follow the /proc magic link to the open directory.
+    """
+    source = f"/proc/self/fd/{share.fd}/"
+    confine = [
+        "setpriv",
+        f"--reuid={share.uid}",
+        f"--regid={share.gid}",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--no-new-privs",
+        "--",
+        "unshare",
+        "--user",
+        "--map-root-user",
+        "--",
+    ]  # fmt: skip
+    if binary.rust:
+        return [
+            *confine,
+            binary.path,
+            f"--fd={listen_fd}",
+            f"--shared-dir={source}",
+            "--sandbox=chroot",
+            "--cache=auto",
+            f"--modcaps={DROPPED_CAPS}",
+        ]  # fmt: skip
+    return [
+        *confine,
+        binary.path,
+        f"--fd={listen_fd}",
+        "-o", f"source={source}",
+        # chroot works in containers too; QEMU's connection ending ends it.
+        "-o", "sandbox=chroot",
+        "-o", "cache=auto",
+        "-o", f"modcaps={DROPPED_CAPS}",
+    ]  # fmt: skip
+
+
+def log_path(directory: Path, share: cmdline.Share) -> Path:
+    return directory / state.virtiofsd_log(share.device)
+
+
+def spawn(binary: Virtiofsd, share: OpenShare, log: Path) -> tuple[Process, int]:
+    """Start virtiofsd; returns it and QEMU's end of its connection.
+
+    virtiofsd gets a listening socket (auto-bound, abstract: no file, no
+    path-length limit) with QEMU's connection already queued.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind("")  # autobind: an abstract address of the kernel's choosing
+        listener.listen(1)
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(listener.getsockname())
+            process = Process.spawn(
+                virtiofsd_argv(binary, share, listener.fileno()), log, pass_fds=(listener.fileno(), share.fd)
+            )
+        except BaseException:
+            conn.close()
+            raise
+        return process, conn.detach()
+
+
+def errors(log: Path) -> str:
+    """virtiofsd's (or setpriv's, unshare's) last words."""
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except FileNotFoundError:
+        return "(no output)"
+    return "; ".join(lines[-3:]) or "(no output)"
