@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import __version__, systemd
+from . import __version__, config, systemd
 from .bus.service import BusService, NameTaken
 from .manager import Manager, default_runtime_dir
 from .model import MachineState
@@ -84,7 +84,12 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace, runtime_dir: Path) -> int:
-    manager = Manager(runtime_dir)
+    try:
+        conf = config.load()
+    except config.ConfigError as e:
+        log.error("%s", e)
+        return 1
+    manager = Manager(runtime_dir, conf)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -24,13 +24,18 @@ import pytest
 from dbus_fast import DBusError
 from dbus_fast.aio import MessageBus
 
+from vmspawnd import share
+from vmspawnd.cmdline import Share
+
 from .harness import ROOT, Client, guest_options, qemu_pids, wait_console
 
 # world_dir is a fixture (the parameters below reuse its name: F811).
-from .test_install import UNIT, setpriv_args, world_dir  # noqa: F401
+from .test_install import UNIT, setpriv_args, unit_settings, world_dir  # noqa: F401
 
 sys.path.insert(0, str(ROOT / "tools"))
 import testbus
+
+OPENED = share.OpenShare(Share("fs0", Path("/srv/a"), "a"), fd=5, uid=1000, gid=1000)
 
 
 async def start_daemon(directory: Path, address: str, setpriv: list[str]) -> tuple[subprocess.Popen[bytes], Client]:
@@ -117,3 +122,14 @@ async def test_a_virtiofsd_that_cannot_start_is_named_with_its_own_error(world_d
         assert Path(logs[0]).read_text().strip() and "Operation not permitted" in message, message
     finally:
         await stop(proc, client, world_dir)
+
+
+def test_the_unit_allows_what_virtiofsds_confinement_uses() -> None:
+    """What setpriv cannot apply here: the user namespace virtiofsd runs in and its chroot."""
+    settings = unit_settings(ROOT / "units" / UNIT)
+    assert settings["RestrictNamespaces"] == ["user"]
+    (filters,) = settings["SystemCallFilter"]
+    assert {"seccomp", "chroot"} <= set(filters.split())
+    argv = share.virtiofsd_argv(share.Virtiofsd("/usr/lib/qemu/virtiofsd", False), OPENED, 3)
+    assert argv[argv.index("unshare") : argv.index("unshare") + 3] == ["unshare", "--user", "--map-root-user"]
+    assert "sandbox=chroot" in argv
