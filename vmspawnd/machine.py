@@ -366,14 +366,14 @@ class Machine:
         return fs_fds
 
     async def _stop_virtiofsd(self) -> None:
-        """They end with QEMU's connection; this is for a QEMU that never came up."""
+        """They end on their own once QEMU's end of their connection is closed
+        (QEMU gone, or never started); one that does not is stopped."""
+        if running := [p.exited for _, p in self._virtiofsd if not p.exited.done()]:
+            await asyncio.wait(running, timeout=QUIT_TIMEOUT)
         await asyncio.gather(*(p.stop(QUIT_TIMEOUT) for _, p in self._virtiofsd if not p.exited.done()))
 
     async def _virtiofsd_failures(self) -> str:
         """Each virtiofsd that failed, in its own words, with its log (kept)."""
-        # QEMU is gone: its connections closed, so every virtiofsd ends on its own.
-        if running := [p.exited for _, p in self._virtiofsd if not p.exited.done()]:
-            await asyncio.wait(running, timeout=QUIT_TIMEOUT)
         await self._stop_virtiofsd()
         failed = []
         for opened, process in self._virtiofsd:

@@ -217,9 +217,38 @@ def world_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+async def start_confined(directory: Path, address: str, setpriv: list[str]) -> tuple[subprocess.Popen[bytes], Client]:
+    """The daemon under `setpriv`, on the bus at `address`; returns once it owns its name."""
+    env = os.environ | {"DBUS_SYSTEM_BUS_ADDRESS": address, "PYTHONPATH": str(ROOT)}
+    with open(directory / "daemon.log", "ab") as log:
+        daemon = subprocess.Popen(
+            [*setpriv, sys.executable, "-m", "vmspawnd", "--runtime-dir", str(directory / "run")],
+            env=env, stdout=log, stderr=log,
+        )  # fmt: skip
+    client = Client(await MessageBus(bus_address=address, negotiate_unix_fd=True).connect())
+    deadline = time.monotonic() + 20
+    while "org.vmspawnd1" not in (await client.call(
+        "ListNames", path="/org/freedesktop/DBus", interface="org.freedesktop.DBus",
+        destination="org.freedesktop.DBus"))[0]:  # fmt: skip
+        assert daemon.poll() is None and time.monotonic() < deadline, (directory / "daemon.log").read_text()
+        await asyncio.sleep(0.1)
+    return daemon, client
+
+
+async def stop_confined(daemon: subprocess.Popen[bytes], client: Client, directory: Path) -> None:
+    try:
+        await client.terminate_all()
+    finally:
+        client.close()
+        daemon.terminate()
+        daemon.wait(20)
+        for pid in qemu_pids(str(directory)):
+            os.kill(pid, signal.SIGKILL)
+
+
 async def test_daemon_and_qemu_work_within_the_units_capabilities(world_dir: Path) -> None:
     """PID 1 is not systemd here, so the unit cannot run; its capability bounding set and
-    NoNewPrivileges can, through setpriv: QEMU with user networking and with a tap device it
+    NoNewPrivileges can, through setpriv: QEMU with user networking and with a tap device the daemon
     creates, an image only root may open, and a drive opened as another user by the opener."""
     directory = world_dir
     bus_proc, address = testbus.start(directory / "bus")
@@ -230,21 +259,9 @@ async def test_daemon_and_qemu_work_within_the_units_capabilities(world_dir: Pat
     plain = directory / "plain.raw"
     plain.write_bytes(b"\0" * (1 << 20))
     env = os.environ | {"DBUS_SYSTEM_BUS_ADDRESS": address, "PYTHONPATH": str(ROOT)}
-    with open(directory / "daemon.log", "wb") as log:
-        daemon = subprocess.Popen(
-            [*setpriv_args(ROOT / "units" / UNIT), sys.executable, "-m", "vmspawnd", "--runtime-dir",
-             str(directory / "run")],
-            env=env, stdout=log, stderr=log,
-        )  # fmt: skip
-    client = Client(await MessageBus(bus_address=address, negotiate_unix_fd=True).connect())
+    daemon, client = await start_confined(directory, address, setpriv_args(ROOT / "units" / UNIT))
     tap = f"vmsdt{os.getpid() % 100000}"
     try:
-        deadline = time.monotonic() + 20
-        while "org.vmspawnd1" not in (await client.call(
-            "ListNames", path="/org/freedesktop/DBus", interface="org.freedesktop.DBus",
-            destination="org.freedesktop.DBus"))[0]:  # fmt: skip
-            assert daemon.poll() is None and time.monotonic() < deadline, (directory / "daemon.log").read_text()
-            await asyncio.sleep(0.1)
         base = {"firmware": "bios", "accel": "tcg", "memory": 64 << 20, "hotplug_spares": 2}
         user = await client.create("usernet", image=str(protected), network="user", **base)
         assert await client.prop(user, "State") == "running"
@@ -266,13 +283,8 @@ async def test_daemon_and_qemu_work_within_the_units_capabilities(world_dir: Pat
             env=env, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert check.returncode == 0, check.stderr
-        await client.terminate_all()
     finally:
-        client.close()
-        daemon.terminate()
-        daemon.wait(20)
-        for pid in qemu_pids(str(directory)):
-            os.kill(pid, signal.SIGKILL)
+        await stop_confined(daemon, client, directory)
         bus_proc.terminate()
         bus_proc.wait()
     assert not Path(f"/sys/class/net/{tap}").exists()

@@ -9,50 +9,27 @@ applied with setpriv, parsed from the unit file (test_install.setpriv_args).
 
 from __future__ import annotations
 
-import asyncio
-import os
 import re
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from dbus_fast import DBusError
-from dbus_fast.aio import MessageBus
 
 from vmspawnd import share
 from vmspawnd.cmdline import Share
 
-from .harness import ROOT, Client, guest_options, qemu_pids, wait_console
+from .harness import ROOT, Client, guest_options, wait_console
 
 # world_dir is a fixture (the parameters below reuse its name: F811).
-from .test_install import UNIT, setpriv_args, unit_settings, world_dir  # noqa: F401
+from .test_install import UNIT, setpriv_args, start_confined, stop_confined, unit_settings, world_dir  # noqa: F401
 
 sys.path.insert(0, str(ROOT / "tools"))
 import testbus
 
 OPENED = share.OpenShare(Share("fs0", Path("/srv/a"), "a"), fd=5, uid=1000, gid=1000)
-
-
-async def start_daemon(directory: Path, address: str, setpriv: list[str]) -> tuple[subprocess.Popen[bytes], Client]:
-    env = os.environ | {"DBUS_SYSTEM_BUS_ADDRESS": address, "PYTHONPATH": str(ROOT)}
-    with open(directory / "daemon.log", "ab") as log:
-        proc = subprocess.Popen(
-            [*setpriv, sys.executable, "-m", "vmspawnd", "--runtime-dir", str(directory / "run")],
-            env=env, stdout=log, stderr=log,
-        )  # fmt: skip
-    client = Client(await MessageBus(bus_address=address, negotiate_unix_fd=True).connect())
-    deadline = time.monotonic() + 20
-    while "org.vmspawnd1" not in (await client.call(
-        "ListNames", path="/org/freedesktop/DBus", interface="org.freedesktop.DBus",
-        destination="org.freedesktop.DBus"))[0]:  # fmt: skip
-        assert proc.poll() is None and time.monotonic() < deadline, (directory / "daemon.log").read_text()
-        await asyncio.sleep(0.1)
-    return proc, client
 
 
 @pytest.fixture
@@ -63,24 +40,13 @@ def bus(world_dir: Path) -> Iterator[str]:  # noqa: F811
     proc.wait()
 
 
-async def stop(proc: subprocess.Popen[bytes], client: Client, directory: Path) -> None:
-    try:
-        await client.terminate_all()
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(20)
-        for pid in qemu_pids(str(directory)):
-            os.kill(pid, signal.SIGKILL)
-
-
 @pytest.fixture
 async def confined(world_dir: Path, bus: str) -> AsyncIterator[Client]:  # noqa: F811
-    proc, client = await start_daemon(world_dir, bus, setpriv_args(ROOT / "units" / UNIT))
+    proc, client = await start_confined(world_dir, bus, setpriv_args(ROOT / "units" / UNIT))
     try:
         yield client
     finally:
-        await stop(proc, client, world_dir)
+        await stop_confined(proc, client, world_dir)
 
 
 async def test_a_guest_boots_hotplugs_and_reads_a_share_within_the_units_capabilities(
@@ -109,7 +75,7 @@ async def test_a_virtiofsd_that_cannot_start_is_named_with_its_own_error(world_d
     """Without CAP_SETUID the daemon cannot hand virtiofsd to the share's owner: the error says
     so in virtiofsd's (here setpriv's) own words and names the log, which is kept."""
     setpriv = [a.replace(",+setuid", "").replace(",+setgid", "") for a in setpriv_args(ROOT / "units" / UNIT)]
-    proc, client = await start_daemon(world_dir, bus, setpriv)
+    proc, client = await start_confined(world_dir, bus, setpriv)
     try:
         share = world_dir / "share2"
         share.mkdir()
@@ -121,7 +87,7 @@ async def test_a_virtiofsd_that_cannot_start_is_named_with_its_own_error(world_d
         assert logs, message
         assert Path(logs[0]).read_text().strip() and "Operation not permitted" in message, message
     finally:
-        await stop(proc, client, world_dir)
+        await stop_confined(proc, client, world_dir)
 
 
 def test_the_unit_allows_what_virtiofsds_confinement_uses() -> None:
