@@ -54,7 +54,9 @@ def check(spec: MachineSpec) -> None:
     """What can be told before opening anything (PlanMachine too)."""
     shares = cmdline.shares(spec)
     if shares and find_virtiofsd() is None:
-        raise InvalidArgument(f"virtiofs needs {VIRTIOFSD_RUST} or {VIRTIOFSD_C}: apt-get install virtiofsd")
+        raise InvalidArgument(
+            f"virtiofs needs {VIRTIOFSD_RUST} (package virtiofsd) or {VIRTIOFSD_C} (package qemu-system-common)"
+        )
     for share in shares:
         try:
             is_dir = share.source.is_absolute() and stat.S_ISDIR(share.source.stat().st_mode)
