@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ TAPS = [f"vmst{os.getpid() % 10000}{suffix}" for suffix in ("n", "d", "x")]
 
 
 @pytest.fixture
-def taps() -> Iterator[dict[str, str]]:
+async def taps(root: Any) -> AsyncIterator[dict[str, str]]:  # noqa: F811
     """Persistent taps: one `nobody` owns, one `daemon` owns; a third name that does not exist."""
     made = {"nobody": TAPS[0], "daemon": TAPS[1], "missing": TAPS[2]}
     for user in ("nobody", "daemon"):
@@ -32,6 +32,8 @@ def taps() -> Iterator[dict[str, str]]:
     try:
         yield made
     finally:
+        # A tap QEMU still holds cannot be deleted: machines first.
+        await root.terminate_all()
         for name in TAPS:
             subprocess.run(["ip", "tuntap", "del", "dev", name, "mode", "tap"], capture_output=True)
         assert not [n for n in TAPS if Path(f"/sys/class/net/{n}").exists()]
