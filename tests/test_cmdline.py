@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from vmspawnd.cmdline import OVMF, QEMU, Runtime, Share, blockdev, build_argv, escape, shares
 from vmspawnd.errors import VmspawndError
+from vmspawnd.imagechain import Layer, Role, single
 from vmspawnd.model import (
     Accel,
     DiskType,
@@ -312,6 +313,8 @@ def test_blockdev_json(fmt: ImageFormat, disk_type: DiskType, read_only: bool) -
         "read-only": ro,
         # JSON syntax: no comma escaping in file names.
         "file": {"driver": "file", "filename": "/img/a,b.img", "read-only": ro},
+        # QEMU opens no backing file a qcow2 header names.
+        **({"backing": None} if fmt is ImageFormat.QCOW2 else {}),
     }
 
 
@@ -325,8 +328,48 @@ def test_blockdev_precedes_its_device() -> None:
 
 
 def test_blockdev_helper_uses_the_given_filename() -> None:
-    bd = blockdev("x", DriveSpec(Path("/p")), "/proc/self/fd/9")
+    bd = blockdev("x", single("/p", ImageFormat.RAW, False), lambda layer: "/proc/self/fd/9")
     assert bd["file"] == {"driver": "file", "filename": "/proc/self/fd/9", "read-only": False}
+
+
+def test_blockdev_nests_every_layer_of_a_chain() -> None:
+    base = Layer("2", "/b/base.raw", Role.BACKING, ImageFormat.RAW, True)
+    data = Layer("1d", "/b/mid.data", Role.DATA_FILE, ImageFormat.RAW, True)
+    mid = Layer("1", "/b/mid.qcow2", Role.BACKING, ImageFormat.QCOW2, True, base, data)
+    top = Layer("0", "/t/top.qcow2", Role.IMAGE, ImageFormat.QCOW2, False, mid)
+    fds = {"0": 10, "1": 11, "1d": 12, "2": 13}
+    bd = blockdev("disk3", top, lambda layer: f"/dev/fdset/{fds[layer.label]}")
+
+    def file(n: int, ro: bool) -> dict[str, object]:
+        return {"driver": "file", "filename": f"/dev/fdset/{n}", "read-only": ro}
+
+    assert bd == {
+        "node-name": "disk3-node",
+        "driver": "qcow2",
+        "read-only": False,
+        "file": file(10, False),
+        "backing": {
+            "driver": "qcow2",
+            "read-only": True,
+            "file": file(11, True),
+            "backing": {"driver": "raw", "read-only": True, "file": file(13, True)},
+            "data-file": file(12, True),
+        },
+    }
+
+
+def test_boot_drives_take_their_chain_from_the_runtime() -> None:
+    base = Layer("1", "/b/base.raw", Role.BACKING, ImageFormat.RAW, True)
+    top = Layer("0", str(IMG), Role.IMAGE, ImageFormat.QCOW2, False, base)
+    opened = {str(IMG): "/proc/self/fd/10", "/b/base.raw": "/proc/self/fd/11"}
+    rt = Runtime(MACHINE_ID, 3, RT.console_log, opened=opened, chains={"disk0": top})
+    [bd] = blockdevs(argv_for(spec(image=DriveSpec(IMG, format=ImageFormat.QCOW2)), rt))
+    assert bd["file"]["filename"] == "/proc/self/fd/10"
+    assert bd["backing"] == {
+        "driver": "raw",
+        "read-only": True,
+        "file": {"driver": "file", "filename": "/proc/self/fd/11", "read-only": True},
+    }
 
 
 def test_runtime_opened_maps_paths_to_proc_fds() -> None:

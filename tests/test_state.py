@@ -58,7 +58,7 @@ def record(**kw: Any) -> MachineRecord:
         start_time=123456789,
         drives=(
             Drive("disk0", "/img", DiskType.NVME, "rp0"),
-            Drive("hp1", "/proc/self/fd/9", DiskType.VIRTIO_SCSI, "rp5", DriveState.REMOVING, 3, "scsi1"),
+            Drive("hp1", "/proc/self/fd/9", DiskType.VIRTIO_SCSI, "rp5", DriveState.REMOVING, (3, 5), "scsi1"),
         ),
         next_fdset=4,
         next_controller=2,
@@ -91,11 +91,20 @@ def test_dumps_is_versioned_sorted_json() -> None:
         "disk_type": "virtio-scsi",
         "port": "rp5",
         "state": "removing",
-        "fdset": 3,
+        "fdsets": [3, 5],
         "controller": "scsi1",
     }
     # Stable: dumping what was loaded gives the same text.
     assert dumps(loads(text)) == text
+
+
+@pytest.mark.parametrize(("old", "fdsets"), [(3, (3,)), (None, ())])
+def test_records_from_before_image_chains_keep_their_fdset(old: int | None, fdsets: tuple[int, ...]) -> None:
+    d = json.loads(dumps(record()))
+    drive = d["drives"][1]
+    del drive["fdsets"]
+    drive["fdset"] = old
+    assert loads(json.dumps(d)).drives[1].fdsets == fdsets
 
 
 texts = st.text(max_size=12)
@@ -129,7 +138,7 @@ drives = st.builds(
     st.sampled_from(list(DiskType)),
     texts,
     st.sampled_from(list(DriveState)),
-    st.none() | st.integers(0, 2**31),
+    st.lists(st.integers(0, 2**31), max_size=4).map(tuple),
     texts,
 )
 records = st.builds(
@@ -377,7 +386,8 @@ WRONG_TYPES = [
     (("spec", "drives", 0, "disk_type"), "floppy", r"spec.drives\[0\].disk_type: 'floppy' is not one of"),
     (("spec", "qemu_extra", 1), 2, r"spec.qemu_extra\[1\]: expected str, got int"),
     (("spec", "mounts", 0), "srv", r"spec.mounts\[0\]: expected an object, got str"),
-    (("drives", 1, "fdset"), "3", r"drives\[1\].fdset: expected int, got str"),
+    (("drives", 1, "fdsets"), "3", r"drives\[1\].fdsets: expected list, got str"),
+    (("drives", 1, "fdsets", 0), "3", r"drives\[1\].fdsets\[0\]: expected int, got str"),
     (("drives", 0, "state"), "gone", r"drives\[0\].state: 'gone' is not one of attached, removing"),
     (("drives",), {}, "drives: expected list, got dict"),
     (("spec",), None, "spec: expected dict, got NoneType"),

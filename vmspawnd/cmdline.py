@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .model import Accel, DiskType, DriveSpec, Firmware, MachineSpec, MiB, NetworkMode, PortRole
+from .imagechain import Layer, Role, single
+from .model import Accel, DiskType, DriveSpec, Firmware, ImageFormat, MachineSpec, MiB, NetworkMode, PortRole
 from .topology import IMPLICIT_DEVICES, SCSI_CONTROLLER, Plan, drive_id
 
 QEMU = "qemu-system-x86_64"
@@ -31,9 +33,17 @@ class Runtime:
     fs_fds: dict[str, int] = field(default_factory=dict)
     # The tap device the daemon opened (and checked the creator may use).
     tap_fd: int | None = None
+    # A boot drive's device id -> its image chain, every layer of it in `opened`.
+    chains: dict[str, Layer] = field(default_factory=dict)
 
     def path(self, path: Path) -> str:
         return self.opened.get(str(path), str(path))
+
+    def chain(self, device_id: str, drive: DriveSpec) -> Layer:
+        return self.chains.get(device_id) or single(str(drive.path), drive.format, read_only(drive))
+
+    def layer_path(self, layer: Layer) -> str:
+        return self.path(Path(layer.path))
 
 
 def escape(value: str) -> str:
@@ -51,15 +61,30 @@ def node_name(device_id: str) -> str:
     return f"{device_id}-node"
 
 
-def blockdev(device_id: str, drive: DriveSpec, filename: str | None = None) -> dict[str, object]:
-    """The -blockdev / QMP blockdev-add arguments for `drive`."""
-    read_only = drive.read_only or drive.disk_type is DiskType.VIRTIO_SCSI_CDROM
-    return {
-        "driver": str(drive.format),
-        "node-name": node_name(device_id),
-        "read-only": read_only,
-        "file": {"driver": "file", "filename": filename or str(drive.path), "read-only": read_only},
-    }
+def read_only(drive: DriveSpec) -> bool:
+    return drive.read_only or drive.disk_type is DiskType.VIRTIO_SCSI_CDROM
+
+
+def blockdev(device_id: str, top: Layer, filename: Callable[[Layer], str]) -> dict[str, object]:
+    """The -blockdev / QMP blockdev-add arguments for a drive's image chain.
+
+    Every layer is an explicit node whose file is `filename(layer)` (an fd
+    of the daemon's): a qcow2 node always gets `backing` (a node, or null
+    at the bottom) and its `data-file`, so QEMU opens nothing its header names.
+    """
+    return {"node-name": node_name(device_id)} | _node(top, filename)
+
+
+def _node(layer: Layer, filename: Callable[[Layer], str]) -> dict[str, object]:
+    file: dict[str, object] = {"driver": "file", "filename": filename(layer), "read-only": layer.read_only}
+    if layer.role is Role.DATA_FILE:
+        return file
+    node: dict[str, object] = {"driver": str(layer.format), "read-only": layer.read_only, "file": file}
+    if layer.format is ImageFormat.QCOW2:
+        node["backing"] = _node(layer.backing, filename) if layer.backing is not None else None
+        if layer.data_file is not None:
+            node["data-file"] = _node(layer.data_file, filename)
+    return node
 
 
 def drive_device(device_id: str, drive: DriveSpec, bus: str, bootindex: int | None = None) -> dict[str, object]:
@@ -153,7 +178,7 @@ def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
         dev = drive_id(i)
         bus = SCSI_CONTROLLER if drive.disk_type.is_scsi else plan.port_carrying(dev).id
         bootindex = 1 if spec.image is not None and i == 0 else None
-        argv += ["-blockdev", json.dumps(blockdev(dev, drive, rt.path(drive.path)), separators=(",", ":"))]
+        argv += ["-blockdev", json.dumps(blockdev(dev, rt.chain(dev, drive), rt.layer_path), separators=(",", ":"))]
         argv += _device_args(drive_device(dev, drive, bus, bootindex))
 
     if spec.network.mode is not NetworkMode.NONE:

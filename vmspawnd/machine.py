@@ -17,8 +17,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import cmdline, share, state
+from . import cmdline, imagechain, share, state
+from .chainopen import OpenedChain
 from .errors import (
+    AccessDenied,
     InvalidArgument,
     NoFreePort,
     NoSpace,
@@ -193,10 +195,12 @@ class Machine:
         opened: dict[str, int],
         shares: Sequence[share.OpenShare] = (),
         tap_fd: int | None = None,
+        chains: dict[str, imagechain.Layer] | None = None,
     ) -> None:
         """Start QEMU; returns once its monitor answered qmp_capabilities.
 
-        `opened` maps caller-named paths to fds, `shares` are the opened
+        `opened` maps caller-named paths to fds (each layer of `chains`, a
+        boot drive's id -> its image chain, too), `shares` are the opened
         share directories, `tap_fd` the attached tap: all the caller's to close.
         """
         self.dir.mkdir(parents=True)
@@ -209,7 +213,9 @@ class Machine:
             fs_fds = self._start_virtiofsd(shares)
             taps = () if tap_fd is None else (tap_fd,)
             try:
-                rt = cmdline.Runtime(self.id, listener.fileno(), self.console_log, vsock_cid, fd_paths, fs_fds, tap_fd)
+                rt = cmdline.Runtime(
+                    self.id, listener.fileno(), self.console_log, vsock_cid, fd_paths, fs_fds, tap_fd, chains or {}
+                )
                 argv = cmdline.build_argv(self.spec, self.plan, rt)
                 (self.dir / "argv").write_text("\n".join(argv) + "\n")
                 self.process = Process.spawn(
@@ -307,15 +313,18 @@ class Machine:
         }
         nodes = {n["node-name"] for n in await self._monitor.execute("query-named-block-nodes")}
         fdsets = {f["fdset-id"]: f for f in await self._monitor.execute("query-fdsets")}
-        # add-fd's opaque is "drive-id:path": which drive an fdset belongs to.
-        passed: dict[str, tuple[int | None, str]] = {}
-        for i, f in fdsets.items():
-            dev, _, path = (f["fds"][0].get("opaque", "") if f["fds"] else "").partition(":")
-            passed[dev] = (i, path)
+        # add-fd's opaque names the drive and layer an fdset belongs to.
+        owned: dict[str, list[int]] = {}
+        image_paths: dict[str, str] = {}
+        for i, f in sorted(fdsets.items()):
+            dev, label, path = imagechain.parse_opaque(f["fds"][0].get("opaque", "") if f["fds"] else "")
+            owned.setdefault(dev, []).append(i)
+            if label == imagechain.level_label(0):
+                image_paths[dev] = path
         drives: dict[str, Drive] = {}
         for dev, drive in recorded.items():
             if dev in peripheral:
-                drives[dev] = drive
+                drives[dev] = replace(drive, fdsets=tuple(owned.get(dev, ())))
             else:
                 log.warning("machine %s: drive %s went away while vmspawnd was down", self.name, dev)
         for dev, driver in peripheral.items():
@@ -324,8 +333,9 @@ class Machine:
             bus = await self._qom_basename(f"/machine/peripheral/{dev}", "parent_bus")
             controller = bus.partition(".")[0] if DRIVER_TYPES[driver].is_scsi else ""
             port = await self._qom_basename(f"/machine/peripheral/{controller}", "parent_bus") if controller else bus
-            fdset, path = passed.get(dev, (None, "?"))
-            drives[dev] = Drive(dev, path, DRIVER_TYPES[driver], port, fdset=fdset, controller=controller)
+            path = image_paths.get(dev, "?")
+            fdset_ids = tuple(owned.get(dev, ()))
+            drives[dev] = Drive(dev, path, DRIVER_TYPES[driver], port, fdsets=fdset_ids, controller=controller)
             log.warning("machine %s: drive %s on %s was not in state.json; taken from QEMU", self.name, dev, port)
         for node in sorted(nodes):
             dev = node.removesuffix("-node")
@@ -333,7 +343,7 @@ class Machine:
                 log.warning("machine %s: removing orphan block node %s (a request cut short)", self.name, node)
                 with contextlib.suppress(QmpError):
                     await self._monitor.execute("blockdev-del", {"node-name": node})
-        used = {d.fdset for d in drives.values()}
+        used = {i for d in drives.values() for i in d.fdsets}
         for fdset in sorted(set(fdsets) - used):
             log.warning("machine %s: removing orphan fdset %d", self.name, fdset)
             with contextlib.suppress(QmpError):
@@ -631,8 +641,9 @@ class Machine:
             )
         return requested_id
 
-    async def add_drive(self, drive: DriveSpec, requested_id: str = "", fd: int | None = None) -> Drive:
-        """blockdev-add + device_add on the lowest free spare port; undone on failure."""
+    async def add_drive(self, drive: DriveSpec, chain: OpenedChain, requested_id: str = "") -> Drive:
+        """Each layer of `chain` into its own fdset, blockdev-add + device_add
+        on the lowest free spare port; undone on failure. The fds stay the caller's."""
         async with self._request("AddDrive"):
             self.validate_drive(drive, requested_id)
             dev = requested_id or self._new_drive_id()
@@ -640,17 +651,17 @@ class Machine:
             # The undo of the command in flight: one that times out may still be carried out.
             pending: list[tuple[str, dict[str, object]]] = []
             port = ""
-            fdset = None
+            fdsets: dict[str, int] = {}
             controller = ""
             try:
-                filename = None
-                if fd is not None:
+                for layer in chain.top.walk():
                     fdset = self._next_fdset
                     self._next_fdset += 1
                     pending = [("remove-fd", {"fdset-id": fdset})]
-                    await self._monitor.pass_fd(fd, fdset, f"{dev}:{drive.path}")
+                    await self._monitor.pass_fd(chain.fds[layer.label], fdset, imagechain.opaque(dev, layer))
                     undo += pending
-                    filename = f"/dev/fdset/{fdset}"
+                    pending = []
+                    fdsets[layer.label] = fdset
                 if drive.disk_type.is_scsi:
                     pending = []
                     controller, port, created = await self._scsi_controller()
@@ -659,15 +670,27 @@ class Machine:
                     bus = controller
                 else:
                     port = bus = self._take_spare(dev)
+                names = {label: f"/dev/fdset/{i}" for label, i in fdsets.items()}
+                known = {n["node-name"] for n in await self._monitor.execute("query-named-block-nodes")}
                 pending = [("blockdev-del", {"node-name": cmdline.node_name(dev)})]
-                await self._monitor.execute("blockdev-add", cmdline.blockdev(dev, drive, filename))
+                await self._monitor.execute(
+                    "blockdev-add", cmdline.blockdev(dev, chain.top, lambda la: names[la.label])
+                )
                 undo += pending
                 pending = []
+                nodes = await self._monitor.execute("query-named-block-nodes")
+                if strays := imagechain.opened_by_name(known, nodes, set(names.values())):
+                    raise AccessDenied(
+                        f"QEMU opened {', '.join(map(repr, strays))} by name for {drive.path}: its header changed "
+                        "while vmspawnd read it; the drive was not attached"
+                    )
                 if FAULT == "after-blockdev-add":
                     os.kill(os.getpid(), signal.SIGKILL)
                 await self._monitor.execute("device_add", cmdline.drive_device(dev, drive, bus))
             except QemuUnresponsive as e:
-                late = Drive(dev, str(drive.path), drive.disk_type, port, DriveState.REMOVING, fdset, controller)
+                late = Drive(
+                    dev, str(drive.path), drive.disk_type, port, DriveState.REMOVING, tuple(fdsets.values()), controller
+                )
                 self._unanswered(e, lambda: self._cancel_late_add(late, undo + pending))
                 raise
             except QmpError as e:
@@ -679,7 +702,9 @@ class Machine:
                 # NoFreePort and the like: the fd already handed over goes back.
                 await self._undo(undo, port, dev)
                 raise
-            record = Drive(dev, str(drive.path), drive.disk_type, port, fdset=fdset, controller=controller)
+            record = Drive(
+                dev, str(drive.path), drive.disk_type, port, fdsets=tuple(fdsets.values()), controller=controller
+            )
             self.drives[dev] = record
             if not requested_id:
                 self._next_drive = int(dev.removeprefix("disk")) + 1
@@ -778,8 +803,8 @@ class Machine:
             if drive is not None:
                 with contextlib.suppress(QmpError, QmpDisconnected):
                     await self._monitor.execute("blockdev-del", {"node-name": cmdline.node_name(dev)})
-                    if drive.fdset is not None:
-                        await self._monitor.execute("remove-fd", {"fdset-id": drive.fdset})
+                    for fdset in drive.fdsets:
+                        await self._monitor.execute("remove-fd", {"fdset-id": fdset})
                 if not drive.controller:
                     self.port_owner.pop(drive.port, None)
                 elif not any(d.controller == drive.controller for d in self.drives.values()):

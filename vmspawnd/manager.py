@@ -17,15 +17,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import share, state, tap
+from . import cmdline, imagechain, share, state, tap
+from .chainopen import open_chain
 from .config import Config
 from .errors import AccessDenied, InvalidArgument, MachineExists, NoSuchMachine, VmspawndError
 from .machine import Machine
-from .model import DiskType, MachineSpec, MachineState, NetworkMode
+from .model import MachineSpec, MachineState, NetworkMode
 from .opener import open_as
 from .process import Process, option, qemu_processes, start_time
 from .qmp import QmpDisconnected, QmpError
-from .topology import Plan, plan_machine
+from .topology import Plan, drive_id, plan_machine
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +77,41 @@ def check_spec(spec: MachineSpec) -> None:
 
 
 def boot_files(spec: MachineSpec) -> list[tuple[str, Path, bool]]:
-    """(what, path, read-only) for every file QEMU needs at start."""
-    files = [("kernel", p, True) for p in (spec.kernel,) if p] + [("initrd", p, True) for p in (spec.initrd,) if p]
+    """(what, path, read-only) for the kernel and initrd."""
+    return [("kernel", p, True) for p in (spec.kernel,) if p] + [("initrd", p, True) for p in (spec.initrd,) if p]
+
+
+async def open_boot_files(spec: MachineSpec, uid: int, opened: dict[str, int]) -> dict[str, imagechain.Layer]:
+    """Open every file QEMU needs at start, each layer of each image chain
+    too, into `opened` (path -> fd); returns each drive's chain by its device id.
+
+    A file used twice is opened once, with the most rights any use needs
+    (QEMU reopens an fd's file for its own use: never with more than ours)."""
+    writable: set[str] = set()
+
+    def add(name: str, fd: int, read_only: bool) -> None:
+        path = str(Path(name))
+        if path not in opened:
+            opened[path] = fd
+        elif read_only or path in writable:
+            os.close(fd)
+        else:
+            os.close(opened.pop(path))
+            opened[path] = fd
+        if not read_only:
+            writable.add(path)
+
+    for what, path, read_only in boot_files(spec):
+        if str(path) not in opened:
+            add(str(path), await open_as(uid, str(path), read_only, what), read_only)
+    chains: dict[str, imagechain.Layer] = {}
     for i, drive in enumerate(spec.boot_drives):
         what = "image" if spec.image is not None and i == 0 else "drive"
-        files.append((what, drive.path, drive.read_only or drive.disk_type is DiskType.VIRTIO_SCSI_CDROM))
-    return files
+        chain = await open_chain(uid, str(drive.path), drive.format, cmdline.read_only(drive), what)
+        for layer in chain.top.walk():
+            add(layer.path, chain.fds[layer.label], layer.read_only)
+        chains[drive_id(i)] = chain.top
+    return chains
 
 
 def same_process(pid: int, recorded_start: int) -> bool:
@@ -170,15 +200,13 @@ class Manager:
         shares: list[share.OpenShare] = []
         tap_fd = None
         try:
-            for what, path, read_only in boot_files(spec):
-                if str(path) not in opened:
-                    opened[str(path)] = await open_as(owner_uid, str(path), read_only, what)
+            chains = await open_boot_files(spec, owner_uid, opened)
             shares = await share.open_all(owner_uid, spec)
             if spec.network.mode is NetworkMode.TAP:
                 granted = self.config.taps_by_uid.get(owner_uid, ())
                 tap_fd = tap.open_tap(owner_uid, spec.network.tap, granted)
             with state.space_of(directory):
-                await machine.start(3 + secrets.randbelow(2**31), opened, shares, tap_fd)
+                await machine.start(3 + secrets.randbelow(2**31), opened, shares, tap_fd, chains)
         except BaseException:
             await asyncio.shield(machine.discard())
             raise

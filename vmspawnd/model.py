@@ -80,7 +80,8 @@ class Drive:
     # The root port the drive sits on; a SCSI drive names its controller's port.
     port: str
     state: DriveState = DriveState.ATTACHED
-    fdset: int | None = None
+    # The fdsets QEMU holds the drive's layers in (hotplugged drives), one per layer.
+    fdsets: tuple[int, ...] = ()
     # Set for SCSI drives: the controller they hang off.
     controller: str = ""
 

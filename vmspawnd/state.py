@@ -150,6 +150,14 @@ def _spec(d: Any, where: str = "spec") -> MachineSpec:
     )
 
 
+def _fdsets(d: Any, where: str) -> tuple[int, ...]:
+    """One per layer; records before image chains kept the image's alone, as "fdset"."""
+    if isinstance(d, dict) and "fdsets" in d:
+        return tuple(_get({"": x}, "", int, w) for w, x in _items(d, "fdsets", where))
+    fdset = _optional(d, "fdset", int, where)
+    return () if fdset is None else (fdset,)
+
+
 def _drive(d: Any, where: str) -> Drive:
     return Drive(
         id=_get(d, "id", str, where),
@@ -157,7 +165,7 @@ def _drive(d: Any, where: str) -> Drive:
         disk_type=_enum(d, "disk_type", DiskType, where),
         port=_get(d, "port", str, where),
         state=_enum(d, "state", DriveState, where),
-        fdset=_optional(d, "fdset", int, where),
+        fdsets=_fdsets(d, where),
         controller=_get(d, "controller", str, where),
     )
 

@@ -9,7 +9,8 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusSignature, DBusStr, DBusUInt32, DBusUInt64, DBusUnixFd
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
-from .. import opener
+from .. import cmdline
+from ..chainopen import OpenedChain, open_chain
 from ..errors import InvalidArgument
 from ..machine import Machine
 from ..model import Drive, DriveSpec
@@ -138,11 +139,7 @@ class MachineInterface(ServiceInterface):
         drive, drive_id = parse.add_drive(path, options)
         # Refuse bad options before touching the file.
         self.machine.validate_drive(drive, drive_id)
-        fd = await opener.open_as(uid, path, drive.read_only)
-        try:
-            return await self._attach(drive, drive_id, fd)
-        finally:
-            os.close(fd)
+        return await self._attach(drive, drive_id, uid)
 
     @dbus_method()
     @replies_errors
@@ -156,16 +153,25 @@ class MachineInterface(ServiceInterface):
                     "AddDriveFd needs an open file descriptor sent with the call (busctl cannot send one; "
                     "use AddDrive with a path, vmspawnctl add-drive, or gdbus call --unix-fd)"
                 )
-            await self._authorize(self.machine)
+            uid = await self._authorize(self.machine)
+            # Relative backing names count from the directory the fd's file is in.
             drive, drive_id = parse.add_drive(os.readlink(f"/proc/self/fd/{fd}"), options)
-            return await self._attach(drive, drive_id, fd)
+            self.machine.validate_drive(drive, drive_id)
+            return await self._attach(drive, drive_id, uid, os.dup(fd))
         finally:
             # QEMU holds its own copy now.
             for passed_fd in passed:
                 os.close(passed_fd)
 
-    async def _attach(self, drive: DriveSpec, drive_id: str, fd: int) -> list[str]:
-        added = await self.machine.add_drive(drive, drive_id, fd)
+    async def _attach(self, drive: DriveSpec, drive_id: str, uid: int, fd: int | None = None) -> list[str]:
+        """Every layer of the drive's image opened as `uid` (the image itself
+        from `fd` when given, which is then the chain's), handed to QEMU."""
+        chain: OpenedChain = await open_chain(uid, str(drive.path), drive.format, cmdline.read_only(drive), fd=fd)
+        try:
+            added = await self.machine.add_drive(drive, chain, drive_id)
+        finally:
+            # QEMU holds its own copies now.
+            chain.close()
         return [added.id, added.port]
 
     @dbus_method()
