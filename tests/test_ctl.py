@@ -208,7 +208,7 @@ EXPECTED_EXIT = {
     "AccessDenied": 4, "QuotaExceeded": 4,
     "NoFreePort": 5, "UnplugInProgress": 5, "MachineExists": 5,
     "QemuFailed": 1, "UnplugTimeout": 1, "NotRunning": 1,
-    "QemuUnresponsive": 1, "NoSpace": 1,
+    "QemuUnresponsive": 1, "NoSpace": 1, "OpenTimeout": 1,
 }  # fmt: skip
 
 

@@ -45,7 +45,19 @@ def decided_without_polkit(uid: int, owner_uid: int | None) -> bool:
     return uid == 0 or (owner_uid is not None and uid == owner_uid)
 
 
-async def polkit_check(bus: MessageBus, sender: str, action: Action, interactive: bool) -> Verdict:
+def details(machine: str | None, owner_uid: int | None) -> dict[str, str]:
+    """What polkit rules see through action.lookup(): the machine and its owner."""
+    out = {}
+    if machine is not None:
+        out["machine"] = machine
+    if owner_uid is not None:
+        out["owner_uid"] = str(owner_uid)
+    return out
+
+
+async def polkit_check(
+    bus: MessageBus, sender: str, action: Action, interactive: bool, details: dict[str, str] | None = None
+) -> Verdict:
     """Ask polkit about `sender` (a unique bus name, alive while we ask).
 
     Denies, never hangs, when polkit is not there: with no polkit on the bus
@@ -63,7 +75,7 @@ async def polkit_check(bus: MessageBus, sender: str, action: Action, interactive
             body=[
                 ["system-bus-name", {"name": Variant("s", sender)}],
                 str(action),
-                {},
+                details or {},
                 ALLOW_USER_INTERACTION if interactive else 0,
                 "",
             ],
@@ -84,11 +96,17 @@ async def polkit_check(bus: MessageBus, sender: str, action: Action, interactive
 
 
 async def authorize(
-    bus: MessageBus, sender: str, uid: int, action: Action, owner_uid: int | None, interactive: bool
+    bus: MessageBus,
+    sender: str,
+    uid: int,
+    action: Action,
+    owner_uid: int | None,
+    interactive: bool,
+    machine: str | None = None,
 ) -> None:
     if decided_without_polkit(uid, owner_uid):
         return
-    verdict = await polkit_check(bus, sender, action, interactive)
+    verdict = await polkit_check(bus, sender, action, interactive, details(machine, owner_uid))
     if verdict.allowed:
         log.info("polkit allows uid %d (%s): %s", uid, sender, action)
         return

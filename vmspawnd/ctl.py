@@ -190,6 +190,10 @@ ERRORS: dict[str, tuple[Exit, _Hint]] = {
         Exit.FAILED,
         lambda c: "free space on the file system the message names (the daemon's runtime directory), then retry",
     ),
+    "OpenTimeout": (
+        Exit.FAILED,
+        lambda c: "the file system holding the file did not answer (a hung network mount?); check it, then retry",
+    ),
 }
 
 # Errors from the bus itself, not from vmspawnd.

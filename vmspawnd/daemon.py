@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import __version__, config, systemd
 from .bus.service import BusService, NameTaken
+from .cgroup import Cgroups
 from .manager import Manager, default_runtime_dir
 from .model import MachineState
 
@@ -33,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--stop-timeout", type=float, default=30.0, help="seconds a guest gets to power off before QEMU is stopped"
+    )
+    parser.add_argument(
+        "--config", type=Path, default=config.DEFAULT_PATH, help=f"configuration file (default: {config.DEFAULT_PATH})"
     )
     parser.add_argument("--verbose", "-v", action="store_true")
     parser.add_argument("--version", action="version", version=f"vmspawnd {__version__}")
@@ -85,11 +89,11 @@ async def serve(args: argparse.Namespace) -> int:
 
 async def _serve(args: argparse.Namespace, runtime_dir: Path) -> int:
     try:
-        conf = config.load()
+        conf = config.load(args.config)
     except config.ConfigError as e:
-        log.error("%s", e)
+        log.error("bad configuration, not starting: %s", e)
         return 1
-    manager = Manager(runtime_dir, conf)
+    manager = Manager(runtime_dir, conf, Cgroups(conf))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -73,6 +73,10 @@ class NoSpace(VmspawndError):
     pass
 
 
+class OpenTimeout(VmspawndError):
+    """Opening a file the caller named did not finish (a hung file system)."""
+
+
 ALL_ERRORS: tuple[type[VmspawndError], ...] = (
     InvalidArgument,
     NoSuchMachine,
@@ -89,4 +93,5 @@ ALL_ERRORS: tuple[type[VmspawndError], ...] = (
     QuotaExceeded,
     QemuUnresponsive,
     NoSpace,
+    OpenTimeout,
 )

@@ -10,17 +10,17 @@ import os
 import re
 import secrets
 import shutil
-import stat
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import cmdline, imagechain, share, state, tap
+from . import cmdline, imagechain, quota, share, state, tap
+from .cgroup import Cgroups, limits
 from .chainopen import open_chain
 from .config import Config
-from .errors import AccessDenied, InvalidArgument, MachineExists, NoSuchMachine, VmspawndError
+from .errors import AccessDenied, InvalidArgument, MachineExists, NoSuchMachine, QemuFailed, VmspawndError
 from .machine import Machine
 from .model import MachineSpec, MachineState, NetworkMode
 from .opener import open_as
@@ -46,31 +46,14 @@ def check_name(name: str) -> None:
         )
 
 
-def check_file(what: str, path: Path) -> None:
-    """The daemon's own view: exists and is a regular file (or block device)."""
-    if not path.is_absolute():
-        raise InvalidArgument(f"{what} {str(path)!r} must be an absolute path")
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise InvalidArgument(f"{what} {str(path)!r} does not exist") from None
-    except OSError as e:
-        raise InvalidArgument(f"{what} {str(path)[:200]!r}: {e.strerror}") from None
-    if stat.S_ISDIR(mode):
-        raise InvalidArgument(f"{what} {str(path)!r} is a directory; give a file")
-
-
 def check_spec(spec: MachineSpec) -> None:
     check_name(spec.name)
     if spec.kernel is None and spec.image is None:
         raise InvalidArgument("no boot source: give 'kernel' (direct kernel boot) or 'image' (a disk image)")
     if spec.initrd is not None and spec.kernel is None:
         raise InvalidArgument("'initrd' needs 'kernel'")
-    for what, path in (("kernel", spec.kernel), ("initrd", spec.initrd)):
-        if path is not None:
-            check_file(what, path)
-    for drive in spec.boot_drives:
-        check_file("drive", drive.path)
+    # Boot files are not looked at here: only opening them with the caller's
+    # rights tells whether the caller may use them (opener.open_as).
     share.check(spec)
     if spec.vsock and not Path("/dev/vhost-vsock").exists():
         raise InvalidArgument("vsock needs /dev/vhost-vsock on the host: run 'modprobe vhost_vsock' or drop 'vsock'")
@@ -146,13 +129,20 @@ def is_machine(argv: list[str], machine_id: uuid.UUID | None, directory: Path) -
         return False
 
 
+def usage(spec: MachineSpec) -> quota.Usage:
+    return quota.Usage(spec.memory, spec.cpus, spec.hotplug_spares)
+
+
 class Manager:
-    def __init__(self, runtime_dir: Path, config: Config | None = None) -> None:
+    def __init__(self, runtime_dir: Path, config: Config | None = None, cgroups: Cgroups | None = None) -> None:
         self.runtime_dir = runtime_dir
         self.config = config or Config()
+        self.cgroups = cgroups
         self.machines: dict[str, Machine] = {}
         # Names being created or recovered: a CreateMachine of one is refused at once.
         self._reserved: set[str] = set()
+        # Machines being created, by name: they count against their owner's quota.
+        self._creating: dict[str, tuple[int, quota.Usage]] = {}
         # QEMU pids being taken back right now: never two machines with one leader.
         self._claiming: set[int] = set()
         # Retries of unmanaged machines.
@@ -164,9 +154,26 @@ class Manager:
     def machines_dir(self) -> Path:
         return self.runtime_dir / "machines"
 
-    def plan(self, spec: MachineSpec) -> Plan:
+    async def plan(self, spec: MachineSpec, uid: int) -> Plan:
+        """PlanMachine: the plan, with each boot file (each layer of an image) opened as `uid` and closed."""
+        plan = self._plan(spec)
+        opened: dict[str, int] = {}
+        try:
+            await open_boot_files(spec, uid, opened)
+        finally:
+            for fd in opened.values():
+                os.close(fd)
+        return plan
+
+    @staticmethod
+    def _plan(spec: MachineSpec) -> Plan:
         check_spec(spec)
         return plan_machine(spec)
+
+    def _held(self, uid: int) -> list[quota.Usage]:
+        """What `uid`'s machines take, running or being created."""
+        running = [usage(m.spec) for m in self.machines.values() if m.owner_uid == uid]
+        return running + [u for owner, u in self._creating.values() if owner == uid]
 
     def get(self, name: str) -> Machine:
         machine = self.machines.get(name)
@@ -178,7 +185,22 @@ class Manager:
         check_name(spec.name)
         if spec.name in self.machines or spec.name in self._reserved:
             raise MachineExists(f"a machine named {spec.name!r} exists already; pick another name or terminate it")
-        plan = self.plan(spec)
+        if spec.qemu_extra and owner_uid != 0:
+            raise AccessDenied(
+                "qemu_extra hands options to QEMU, which runs as root: only root may use it; drop qemu_extra"
+            )
+        quota.check(self.config.quota_for(owner_uid), owner_uid, self._held(owner_uid), usage(spec))
+        # Taken with no await since the check: two creations cannot both pass for the last slot.
+        self._reserved.add(spec.name)
+        self._creating[spec.name] = (owner_uid, usage(spec))
+        try:
+            return await self._create(spec, owner_uid)
+        finally:
+            self._reserved.discard(spec.name)
+            del self._creating[spec.name]
+
+    async def _create(self, spec: MachineSpec, owner_uid: int) -> Machine:
+        plan = self._plan(spec)
         directory = self.machines_dir / spec.name
         # A dead machine's leftovers (its kept logs) make way for the new
         # one; anything else may belong to a live QEMU and is never deleted.
@@ -189,13 +211,8 @@ class Manager:
                     "or remove the directory once its QEMU is gone"
                 )
         shutil.rmtree(directory, ignore_errors=True)
-        if spec.qemu_extra and owner_uid != 0:
-            raise AccessDenied(
-                "qemu_extra hands options to QEMU, which runs as root: only root may use it; drop qemu_extra"
-            )
         machine = Machine(spec, plan, uuid.uuid4().hex, directory, owner_uid)
         machine.on_ended = self._ended
-        self._reserved.add(spec.name)
         opened: dict[str, int] = {}
         shares: list[share.OpenShare] = []
         tap_fd = None
@@ -207,20 +224,34 @@ class Manager:
                 tap_fd = tap.open_tap(owner_uid, spec.network.tap, granted)
             with state.space_of(directory):
                 await machine.start(3 + secrets.randbelow(2**31), opened, shares, tap_fd, chains)
+            await self._confine(machine)
         except BaseException:
             await asyncio.shield(machine.discard())
+            if self.cgroups:
+                self.cgroups.remove(spec.name)
             raise
         finally:
-            self._reserved.discard(spec.name)
             for fd in [*opened.values(), *(s.fd for s in shares), *([tap_fd] if tap_fd is not None else [])]:
                 os.close(fd)
         self.machines[spec.name] = machine
         self.on_new(machine)
         return machine
 
+    async def _confine(self, machine: Machine) -> None:
+        """QEMU into the machine's own cgroup, with its limits."""
+        if self.cgroups is None:
+            return
+        lim = limits(machine.spec.memory, machine.spec.cpus, self.config)
+        try:
+            await self.cgroups.place(machine.name, machine.leader, lim)
+        except OSError as e:
+            raise QemuFailed(f"cannot put QEMU of machine {machine.name} into its own cgroup: {e}") from e
+
     def _ended(self, machine: Machine) -> None:
         if self.machines.get(machine.name) is machine:
             del self.machines[machine.name]
+            if self.cgroups:
+                self.cgroups.remove(machine.name)
             self.on_removed(machine)
 
     async def terminate(self, name: str) -> None:
@@ -305,6 +336,11 @@ class Manager:
             machine.unmanaged(str(e), None)
         finally:
             self._claiming.discard(pid)
+        if machine.state is not MachineState.UNMANAGED and self.cgroups and not self.cgroups.holds(machine.name, pid):
+            try:
+                await self._confine(machine)
+            except QemuFailed as e:
+                log.error("%s; it runs on without its limits", e, extra={"MACHINE": machine.name})
         return machine
 
     def _install(self, machine: Machine) -> None:

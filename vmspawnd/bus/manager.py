@@ -53,24 +53,29 @@ class ManagerInterface(ServiceInterface):
         manager: Manager,
         may_create: Callable[[], Awaitable[int]],
         may_manage: Callable[[Machine], Awaitable[int]],
+        caller_uid: Callable[[], Awaitable[int]],
     ) -> None:
         super().__init__(MANAGER_IFACE)
         self.manager = manager
         self._may_create = may_create
         self._may_manage = may_manage
+        self._caller_uid = caller_uid
 
     @dbus_method()
     @replies_errors
     async def CreateMachine(self, name: DBusStr, options: Options) -> DBusObjectPath:
-        spec = parse.machine_spec(name, options)
+        # Who asks first: a caller who may not create learns nothing from the options.
         uid = await self._may_create()
+        spec = parse.machine_spec(name, options)
         machine = await self.manager.create(spec, owner_uid=uid)
         return object_path(machine.name)
 
     @dbus_method()
     @replies_errors
     async def PlanMachine(self, name: DBusStr, options: Options) -> DictList:
-        return plan_value(self.manager.plan(parse.machine_spec(name, options)))
+        # Open to all; the boot files are opened with the caller's rights.
+        uid = await self._caller_uid()
+        return plan_value(await self.manager.plan(parse.machine_spec(name, options), uid))
 
     @dbus_method()
     def ListMachines(self) -> MachineList:

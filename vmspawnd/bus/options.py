@@ -53,6 +53,9 @@ MIN_MEMORY = 32 * MiB
 MAX_MEMORY = 1024 * 1024 * MiB
 MAX_CPUS = 288
 MAX_STRING = 4096
+# Array caps, checked before any entry is looked at. Drives and mounts each
+# need a port (at most 120 packed, ~200 behind switches); SCSI drives share one.
+MAX_ENTRIES = {"drives": 256, "mounts": 64, "qemu_extra": 1024}
 IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 SERIAL = re.compile(r"[\x21-\x7e]*")
 
@@ -61,6 +64,8 @@ E = TypeVar("E", bound=enum.StrEnum)
 
 def unpack(options: dict[str, Variant], schema: dict[str, str], where: str) -> dict[str, Any]:
     """Check keys and variant signatures; return plain values."""
+    if len(options) > len(schema):
+        raise InvalidArgument(f"{where} takes at most {len(schema)} options, got {len(options)}")
     values = {}
     for key, variant in options.items():
         if key not in schema:
@@ -69,6 +74,8 @@ def unpack(options: dict[str, Variant], schema: dict[str, str], where: str) -> d
             got = variant.signature if isinstance(variant, Variant) else type(variant).__name__
             raise InvalidArgument(f"{where} option {key!r} must have type '{schema[key]}', got '{got}'")
         value = variant.value
+        if key in MAX_ENTRIES and len(value) > MAX_ENTRIES[key]:
+            raise InvalidArgument(f"{where} option {key!r} holds {len(value)} entries, at most {MAX_ENTRIES[key]}")
         strings = value if schema[key] == "as" else [value] if isinstance(value, str) else []
         if any(len(s.encode()) > MAX_STRING for s in strings):
             raise InvalidArgument(f"{where} option {key!r} holds a string longer than {MAX_STRING} bytes")

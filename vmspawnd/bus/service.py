@@ -12,6 +12,7 @@ from ..machine import Machine
 from ..machined import Machined
 from ..manager import Manager
 from . import BUS_NAME, MANAGER_PATH, caller
+from .guard import GuardedBus
 from .machine import MachineInterface
 from .manager import ManagerInterface
 
@@ -26,16 +27,18 @@ class BusService:
     def __init__(self, manager: Manager, bus: MessageBus) -> None:
         self.manager = manager
         self.bus = bus
-        self.iface = ManagerInterface(manager, self.may_create, self.may_manage)
+        self.iface = ManagerInterface(manager, self.may_create, self.may_manage, self.caller_uid)
         self.objects: dict[str, MachineInterface] = {}
         # systemd-machined registration: owned tasks, never in a reply's way.
         self.machined = Machined(bus)
         manager.on_new = self._machine_new
         manager.on_removed = self._machine_removed
+        if manager.cgroups is not None:
+            manager.cgroups.call = bus.call
 
     @classmethod
     async def connect(cls, manager: Manager, user: bool) -> "BusService":
-        bus = await MessageBus(bus_type=BusType.SESSION if user else BusType.SYSTEM, negotiate_unix_fd=True).connect()
+        bus = await GuardedBus(bus_type=BusType.SESSION if user else BusType.SYSTEM, negotiate_unix_fd=True).connect()
         caller.install(bus)
         return cls(manager, bus)
 
@@ -47,16 +50,20 @@ class BusService:
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
             raise NameTaken(f"{BUS_NAME} is owned by another process; is vmspawnd running already?")
 
-    async def _authorize(self, action: auth.Action, owner_uid: int | None) -> int:
+    async def _authorize(self, action: auth.Action, machine: Machine | None) -> int:
         uid = await caller.uid(self.bus)
-        await auth.authorize(self.bus, caller.sender(), uid, action, owner_uid, caller.allows_interaction())
+        owner, name = (machine.owner_uid, machine.name) if machine else (None, None)
+        await auth.authorize(self.bus, caller.sender(), uid, action, owner, caller.allows_interaction(), name)
         return uid
+
+    async def caller_uid(self) -> int:
+        return await caller.uid(self.bus)
 
     async def may_create(self) -> int:
         return await self._authorize(auth.Action.CREATE, None)
 
     async def may_manage(self, machine: Machine) -> int:
-        return await self._authorize(auth.Action.MANAGE, machine.owner_uid)
+        return await self._authorize(auth.Action.MANAGE, machine)
 
     def _machine_new(self, machine: Machine) -> None:
         iface = MachineInterface(machine, self.bus, self.may_manage)
