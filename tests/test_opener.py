@@ -2,10 +2,10 @@
 
 import asyncio
 import os
-import socket
-import time
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 

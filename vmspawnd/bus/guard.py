@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -77,6 +78,7 @@ class GuardedSocket:
         self._held_fds: list[int] = []
         self._left = 0  # bytes of the current message still to pass on
         self._drop = 0  # bytes of a refused message still to discard
+        self._refused: tuple[Message, int, float] | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
@@ -97,6 +99,13 @@ class GuardedSocket:
             for fd in fds:
                 os.close(fd)
             self._drop -= len(data)
+        if self._refused is not None:
+            msg, body_len, started = self._refused
+            self._refused = None
+            log.warning(
+                "refused a %d-byte %s call from %s; dropped in %.1f ms",
+                body_len, msg.member, msg.sender, (time.monotonic() - started) * 1000,
+            )  # fmt: skip
 
     def _read_head(self) -> None:
         """Hold the next message's header, then pass it on or drop the message."""
@@ -113,6 +122,7 @@ class GuardedSocket:
             os.close(fd)
         self._held, self._held_fds = b"", []
         self._drop = body_len
+        self._refused = (msg, body_len, time.monotonic())
         self._refuse(msg, body_len)
         self._discard()
 
@@ -152,7 +162,6 @@ class GuardedBus(MessageBus):
         self._sock = GuardedSocket(self._sock, self._refuse)  # type: ignore[arg-type,assignment]
 
     def _refuse(self, msg: Message, body_len: int) -> None:
-        log.warning("refused a %d-byte %s call from %s", body_len, msg.member, msg.sender)
         self.send(refusal(msg, body_len)).add_done_callback(_sent)
 
 
