@@ -90,11 +90,11 @@ class System:
         self.polkitd: subprocess.Popen[bytes] | None = None
         self._saved_actions: bytes | None = None
 
-    def start_daemon(self) -> None:
+    def start_daemon(self, *args: str) -> None:
         saved = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
         os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = self.address
         try:
-            self.daemon.start("--verbose")
+            self.daemon.start("--verbose", *args)
         finally:
             if saved is None:
                 del os.environ["DBUS_SYSTEM_BUS_ADDRESS"]
@@ -107,14 +107,15 @@ class System:
     def env(self) -> dict[str, str]:
         return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/", "DBUS_SYSTEM_BUS_ADDRESS": self.address}
 
-    async def start_polkit(self, rules: bool) -> None:
-        """(Re)start polkitd: it reads actions and rules once, at start-up."""
+    async def start_polkit(self, rules: bool | str) -> None:
+        """(Re)start polkitd: it reads actions and rules once, at start-up.
+        `rules`: the test rules, or a rules file's own text."""
         await self.stop_polkit()
         if self._saved_actions is None:
             self._saved_actions = ACTIONS.read_bytes() if ACTIONS.exists() else b""
             shutil.copyfile(ROOT / "dbus" / "org.vmspawnd1.policy", ACTIONS)
         if rules:
-            RULES.write_text(TEST_RULES)
+            RULES.write_text(rules if isinstance(rules, str) else TEST_RULES)
             RULES.chmod(0o644)
         else:
             RULES.unlink(missing_ok=True)
