@@ -63,6 +63,7 @@ install:
 	install -Dm644 dbus/org.vmspawnd1.Machine.xml $(DESTDIR)$(PREFIX)/share/dbus-1/interfaces/org.vmspawnd1.Machine.xml
 	install -Dm644 dbus/org.vmspawnd1.policy $(DESTDIR)$(POLKIT_ACTIONS_DIR)/org.vmspawnd1.policy
 	install -Dm644 completion/vmspawnctl.bash $(DESTDIR)$(PREFIX)/share/bash-completion/completions/vmspawnctl
+	install -Dm644 etc/vmspawnd.conf $(DESTDIR)/etc/vmspawnd/vmspawnd.conf
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,3 +1,6 @@
+import re
+from pathlib import Path
+
 import pytest
 
 from vmspawnd.config import Config, ConfigError, Quota, load, parse
@@ -46,3 +49,13 @@ uid_count = 10
 def test_bad_files_say_what_is_wrong(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse(text)
+
+
+def test_the_shipped_example_documents_the_defaults() -> None:
+    """etc/vmspawnd.conf: commented out it is the defaults, and so is every value it shows."""
+    text = (Path(__file__).resolve().parents[1] / "etc" / "vmspawnd.conf").read_text()
+    assert parse(text) == Config()
+    # Uncomment the key = value lines of the four sections (not the examples of per-uid tables and taps).
+    shown = re.sub(r"^# (\w+ = \d+)\b.*$", r"\1", text, flags=re.MULTILINE)
+    shown = shown.replace("# [quota.1000]\nmachines = 8", "")
+    assert parse(shown) == Config()

@@ -88,6 +88,7 @@ def test_every_file_lands_where_its_reader_looks(destdir: Path) -> None:
         f"{PREFIX}/share/dbus-1/interfaces/org.vmspawnd1.Machine.xml": ROOT / "dbus" / "org.vmspawnd1.Machine.xml",
         f"{PREFIX}/share/polkit-1/actions/org.vmspawnd1.policy": ROOT / "dbus" / "org.vmspawnd1.policy",
         f"{PREFIX}/share/bash-completion/completions/vmspawnctl": ROOT / "completion" / "vmspawnctl.bash",
+        "/etc/vmspawnd/vmspawnd.conf": ROOT / "etc" / "vmspawnd.conf",
     }
     package = f"{PREFIX}/lib/python3/dist-packages/"
     commands = {f"{PREFIX}/bin/vmspawnd", f"{PREFIX}/bin/vmspawnctl"}
