@@ -12,17 +12,22 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dbus_fast.aio import MessageBus
 
 from vmspawnd.cgroup import own_cgroups
 from vmspawnd.model import MiB
 
-from .harness import ROOT, VMSPAWND, Client, qemu_pids
+from . import test_system
+from .harness import ROOT, VMSPAWND, Client
 from .test_system import Result, System, gdbus_manager, machine_options, new_image, owned_file
+
+# test_system's fixtures, on this module's `system`: `polkit` stops polkitd and
+# removes the polkit files after each test; `root` checks no QEMU is left.
+polkit = test_system.polkit
+root = test_system.root
 
 E = "org.vmspawnd1.Error."
 CONFIG = """\
@@ -66,23 +71,6 @@ def system() -> Iterator[System]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-@pytest.fixture
-async def polkit(system: System) -> AsyncIterator[System]:
-    await system.start_polkit(RULES)
-    yield system
-    await system.stop_polkit()
-    system.uninstall_polkit_files()
-
-
-@pytest.fixture
-async def root(system: System) -> AsyncIterator[Client]:
-    client = Client(await MessageBus(bus_address=system.address, negotiate_unix_fd=True).connect())
-    yield client
-    await client.terminate_all()
-    client.close()
-    assert qemu_pids(str(system.daemon.runtime_dir)) == []
-
-
 def options(image: str, memory_mib: int = 64, cpus: int = 1, spares: int = 2) -> str:
     """GVariant text for gdbus."""
     return (
@@ -105,6 +93,7 @@ def refused(result: Result, words: str) -> None:
 
 async def test_over_each_cap_is_quota_exceeded_naming_cap_and_use(polkit: System, root: Client) -> None:
     system = polkit
+    await system.start_polkit(RULES)
     refused(await create_as(system, "nobody", "big", cpus=3), "at most 2 vCPUs (quota cpus_per_machine), asked for 3")
     refused(
         await create_as(system, "nobody", "big", spares=5),
@@ -129,6 +118,7 @@ async def test_over_each_cap_is_quota_exceeded_naming_cap_and_use(polkit: System
 
 async def test_two_creations_at_once_cannot_both_take_the_last_slot(polkit: System, root: Client) -> None:
     system = polkit
+    await system.start_polkit(RULES)
     assert (await create_as(system, "nobody", "n1")).code == 0
     results = await asyncio.gather(create_as(system, "nobody", "n2"), create_as(system, "nobody", "n3"))
     assert sorted(r.code == 0 for r in results) == [False, True], results
@@ -190,6 +180,7 @@ async def test_each_machine_has_its_own_cgroup_with_limits_gone_when_it_ends(sys
 
 async def test_a_polkit_rule_allows_one_machine_by_name_and_one_owners_machines(polkit: System, root: Client) -> None:
     system = polkit
+    await system.start_polkit(RULES)
     for name in ("allowedvm", "othervm"):
         await root.create(name, **machine_options(new_image(system)))
     assert (await create_as(system, "nobody", "nobodyvm")).code == 0
