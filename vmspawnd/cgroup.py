@@ -13,16 +13,17 @@ writes, which are small and at the end.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import errno
 import logging
 import os
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
 
 from .config import Config
 
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 ROOT = Path("/sys/fs/cgroup")
 SYSTEMD_RUNNING = Path("/run/systemd/system")
 V1_CONTROLLERS = ("memory", "pids")
+SYSTEMD = "org.freedesktop.systemd1"
+SYSTEMD_PATH = "/org/freedesktop/systemd1"
+SYSTEMD_MANAGER = "org.freedesktop.systemd1.Manager"
+SCOPE_TIMEOUT = 10.0
 
 
 class Kind(enum.StrEnum):
@@ -105,8 +110,6 @@ def limit_files(kind: Kind, lim: Limits) -> dict[str, str]:
 
 # -- the writes ------------------------------------------------------------
 
-Call = Callable[[Message], Awaitable[Message | None]]
-
 
 def _v2_ready(root: Path, own: dict[str, str]) -> bool:
     """v2 with memory and pids enabled for the daemon's children (enabling them
@@ -142,7 +145,8 @@ class Cgroups:
         if self.kind is Kind.V2 and not (root / "cgroup.controllers").exists():
             self.root = root / "unified"
         # Set once the daemon is on the bus (scopes only).
-        self.call: Call | None = None
+        self.bus: MessageBus | None = None
+        self._subscribed = False
         if self.kind is Kind.NONE:
             log.warning(
                 "machines get no cgroup of their own: systemd is not PID 1, and neither cgroup v2 with the "
@@ -188,19 +192,59 @@ class Cgroups:
                 log.warning("cannot remove cgroup %s: %s", directory, os.strerror(e.errno or errno.EIO))
 
     async def _start_scope(self, machine: str, pid: int, lim: Limits) -> None:
-        if self.call is None:
-            log.warning("machine %s: not on the bus, no scope", machine)
+        """StartTransientUnit, then wait for its job: only then is the pid in the
+        scope (machined, told of the machine next, reads its unit from there)."""
+        bus = self.bus
+        if bus is None:
+            raise OSError(errno.ENOTCONN, "not on the system bus yet")
+        unit = unit_name(machine)
+        finished: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        def on_message(msg: Message) -> None:
+            if (
+                msg.message_type is MessageType.SIGNAL
+                and msg.interface == SYSTEMD_MANAGER
+                and msg.member == "JobRemoved"
+                and msg.signature == "uoss"
+                and msg.body[2] == unit
+                and not finished.done()
+            ):
+                finished.set_result(msg.body[3])
+
+        await self._subscribe(bus)
+        bus.add_message_handler(on_message)
+        try:
+            await _call(bus, SYSTEMD, SYSTEMD_PATH, SYSTEMD_MANAGER, "StartTransientUnit", "ssa(sv)a(sa(sv))",
+                        [unit, "fail", scope_properties(pid, lim), []])  # fmt: skip
+            async with asyncio.timeout(SCOPE_TIMEOUT):
+                result = await finished
+        except TimeoutError:
+            raise OSError(errno.ETIMEDOUT, f"systemd did not start {unit} in {SCOPE_TIMEOUT:.0f} s") from None
+        finally:
+            bus.remove_message_handler(on_message)
+        if result != "done":
+            raise OSError(errno.EIO, f"systemd could not start {unit}: job {result}")
+
+    async def _subscribe(self, bus: MessageBus) -> None:
+        """Once: systemd sends JobRemoved only to subscribed clients."""
+        if self._subscribed:
             return
-        reply = await self.call(
-            Message(
-                destination="org.freedesktop.systemd1",
-                path="/org/freedesktop/systemd1",
-                interface="org.freedesktop.systemd1.Manager",
-                member="StartTransientUnit",
-                signature="ssa(sv)a(sa(sv))",
-                body=[unit_name(machine), "fail", scope_properties(pid, lim), []],
-            )
+        rule = f"type='signal',sender='{SYSTEMD}',interface='{SYSTEMD_MANAGER}',member='JobRemoved'"
+        await _call(
+            bus, "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s", [rule]
         )
-        if reply is None or reply.message_type is MessageType.ERROR:
-            why = reply.body[0] if reply is not None and reply.body else "no reply"
-            raise OSError(errno.EIO, f"systemd refused scope {unit_name(machine)}: {why}")
+        await _call(bus, SYSTEMD, SYSTEMD_PATH, SYSTEMD_MANAGER, "Subscribe", "", [])
+        self._subscribed = True
+
+
+async def _call(bus: MessageBus, destination: str, path: str, interface: str, member: str, signature: str,
+                body: list[Any]) -> Message:  # fmt: skip
+    reply = await asyncio.wait_for(
+        bus.call(Message(destination=destination, path=path, interface=interface, member=member,
+                         signature=signature, body=body)),
+        SCOPE_TIMEOUT,
+    )  # fmt: skip
+    if reply is None or reply.message_type is MessageType.ERROR:
+        why = reply.body[0] if reply is not None and reply.body else "no reply"
+        raise OSError(errno.EIO, f"{member} failed: {reply.error_name if reply else ''} {why}")
+    return reply

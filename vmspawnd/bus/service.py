@@ -34,7 +34,7 @@ class BusService:
         manager.on_new = self._machine_new
         manager.on_removed = self._machine_removed
         if manager.cgroups is not None:
-            manager.cgroups.call = bus.call
+            manager.cgroups.bus = bus
 
     @classmethod
     async def connect(cls, manager: Manager, user: bool) -> "BusService":
