@@ -35,11 +35,12 @@ HIDDEN = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP}
 _slots: defaultdict[int, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(OPENS_PER_UID))
 
 
-def _child(uid: int, gid: int, groups: list[int], path: str, flags: int, sock: socket.socket) -> int:
+def _child(uid: int, gid: int, groups: list[int] | None, path: str, flags: int, sock: socket.socket) -> int:
     try:
-        os.setgroups(groups)
-        os.setgid(gid)
-        os.setuid(uid)
+        if groups is not None:
+            os.setgroups(groups)
+            os.setgid(gid)
+            os.setuid(uid)
         fd = os.open(path, flags)
     except OSError as e:
         sock.send(str(e.errno or errno.EIO).encode())
@@ -63,8 +64,10 @@ def _receive(parent: socket.socket, path: str) -> int:
 
 async def _open_as(uid: int, path: str, flags: int) -> int:
     """The open runs in a child in every case, so a hung one can be killed."""
+    groups: list[int] | None
     if uid == 0:
-        gid, groups = 0, os.getgroups()
+        # Root's open keeps the daemon's own identity (which may lack CAP_SETUID).
+        gid, groups = 0, None
     else:
         try:
             user = pwd.getpwuid(uid)
