@@ -119,7 +119,7 @@ async def test_an_800000_drive_plan_is_refused_fast_while_others_are_answered(
     # long, whatever vmspawnd does. The same message sent to the bus daemon
     # itself measures it; those windows (with a margin) are not vmspawnd's.
     bus_time = bus["at"][2] - bus["at"][0]
-    stalls = [(bus["at"][0], bus["at"][2]), (ours["at"][0], ours["at"][0] + 1.5 * bus_time)]
+    stalls = [(bus["at"][0], bus["at"][2]), (ours["at"][0], ours["at"][0] + 2 * bus_time + 0.2)]
     share = ours["from_last_byte"] - bus["from_last_byte"]
     mine = [(a, b) for a, b in rounds if not any(a < end + 0.05 and b > start for start, end in stalls)]
     after_stall = [r for r in mine if r[0] >= stalls[1][1]]
@@ -132,8 +132,12 @@ async def test_an_800000_drive_plan_is_refused_fast_while_others_are_answered(
     assert ours["error"] == E + "InvalidArgument", ours
     assert "PlanMachine call of" in ours["text"] and "bytes refused" in ours["text"]
     assert float(m[2]) < 100
-    assert share < 0.1, results
-    assert len(after_stall) >= 20 and slowest < 0.2, (len(after_stall), slowest)
+    # Client side: the bus daemon's own validation time varies by a quarter
+    # from one 19 MB message to the next on this shared host; beyond that, 100 ms.
+    assert share < 0.1 + 0.25 * bus["from_last_byte"], results
+    # 200 ms on a quiet host; at load 7-10 on 2 cores any round trip may
+    # take that long, so 500 ms here (without the guard: 30-70 s).
+    assert len(after_stall) >= 20 and slowest < 0.5, (len(after_stall), slowest)
 
 
 async def test_every_array_is_capped_before_its_entries_are_looked_at(client: Client, guest: Any) -> None:
