@@ -13,6 +13,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from tests.devtypes import TYPES
 from vmspawnd.cmdline import OVMF, QEMU, Runtime, Share, blockdev, build_argv, escape, shares
 from vmspawnd.errors import VmspawndError
 from vmspawnd.imagechain import Layer, Role, single
@@ -29,7 +30,8 @@ from vmspawnd.model import (
     NetworkMode,
     PortRole,
 )
-from vmspawnd.topology import IMPLICIT_DEVICES, MAX_PORTS, Plan, plan_machine
+from vmspawnd.topology import DIRECT_PORTS as MAX_PORTS
+from vmspawnd.topology import IMPLICIT_DEVICES, Plan, plan_machine
 
 IMG = Path("/img/root.raw")
 MACHINE_ID = "0123456789abcdef0123456789abcdef"
@@ -105,7 +107,7 @@ def device_by_id(devs: list[dict[str, Any]], device_id: str) -> dict[str, Any]:
 
 
 def argv_for(spec: MachineSpec, rt: Runtime = RT) -> list[str]:
-    return build_argv(spec, plan_machine(spec), rt)
+    return build_argv(spec, plan_machine(spec, TYPES), rt)
 
 
 def spec(**kw: Any) -> MachineSpec:
@@ -144,7 +146,7 @@ def test_argv_starts_with_qemu_and_fixed_options() -> None:
 
 def test_root_ports_come_before_any_other_device() -> None:
     s = seed_spec(drives=(DriveSpec(Path("/s"), DiskType.VIRTIO_SCSI),), qemu_extra=("-device", "nvme,serial=x"))
-    plan = plan_machine(s)
+    plan = plan_machine(s, TYPES)
     devs = devices(build_argv(s, plan, RT))
     n = len(plan.ports)
     assert [d["driver"] for d in devs[:n]] == ["pcie-root-port"] * n
@@ -168,7 +170,7 @@ def test_root_port_exact_strings() -> None:
 @pytest.mark.parametrize("spares", [1, 7, 8, 9, 16, MAX_PORTS - 1])
 def test_one_root_port_per_planned_port(spares: int) -> None:
     s = spec(hotplug_spares=spares)
-    plan = plan_machine(s)
+    plan = plan_machine(s, TYPES)
     ports = [d for d in devices(build_argv(s, plan, RT)) if d["driver"] == "pcie-root-port"]
     assert len(ports) == len(plan.ports) == spares + 1
     for i, (dev, port) in enumerate(zip(ports, plan.ports, strict=True)):
@@ -189,14 +191,15 @@ def test_one_root_port_per_planned_port(spares: int) -> None:
 
 def test_implicit_devices_once_right_after_the_ports() -> None:
     s = seed_spec()
-    plan = plan_machine(s)
+    plan = plan_machine(s, TYPES)
     devs = devices(build_argv(s, plan, RT))
     n = len(plan.ports)
     assert [d["driver"] for d in devs[n : n + len(IMPLICIT_DEVICES)]] == list(IMPLICIT_DEVICES)
-    for driver in IMPLICIT_DEVICES:
+    for slot, driver in enumerate(IMPLICIT_DEVICES, start=1):
         assert [d["driver"] for d in devs].count(driver) == 1
-        # Auto-addressed: no bus, no addr.
-        assert {"bus", "addr"}.isdisjoint(next(d for d in devs if d["driver"] == driver))
+        # At the lowest slots, named: a qemu_extra device with addr= keeps its slot.
+        dev = next(d for d in devs if d["driver"] == driver)
+        assert (dev["bus"], dev["addr"]) == ("pcie.0", f"0x{slot:x}.0")
 
 
 # -- drives ----------------------------------------------------------------
@@ -205,7 +208,7 @@ def test_implicit_devices_once_right_after_the_ports() -> None:
 @pytest.mark.parametrize(("disk_type", "driver"), [(DiskType.VIRTIO_BLK, "virtio-blk-pci"), (DiskType.NVME, "nvme")])
 def test_pci_boot_drive_on_its_builtin_port(disk_type: DiskType, driver: str) -> None:
     s = spec(image=DriveSpec(IMG, disk_type), drives=(DriveSpec(Path("/d1"), disk_type),))
-    plan = plan_machine(s)
+    plan = plan_machine(s, TYPES)
     argv = build_argv(s, plan, RT)
     image = device(argv, "disk0")
     expected: dict[str, Any] = {
@@ -244,14 +247,16 @@ def test_virtio_blk_serial_only_when_given() -> None:
 @pytest.mark.parametrize(
     ("disk_type", "driver"), [(DiskType.VIRTIO_SCSI, "scsi-hd"), (DiskType.VIRTIO_SCSI_CDROM, "scsi-cd")]
 )
-def test_scsi_boot_drives_share_one_controller_on_the_planned_spare(disk_type: DiskType, driver: str) -> None:
+def test_scsi_boot_drives_share_one_controller_on_a_builtin_port(disk_type: DiskType, driver: str) -> None:
+    """Issue 11 finding 11: the guest must not eject its root disk's controller."""
     s = spec(image=DriveSpec(IMG, disk_type), drives=(DriveSpec(Path("/d1"), disk_type),) * 3)
-    plan = plan_machine(s)
+    plan = plan_machine(s, TYPES)
     argv = build_argv(s, plan, RT)
     devs = devices(argv)
     controllers = [d for d in devs if d["driver"] == "virtio-scsi-pci"]
     port = plan.port_carrying("scsi0")
-    assert port.role is PortRole.SPARE
+    assert port.role is PortRole.BUILTIN
+    assert "hotplug=off" in next(a for a in argv if a.startswith(f"pcie-root-port,id={port.id},"))
     assert controllers == [{"driver": "virtio-scsi-pci", "id": "scsi0", "bus": port.id, "addr": "0"}]
     for i in range(4):
         d = device(argv, f"disk{i}")
@@ -430,7 +435,7 @@ def test_no_network_no_netdev() -> None:
 
 def test_user_network() -> None:
     s = spec(network=Network(NetworkMode.USER))
-    plan = plan_machine(s)
+    plan = plan_machine(s, TYPES)
     argv = build_argv(s, plan, RT)
     assert values(argv, "-netdev") == ["user,id=net0"]
     net = device(argv, "net0")
@@ -460,7 +465,7 @@ def test_tap_network_without_the_daemons_fd_is_a_bug() -> None:
 
 def test_vsock() -> None:
     s = spec(vsock=True)
-    plan = plan_machine(s)
+    plan = plan_machine(s, TYPES)
     argv = build_argv(s, plan, RT)
     port = plan.port_carrying("vsock0").id
     assert f"vhost-vsock-pci,id=vsock0,guest-cid=7,bus={port},addr=0" in values(argv, "-device")
@@ -539,7 +544,7 @@ def test_shares_root_directory_first_then_mounts() -> None:
 
 def test_virtiofs_devices_on_their_builtin_ports() -> None:
     s = fs_spec()
-    plan = plan_machine(s)
+    plan = plan_machine(s, TYPES)
     argv = build_argv(s, plan, FS_RT)
     for share in shares(s):
         port = plan.port_carrying(share.device)
@@ -629,7 +634,7 @@ specs = st.builds(
 
 def plan_or_skip(spec: MachineSpec) -> Plan:
     try:
-        return plan_machine(spec)
+        return plan_machine(spec, TYPES)
     except VmspawndError:
         assume(False)
         raise

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from dbus_fast import Variant
 
+from tests.devtypes import TYPES
 from vmspawnd import ctl
 from vmspawnd.bus.manager import plan_value
 from vmspawnd.bus.options import ADD_DRIVE_OPTIONS, DRIVE_OPTIONS, MACHINE_OPTIONS
@@ -291,7 +292,7 @@ def packed_spec(spares: int = 10) -> MachineSpec:
 
 def plan_entries(spec: MachineSpec) -> list[dict[str, Any]]:
     """What PlanMachine sends, as the CLI sees it after unwrapping."""
-    return [ctl.unwrap(e) for e in plan_value(plan_machine(spec))]
+    return [ctl.unwrap(e) for e in plan_value(plan_machine(spec, TYPES))]
 
 
 PACKED_TREE = """\
@@ -321,6 +322,7 @@ def test_plan_tree_of_the_packed_machine() -> None:
     assert "\n".join(lines[1:18]) == PACKED_TREE
     assert lines[18:] == [
         "",
+        "PCI buses: 14 of 192 used; at most 176 hotplug spares",
         "pcie.0 slots: 25 of 30 used, 5 available",
         "SLOTS  WHAT",
         "    2  14 PCIe root ports, 8 per slot",
@@ -336,8 +338,8 @@ def test_plan_tree_of_the_packed_machine() -> None:
 def test_plan_json_keeps_every_port_field() -> None:
     entries = plan_entries(packed_spec())
     plan = ctl.plan_json("packed", entries)
-    ports = [e for e in entries if e["kind"] == "port"]
-    assert plan["ports"] == [{k: v for k, v in p.items() if k != "kind"} for p in ports]
+    ports = [e for e in entries if e["kind"] in ctl.PORT_KINDS]
+    assert plan["ports"] == ports
     assert [p["multifunction"] for p in plan["ports"]] == [True] + [False] * 7 + [True] + [False] * 5
     assert json.loads(json.dumps(plan)) == plan
 
@@ -345,7 +347,7 @@ def test_plan_json_keeps_every_port_field() -> None:
 def test_status_tree_equals_the_plan_tree_and_shows_drives() -> None:
     entries = plan_entries(packed_spec())
     ports = [
-        {k: e[k] for k in ("id", "addr", "chassis", "role", "device")} for e in entries if e["kind"] == "port"
+        {k: e[k] for k in ("id", "addr", "chassis", "role", "device")} for e in entries if e["kind"] in ctl.PORT_KINDS
     ]  # fmt: skip
     props = {
         "Name": "packed", "Id": "ab" * 16, "State": "running", "Leader": 4242, "Ports": ports,

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .imagechain import Layer, Role, single
-from .model import Accel, DiskType, DriveSpec, Firmware, ImageFormat, MachineSpec, MiB, NetworkMode, PortRole
-from .topology import IMPLICIT_DEVICES, SCSI_CONTROLLER, Plan, drive_id
+from .model import Accel, DiskType, DriveSpec, Firmware, ImageFormat, MachineSpec, MiB, NetworkMode, PortKind
+from .topology import Plan, Port, drive_id
 
 QEMU = "qemu-system-x86_64"
 OVMF = Path("/usr/share/ovmf/OVMF.fd")
@@ -110,8 +110,25 @@ def drive_device(device_id: str, drive: DriveSpec, bus: str, bootindex: int | No
     return props
 
 
-def scsi_controller(port: str) -> dict[str, object]:
-    return {"driver": "virtio-scsi-pci", "id": SCSI_CONTROLLER, "bus": port, "addr": "0"}
+def scsi_controller(controller: str, port: str) -> dict[str, object]:
+    return {"driver": "virtio-scsi-pci", "id": controller, "bus": port, "addr": "0"}
+
+
+def port_device(port: Port) -> str:
+    """The -device value of one level of the port tree."""
+    if port.kind is PortKind.UPSTREAM:
+        return opts("x3130-upstream", id=port.id, bus=port.bus, addr="0")
+    return opts(
+        "pcie-root-port" if port.kind is PortKind.ROOT_PORT else "xio3130-downstream",
+        id=port.id,
+        bus=port.bus,
+        addr=port.addr,
+        multifunction="on" if port.multifunction else None,
+        chassis=port.chassis,
+        slot=port.chassis,
+        # The guest must not eject what it booted with, nor a switch.
+        hotplug=None if port.hotplug else "off",
+    )
 
 
 def _device_args(props: dict[str, object]) -> list[str]:
@@ -152,31 +169,19 @@ def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
     ]  # fmt: skip
     if fs:
         argv += ["-object", opts("memory-backend-memfd", id="mem", size=f"{spec.memory // MiB}M", share="on")]
-    # Root ports first: an auto-addressed device placed earlier could take
-    # slot 0x10 before the packed ports claim it.
+    # Ports first: an auto-addressed device placed earlier could take a
+    # slot the packed ports claim.
     for port in plan.ports:
-        argv += [
-            "-device",
-            opts(
-                "pcie-root-port",
-                id=port.id,
-                bus="pcie.0",
-                addr=port.addr,
-                multifunction="on" if port.multifunction else None,
-                chassis=port.chassis,
-                slot=port.chassis,
-                # The guest must not eject what it booted with.
-                hotplug=None if port.role is PortRole.SPARE else "off",
-            ),
-        ]
-    for i, driver in enumerate(IMPLICIT_DEVICES):
-        argv += ["-device", opts(driver, id=f"implicit{i}")]
+        argv += ["-device", port_device(port)]
+    # At the slots the plan gave them: qemu_extra's addr= slots stay free.
+    for implicit in plan.implicit:
+        argv += ["-device", opts(implicit.driver, id=implicit.id, bus="pcie.0", addr=implicit.addr)]
 
-    if any(p.carries == SCSI_CONTROLLER for p in plan.ports):
-        argv += _device_args(scsi_controller(plan.port_carrying(SCSI_CONTROLLER).id))
+    if plan.scsi_controller:
+        argv += _device_args(scsi_controller(plan.scsi_controller, plan.port_carrying(plan.scsi_controller).id))
     for i, drive in enumerate(spec.boot_drives):
         dev = drive_id(i)
-        bus = SCSI_CONTROLLER if drive.disk_type.is_scsi else plan.port_carrying(dev).id
+        bus = plan.scsi_controller if drive.disk_type.is_scsi else plan.port_carrying(dev).id
         bootindex = 1 if spec.image is not None and i == 0 else None
         argv += ["-blockdev", json.dumps(blockdev(dev, rt.chain(dev, drive), rt.layer_path), separators=(",", ":"))]
         argv += _device_args(drive_device(dev, drive, bus, bootindex))

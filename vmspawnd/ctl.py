@@ -471,8 +471,12 @@ def _tree(node_lines: list[tuple[str, list[Any]]], g: Glyphs, prefix: str = "") 
     return out
 
 
+PORT_KINDS = ("root-port", "switch-upstream", "downstream-port", "port")
+
+
 def pcie_tree(ports: Sequence[dict[str, Any]], drives: Sequence[dict[str, Any]] = (), g: Glyphs = UNICODE) -> list[str]:
-    """The root ports on pcie.0, grouped by slot: slot.function -> port (role) -> device.
+    """The root ports on pcie.0, grouped by slot: slot.function -> port (role) -> device,
+    and behind a root port that carries a switch, its upstream port and downstream ports.
 
     `ports` are Ports / PlanMachine port entries; `drives` (status only) add
     a drive's state when it is not plainly attached, and hang SCSI drives
@@ -486,8 +490,30 @@ def pcie_tree(ports: Sequence[dict[str, Any]], drives: Sequence[dict[str, Any]] 
             if d["port"] == p["id"] and d["id"] != p.get("device") and p.get("device") not in by_id:
                 on_controller.setdefault(p["id"], []).append(d)
 
+    behind: dict[str, list[dict[str, Any]]] = {}
+    for p in ports:
+        if p.get("parent"):
+            behind.setdefault(p["parent"], []).append(p)
+
+    def port_node(p: dict[str, Any]) -> tuple[str, list[Any]]:
+        device = p.get("device") or ("(switch)" if p.get("role") == "switch" else "(free)")
+        drive = by_id.get(p.get("device", ""))
+        if drive is not None and drive.get("state", "attached") != "attached":
+            device += f" ({drive['state']})"
+        children: list[tuple[str, list[Any]]] = []
+        for d in on_controller.get(p["id"], []):
+            state = d.get("state", "attached")
+            extra = f", {state}" if state != "attached" else ""
+            children.append((f"{d['id']} ({d.get('disk_type', '?')}{extra})", []))
+        children += [port_node(c) for c in behind.get(p["id"], [])]
+        kind = p.get("kind", "root-port")
+        what = f"{kind}, {p.get('role', '?')}" if kind != "root-port" else p.get("role", "?")
+        return f"{p['addr']} {g.arrow} {p['id']} ({what}) {g.arrow} {device}", children
+
     slots: dict[int, list[tuple[int, dict[str, Any]]]] = {}
     for p in ports:
+        if p.get("parent"):
+            continue
         slot, function = split_addr(p["addr"])
         slots.setdefault(slot, []).append((function, p))
     nodes: list[tuple[str, list[Any]]] = []
@@ -498,21 +524,7 @@ def pcie_tree(ports: Sequence[dict[str, Any]], drives: Sequence[dict[str, Any]] 
         label = f"0x{slot:x}: {count} root port{'s' if count != 1 else ''}" + (
             ", multifunction" if multifunction else ""
         )
-        children: list[tuple[str, list[Any]]] = []
-        for _function, p in members:
-            device = p.get("device") or "(free)"
-            drive = by_id.get(p.get("device", ""))
-            if drive is not None and drive.get("state", "attached") != "attached":
-                device += f" ({drive['state']})"
-            grandchildren: list[tuple[str, list[Any]]] = []
-            for d in on_controller.get(p["id"], []):
-                state = d.get("state", "attached")
-                extra = f", {state}" if state != "attached" else ""
-                grandchildren.append((f"{d['id']} ({d.get('disk_type', '?')}{extra})", []))
-            children.append(
-                (f"{p['addr']} {g.arrow} {p['id']} ({p.get('role', '?')}) {g.arrow} {device}", grandchildren)
-            )
-        nodes.append((label, children))
+        nodes.append((label, [port_node(p) for _function, p in members]))
     return ["pcie.0", *_tree(nodes, g)]
 
 
@@ -522,9 +534,13 @@ def slots_line(used: int, budget: int) -> str:
 
 def port_summary(ports: Sequence[dict[str, Any]], free: int | None = None) -> str:
     builtin = sum(1 for p in ports if p.get("role") == "builtin")
-    spare = len(ports) - builtin
-    slots = len({split_addr(p["addr"])[0] for p in ports})
-    text = f"{len(ports)} in {slots} slot{'s' if slots != 1 else ''}: {builtin} builtin, {spare} spare"
+    spare = sum(1 for p in ports if p.get("role") == "spare")
+    roots = [p for p in ports if not p.get("parent")]
+    slots = len({split_addr(p["addr"])[0] for p in roots})
+    switches = sum(1 for p in ports if p.get("kind") == "switch-upstream")
+    text = f"{len(roots)} in {slots} slot{'s' if slots != 1 else ''}: {builtin} builtin, {spare} spare"
+    if switches:
+        text += f" ({spare - sum(1 for p in roots if p.get('role') == 'spare')} behind {switches} switches)"
     return text + (f" ({free} free)" if free is not None else "")
 
 
@@ -565,11 +581,9 @@ def render_status(props: dict[str, Any], g: Glyphs = UNICODE) -> list[str]:
 
 
 def plan_json(name: str, entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    ports = [
-        {k: e.get(k) for k in ("id", "addr", "chassis", "multifunction", "role", "device")}
-        for e in entries
-        if e.get("kind") == "port"
-    ]
+    keys = ("id", "addr", "chassis", "multifunction", "role", "device", "kind", "parent", "buses")
+    ports = [{k: e.get(k) for k in keys if k in e} for e in entries if e.get("kind") in PORT_KINDS]
+    buses = next(({k: v for k, v in e.items() if k != "kind"} for e in entries if e.get("kind") == "buses"), None)
     consumers = [{"what": e.get("what"), "slots": e.get("slots")} for e in entries if e.get("kind") == "pcie-slots"]
     budgets = [e["budget"] for e in entries if e.get("kind") == "pcie-slots" and "budget" in e]
     used = sum(int(c["slots"] or 0) for c in consumers)
@@ -578,7 +592,7 @@ def plan_json(name: str, entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "name": name,
         "ports": ports,
         "pcie_slots": {"used": used, "budget": budget, "available": max(budget - used, 0), "consumers": consumers},
-    }
+    } | ({"buses": buses} if buses else {})
 
 
 def render_plan(plan: dict[str, Any], g: Glyphs = UNICODE, legend: bool = True) -> list[str]:
@@ -590,6 +604,9 @@ def render_plan(plan: dict[str, Any], g: Glyphs = UNICODE, legend: bool = True) 
     lines += pcie_tree(ports, (), g)
     lines.append("")
     if legend:
+        if "buses" in plan:
+            b = plan["buses"]
+            lines.append(f"PCI buses: {b['used']} of {b['budget']} used; at most {b['max_spares']} hotplug spares")
         lines.append(f"pcie.0 slots: {slots_line(slots['used'], slots['budget'])}")
         lines.append(f"{'SLOTS':>5}  WHAT")
     lines += [f"{c['slots']:>5}  {c['what']}" for c in slots["consumers"]]

@@ -35,7 +35,7 @@ from .errors import (
 from .model import DiskType, Drive, DriveSpec, DriveState, MachineSpec, MachineState, PortRole
 from .process import Process
 from .qmp import TIMEOUT, Monitor, QmpDisconnected, QmpError
-from .topology import SCSI_CONTROLLER, Plan, drive_id
+from .topology import Plan, drive_id
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,11 @@ SERIAL_MAX = {DiskType.VIRTIO_BLK: 20, DiskType.NVME: 20, DiskType.VIRTIO_SCSI: 
 DRIVE_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,31}")
 # Ids the daemon gives its own devices.
 CONTROLLER_ID = re.compile(r"scsi\d+")
-RESERVED_ID = re.compile(r"(rp|scsi|implicit|fs)\d+|net0|vsock0|rootfs")
+RESERVED_ID = re.compile(r"(rp|scsi|implicit|fs|sw)\d+|sw\d+p\d+|net0|vsock0|rootfs")
+# QEMU >= 6.2 refuses device_del while the slot's power indicator blinks
+# (the guest is still handling the last plug); it clears on its own.
+GUEST_BUSY = "guest is busy"
+BUSY_RETRY = 0.1
 # Test-only: the daemon kills itself at this point of a request, to prove
 # that a restart reconciles what was left half done.
 FAULT = os.environ.get("VMSPAWND_TEST_FAULT", "")
@@ -117,11 +121,9 @@ class Machine:
         self._stuck_ids: set[str] = set()
         for i, drive in enumerate(spec.boot_drives):
             dev = drive_id(i)
-            scsi = drive.disk_type.is_scsi
-            port = plan.port_carrying(SCSI_CONTROLLER if scsi else dev).id
-            self.drives[dev] = Drive(
-                dev, str(drive.path), drive.disk_type, port, controller=SCSI_CONTROLLER if scsi else ""
-            )
+            controller = plan.scsi_controller if drive.disk_type.is_scsi else ""
+            port = plan.port_carrying(controller or dev).id
+            self.drives[dev] = Drive(dev, str(drive.path), drive.disk_type, port, controller=controller)
 
     @property
     def name(self) -> str:
@@ -352,7 +354,8 @@ class Machine:
         self.drives = drives
         self.port_owner = {p.id: p.carries for p in self.plan.ports if p.role is PortRole.BUILTIN}
         for dev, driver in peripheral.items():
-            if driver == "virtio-scsi-pci":
+            # qemu_extra's own controllers are not ours to hand out.
+            if driver == "virtio-scsi-pci" and dev not in self.plan.taken:
                 self.port_owner[await self._qom_basename(f"/machine/peripheral/{dev}", "parent_bus")] = dev
         for drive in drives.values():
             if not drive.controller:
@@ -584,7 +587,9 @@ class Machine:
     # -- hotplug ------------------------------------------------------------
 
     def _known_ids(self) -> set[str]:
-        return set(self.drives) | set(self.port_owner.values()) | {p.id for p in self.plan.ports} | self._stuck_ids
+        """Ids in use: ours (ports, drives, controllers) and qemu_extra's."""
+        ours = set(self.drives) | set(self.port_owner.values()) | {p.id for p in self.plan.ports} | self._stuck_ids
+        return ours | {d.id for d in self.plan.implicit} | self.plan.taken
 
     def _take_spare(self, for_device: str) -> str:
         free = self.free_spares
@@ -595,7 +600,7 @@ class Machine:
                 if port in {p.id for p in self.plan.spares}
             )
             raise NoFreePort(
-                f"all {len(self.plan.spares)} spare root ports of {self.name} are taken ({holders}); "
+                f"all {len(self.plan.spares)} spare ports of {self.name} are taken ({holders}); "
                 "remove a drive first, or create the machine with more hotplug_spares"
             )
         self.port_owner[free[0]] = for_device
@@ -611,14 +616,18 @@ class Machine:
             controller = live[0]
             port = next(p for p, d in self.port_owner.items() if d == controller)
             return controller, port, False
-        controller = f"{SCSI_CONTROLLER[:-1]}{self._next_controller}"
-        self._next_controller += 1
+        # Never an id qemu_extra (or anything of ours) already uses.
+        known = self._known_ids()
+        n = next(i for i in itertools.count(self._next_controller) if f"scsi{i}" not in known)
+        controller = f"scsi{n}"
+        self._next_controller = n + 1
         port = self._take_spare(controller)
         try:
-            await self._monitor.execute("device_add", cmdline.scsi_controller(port) | {"id": controller})
+            await self._monitor.execute("device_add", cmdline.scsi_controller(controller, port))
         except QmpError as e:
             del self.port_owner[port]
-            raise InvalidArgument(f"QEMU refused the SCSI controller on {port}: {e}") from e
+            # The caller asked for nothing wrong: this one is ours (or QEMU's).
+            raise QemuFailed(f"QEMU refused the SCSI controller {controller} on {port}: {e}") from e
         return controller, port, True
 
     def validate_drive(self, drive: DriveSpec, requested_id: str) -> str:
@@ -655,8 +664,8 @@ class Machine:
             controller = ""
             try:
                 for layer in chain.top.walk():
-                    fdset = self._next_fdset
-                    self._next_fdset += 1
+                    fdset = next(i for i in itertools.count(self._next_fdset) if i not in self.plan.taken_fdsets)
+                    self._next_fdset = fdset + 1
                     pending = [("remove-fd", {"fdset-id": fdset})]
                     await self._monitor.pass_fd(chain.fds[layer.label], fdset, imagechain.opaque(dev, layer))
                     undo += pending
@@ -757,6 +766,7 @@ class Machine:
 
     async def remove_drive(self, dev: str, timeout: float) -> None:
         """device_del, then wait for DEVICE_DELETED (freed later if it comes late)."""
+        loop = asyncio.get_running_loop()
         async with self._request("RemoveDrive"):
             drive = self.drives.get(dev)
             if drive is None:
@@ -768,10 +778,10 @@ class Machine:
             # Listen before asking, so a quick event is not missed.
             done = self._unplugs[dev] = asyncio.get_running_loop().create_future()
             try:
-                await self._monitor.execute("device_del", {"id": dev})
+                await self._device_del(dev, loop.time() + timeout)
             except QmpError as e:
                 del self._unplugs[dev]
-                raise InvalidArgument(f"QEMU refused to unplug {dev}: {e}") from e
+                raise QemuFailed(f"QEMU refused to unplug {dev}: {e}") from e
             except QmpDisconnected as e:
                 raise NotRunning(f"machine {self.name} stopped during RemoveDrive: {e}") from e
             except QemuUnresponsive as e:
@@ -790,6 +800,22 @@ class Machine:
                 f"the guest has not released {dev} after {timeout:g} s (no DEVICE_DELETED); it stays listed "
                 "as 'removing' and its port is freed when the guest lets go. Is the guest OS running?"
             ) from None
+
+    async def _device_del(self, dev: str, deadline: float) -> None:
+        """device_del, asked again while QEMU says the guest is busy, until `deadline`.
+
+        No event says when the power indicator stops blinking, so this polls,
+        bounded by the caller's timeout.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await self._monitor.execute("device_del", {"id": dev})
+                return
+            except QmpError as e:
+                if GUEST_BUSY not in str(e) or loop.time() + BUSY_RETRY > deadline:
+                    raise
+            await asyncio.sleep(BUSY_RETRY)
 
     async def _dispatch_events(self) -> None:
         while True:

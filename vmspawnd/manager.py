@@ -16,13 +16,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import cmdline, imagechain, quota, share, state, tap
+from . import cmdline, imagechain, pcitypes, quota, share, state, tap
 from .cgroup import Cgroups, limits
 from .chainopen import open_chain
 from .config import Config
 from .errors import AccessDenied, InvalidArgument, MachineExists, NoSuchMachine, QemuFailed, VmspawndError
 from .machine import Machine
-from .model import MachineSpec, MachineState, NetworkMode
+from .model import DeviceTypes, MachineSpec, MachineState, NetworkMode
 from .opener import open_as
 from .process import Process, option, qemu_processes, start_time
 from .qmp import QmpDisconnected, QmpError
@@ -156,7 +156,7 @@ class Manager:
 
     async def plan(self, spec: MachineSpec, uid: int) -> Plan:
         """PlanMachine: the plan, with each boot file (each layer of an image) opened as `uid` and closed."""
-        plan = self._plan(spec)
+        plan = await self._plan(spec)
         opened: dict[str, int] = {}
         try:
             await open_boot_files(spec, uid, opened)
@@ -165,10 +165,9 @@ class Manager:
                 os.close(fd)
         return plan
 
-    @staticmethod
-    def _plan(spec: MachineSpec) -> Plan:
+    async def _plan(self, spec: MachineSpec) -> Plan:
         check_spec(spec)
-        return plan_machine(spec)
+        return plan_machine(spec, await pcitypes.device_types(cmdline.QEMU))
 
     def _held(self, uid: int) -> list[quota.Usage]:
         """What `uid`'s machines take, running or being created."""
@@ -200,7 +199,7 @@ class Manager:
             del self._creating[spec.name]
 
     async def _create(self, spec: MachineSpec, owner_uid: int) -> Machine:
-        plan = self._plan(spec)
+        plan = await self._plan(spec)
         directory = self.machines_dir / spec.name
         # A dead machine's leftovers (its kept logs) make way for the new
         # one; anything else may belong to a live QEMU and is never deleted.
@@ -284,7 +283,9 @@ class Manager:
     def _placeholder(self, directory: Path, reason: str, machine_id: uuid.UUID | None, pid: int | None) -> Machine:
         """An unmanaged machine known only by its directory (and maybe its QEMU)."""
         spec = MachineSpec(directory.name)
-        machine = Machine(spec, plan_machine(spec), (machine_id or uuid.UUID(int=0)).hex, directory, 0)
+        # No qemu_extra: the plan needs no device types.
+        plan = plan_machine(spec, DeviceTypes(frozenset(), frozenset(), frozenset()))
+        machine = Machine(spec, plan, (machine_id or uuid.UUID(int=0)).hex, directory, 0)
         machine.on_ended = self._ended
         machine.unmanaged(reason, Process.attach(pid) if pid is not None else None)
         return machine
@@ -324,7 +325,7 @@ class Manager:
             )  # fmt: skip
             record = replace(record, pid=pid, start_time=start_time(pid))
         try:
-            plan = plan_machine(record.spec)
+            plan = plan_machine(record.spec, await pcitypes.device_types(cmdline.QEMU))
         except VmspawndError as e:
             return self._placeholder(directory, f"its recorded spec is refused now ({e})", machine_id, pid)
         machine = Machine(record.spec, plan, record.id, directory, record.owner_uid)

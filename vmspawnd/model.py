@@ -54,6 +54,14 @@ class MachineState(enum.StrEnum):
 class PortRole(enum.StrEnum):
     BUILTIN = "builtin"
     SPARE = "spare"
+    # A root port or switch upstream port that carries a switch, not a device.
+    SWITCH = "switch"
+
+
+class PortKind(enum.StrEnum):
+    ROOT_PORT = "root-port"
+    UPSTREAM = "switch-upstream"
+    DOWNSTREAM = "downstream-port"
 
 
 class DriveState(enum.StrEnum):
@@ -100,6 +108,25 @@ class Network:
 
 
 MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DeviceTypes:
+    """QEMU's own list of device types (vmspawnd.pcitypes asks it)."""
+
+    known: frozenset[str]
+    # Types implementing pci-device: each takes a PCI slot where it sits.
+    pci: frozenset[str]
+    # PCI-PCI bridges: each takes a bus number of its own.
+    bridges: frozenset[str]
+    # (alias, type), e.g. ("virtio-blk", "virtio-blk-pci").
+    aliases: tuple[tuple[str, str], ...] = ()
+
+    def resolve(self, driver: str) -> str | None:
+        """The type `driver` names (through its alias), None if QEMU has none."""
+        if driver in self.known:
+            return driver
+        return next((t for a, t in self.aliases if a == driver), None)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from ..chainopen import OpenedChain, open_chain
 from ..errors import InvalidArgument
 from ..machine import Machine
 from ..model import Drive, DriveSpec
+from ..topology import Port
 from . import MACHINE_IFACE, MANAGER_PATH, caller
 from . import options as parse
 from .errors import replies_errors
@@ -32,17 +33,24 @@ def object_path(name: str) -> str:
     return f"{MANAGER_PATH}/machine/{label}"
 
 
+def port_entry(port: Port, device: str) -> dict[str, Variant]:
+    """One level of the port tree: a root port, a switch's upstream port or
+    one of its downstream ports (parent: the port it sits behind)."""
+    return {
+        "id": Variant("s", port.id),
+        "addr": Variant("s", port.addr),
+        "chassis": Variant("u", port.chassis),
+        "role": Variant("s", str(port.role)),
+        "device": Variant("s", device),
+        "kind": Variant("s", str(port.kind)),
+        "parent": Variant("s", port.parent),
+        "multifunction": Variant("b", port.multifunction),
+        "buses": Variant("u", port.buses),
+    }
+
+
 def ports_value(machine: Machine) -> list[dict[str, Variant]]:
-    return [
-        {
-            "id": Variant("s", p.id),
-            "addr": Variant("s", p.addr),
-            "chassis": Variant("u", p.chassis),
-            "role": Variant("s", str(p.role)),
-            "device": Variant("s", machine.port_owner.get(p.id, "")),
-        }
-        for p in machine.plan.ports
-    ]
+    return [port_entry(p, machine.port_owner.get(p.id, "")) for p in machine.plan.ports]
 
 
 def drives_value(machine: Machine) -> list[dict[str, Variant]]:

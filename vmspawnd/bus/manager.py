@@ -14,7 +14,7 @@ from ..topology import Plan
 from . import MANAGER_IFACE
 from . import options as parse
 from .errors import replies_errors
-from .machine import object_path
+from .machine import object_path, port_entry
 
 Options = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
 DictList = Annotated[list[dict[str, Variant]], DBusSignature("aa{sv}")]
@@ -23,18 +23,7 @@ NamePath = Annotated[list[str], DBusSignature("so")]
 
 
 def plan_value(plan: Plan) -> list[dict[str, Variant]]:
-    ports = [
-        {
-            "kind": Variant("s", "port"),
-            "id": Variant("s", p.id),
-            "addr": Variant("s", p.addr),
-            "chassis": Variant("u", p.chassis),
-            "multifunction": Variant("b", p.multifunction),
-            "role": Variant("s", str(p.role)),
-            "device": Variant("s", p.carries),
-        }
-        for p in plan.ports
-    ]
+    ports = [port_entry(p, p.carries) for p in plan.ports]
     consumers = [
         {
             "kind": Variant("s", "pcie-slots"),
@@ -44,7 +33,13 @@ def plan_value(plan: Plan) -> list[dict[str, Variant]]:
         }
         for c in plan.consumers
     ]
-    return ports + consumers
+    buses = {
+        "kind": Variant("s", "buses"),
+        "used": Variant("u", plan.buses),
+        "budget": Variant("u", plan.bus_budget),
+        "max_spares": Variant("u", max(plan.max_spares, 0)),
+    }
+    return [*ports, *consumers, buses]
 
 
 class ManagerInterface(ServiceInterface):

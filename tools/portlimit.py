@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Find how many hotplug ports q35 really gives: boot the tiny guest on raw
+QEMU with R root ports, each holding a PCIe switch of K downstream ports, then
+hotplug a virtio-blk disk on the very last downstream port and wait for the
+guest to report it (VMSPAWN-BLOCK-ADD).
+
+    python3 tools/portlimit.py ROOTS PORTS_PER_SWITCH [--timeout S]
+
+Prints one line: roots, ports, buses, boot seconds, hotplug seconds, verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from qemu.qmp import QMPClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tinyguest
+
+# pcie.0 slots for root ports: 0x10..0x1e first, then down from 0x0f.
+SLOTS = [*range(0x10, 0x1F), *range(0x0F, 0x00, -1)]
+
+
+def switch_argv(roots: int, per_switch: int) -> list[str]:
+    """Root ports packed 8 per slot, a switch behind each (none if per_switch is 0)."""
+    argv: list[str] = []
+    chassis = 0
+    for r in range(roots):
+        chassis += 1
+        slot, fn = SLOTS[r // 8], r % 8
+        mf = ",multifunction=on" if fn == 0 else ""
+        argv += [
+            "-device",
+            f"pcie-root-port,id=rp{r},bus=pcie.0,addr=0x{slot:x}.{fn}{mf},chassis={chassis},slot={chassis}",
+        ]
+        if not per_switch:
+            continue
+        argv += ["-device", f"x3130-upstream,id=up{r},bus=rp{r},addr=0"]
+        for d in range(per_switch):
+            chassis += 1
+            argv += [
+                "-device",
+                f"xio3130-downstream,id=dp{r}.{d},bus=up{r},addr=0x{d:x},chassis={chassis},slot=0",
+            ]
+    return argv
+
+
+async def probe(roots: int, per_switch: int, timeout: float, keep: Path | None = None) -> str:
+    guest = tinyguest.build(tinyguest.default_cache_dir())
+    with tempfile.TemporaryDirectory() as tmp:
+        console = keep or Path(tmp) / "console.log"
+        disk = Path(tmp) / "disk.raw"
+        disk.write_bytes(b"\0" * 1024 * 1024)
+        a, b = socket.socketpair()
+        argv = [
+            "qemu-system-x86_64", "-machine", "q35,accel=tcg", "-m", "256M", "-nodefaults", "-display", "none",
+            "-chardev", f"socket,id=qmp,fd={b.fileno()}", "-mon", "chardev=qmp,mode=control",
+            "-chardev", f"file,id=console,path={console}", "-serial", "chardev:console",
+            *switch_argv(roots, per_switch),
+            "-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", guest.cmdline,
+        ]  # fmt: skip
+        start = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(*argv, pass_fds=(b.fileno(),))
+        b.close()
+        qmp = QMPClient("portlimit")
+        await qmp.connect(a)
+        buses = roots * (per_switch + 2) if per_switch else roots
+        verdict = "no-boot"
+        boot = plug = float("nan")
+        try:
+            while time.monotonic() - start < timeout:
+                if "VMSPAWN-GUEST-READY" in console.read_text(errors="replace"):
+                    boot = time.monotonic() - start
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                return f"roots={roots} ports={roots * per_switch or roots} buses={buses} boot=timeout verdict={verdict}"
+            last = f"dp{roots - 1}.{per_switch - 1}" if per_switch else f"rp{roots - 1}"
+            await qmp.execute(
+                "blockdev-add", {"driver": "raw", "node-name": "n", "file": {"driver": "file", "filename": str(disk)}}
+            )
+            t0 = time.monotonic()
+            await qmp.execute(
+                "device_add", {"driver": "virtio-blk-pci", "id": "d", "drive": "n", "bus": last, "serial": "LAST"}
+            )
+            verdict = "no-hotplug"
+            while time.monotonic() - t0 < timeout:
+                if "serial=LAST" in console.read_text(errors="replace"):
+                    plug = time.monotonic() - t0
+                    verdict = "ok"
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            proc.kill()
+            await proc.wait()
+            await qmp.disconnect()
+        return (
+            f"roots={roots} ports={roots * per_switch or roots} buses={buses} boot={boot:.1f}s "
+            f"hotplug={plug:.2f}s verdict={verdict}"
+        )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("roots", type=int)
+    ap.add_argument("per_switch", type=int)
+    ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--console", type=Path, help="keep the guest's console log here")
+    args = ap.parse_args()
+    print(asyncio.run(probe(args.roots, args.per_switch, args.timeout, args.console)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
