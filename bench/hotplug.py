@@ -56,6 +56,7 @@ LABELS = {
 # The raw path's fdset ids: far above the daemon's (it counts from 1).
 FDSET_BASE = 10_000
 POLL_S = 0.002
+DEFAULT_SPARES = 12
 
 
 class Bench:
@@ -215,9 +216,11 @@ async def run(env: Env, args: argparse.Namespace) -> dict[str, Any]:
     end_to_end = {
         s: figures([a + v for a, v in zip(series(s, "add"), series(s, "visible"), strict=True)]) for s in SERIES
     }
+    # Another machine than the default one says so in every figure.
+    on = "" if args.spares == DEFAULT_SPARES else f", {args.spares}-spare machine (port {port['id']})"
     rows = [
         row(
-            "AddDrive (D-Bus) vs raw QMP add-fd+blockdev-add+device_add",
+            f"AddDrive (D-Bus) vs raw QMP add-fd+blockdev-add+device_add{on}",
             "ms",
             ms(series("dbus", "add")),
             ms(series("raw-fd", "add")),
@@ -228,7 +231,7 @@ async def run(env: Env, args: argparse.Namespace) -> dict[str, Any]:
             target_ratio=round(limit / raw, 3),
         ),
         row(
-            "RemoveDrive (D-Bus) vs raw QMP device_del until DEVICE_DELETED",
+            f"RemoveDrive (D-Bus) vs raw QMP device_del until DEVICE_DELETED{on}",
             "ms",
             ms(series("dbus", "remove")),
             ms(series("raw-fd", "remove")),
@@ -239,7 +242,7 @@ async def run(env: Env, args: argparse.Namespace) -> dict[str, Any]:
             ),
         ),
         row(
-            "Guest sees the disk: AddDrive returned -> VMSPAWN-BLOCK-ADD",
+            f"Guest sees the disk: AddDrive returned -> VMSPAWN-BLOCK-ADD{on}",
             "ms",
             ms(series("dbus", "visible")),
             ms(series("raw-fd", "visible")),
@@ -300,7 +303,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--reps", type=int, default=15, help="counted repetitions per series (default 15)")
     parser.add_argument("--warmup", type=int, default=1, help="leading repetitions not counted (default 1)")
-    parser.add_argument("--spares", type=int, default=12, help="hotplug_spares of the machine (default 12)")
+    parser.add_argument(
+        "--spares", type=int, default=DEFAULT_SPARES, help=f"hotplug_spares of the machine (default {DEFAULT_SPARES})"
+    )
     parser.add_argument("--settle", type=float, default=0.3, help="idle seconds before each timed op (default 0.3)")
     return bench_main("hotplug", parser, run, report, default_timeout=300)
 
