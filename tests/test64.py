@@ -21,7 +21,7 @@ MiB = 1024 * 1024
 # vendor:device as the guest's sysfs shows them.
 VIRTIO_SCSI = ("1af4:1004", "1af4:1048")
 NVME = ("1b36:0010",)
-MEGASAS_GEN2 = ("1000:005b",)
+MEGASAS_GEN2 = ("1000:0079",)
 PCI_BRIDGE = ("1b36:0001",)
 VIRTIO_BLK = ("1af4:1001", "1af4:1042")
 

@@ -126,7 +126,7 @@ def port_device(port: Port) -> str:
         multifunction="on" if port.multifunction else None,
         chassis=port.chassis,
         slot=port.chassis,
-        # The guest must not eject what it booted with, nor a switch.
+        # The guest must not eject what it booted with.
         hotplug=None if port.hotplug else "off",
     )
 

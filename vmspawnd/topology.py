@@ -79,8 +79,10 @@ class Port:
 
     @property
     def hotplug(self) -> bool:
-        """Whether the guest may plug and unplug here (builtin ports refuse)."""
-        return self.role is PortRole.SPARE
+        """Whether the guest may plug and unplug here: builtin ports refuse.
+        A switch's root port must stay hotplug-capable, or QEMU's ACPI
+        hotplug never reaches the downstream ports behind it."""
+        return self.role is not PortRole.BUILTIN
 
 
 @dataclass(frozen=True)

@@ -81,11 +81,11 @@ async def test_duplicate_name(client: Client, daemon: Daemon, guest: Any) -> Non
     assert len(qemu_pids(str(daemon.runtime_dir))) == 1
 
 
-async def test_121_ports_refused_before_qemu(client: Client, daemon: Daemon, guest: Any, tmp_path: Path) -> None:
+async def test_181_ports_refused_before_qemu(client: Client, daemon: Daemon, guest: Any, tmp_path: Path) -> None:
     (tmp_path / "d").write_bytes(b"\0" * 4096)
-    opts = guest_options(guest, image=str(tmp_path / "d"), hotplug_spares=120)
+    opts = guest_options(guest, image=str(tmp_path / "d"), hotplug_spares=180)
     msg = await expect_error(
-        client, daemon, "m", opts, "TooManyPorts", "Too many PCIe root ports requested (121, max 120)"
+        client, daemon, "m", opts, "TooManyPorts", "Too many PCIe ports requested (181, max 180 on this machine"
     )
     assert "hotplug_spares" in msg
     assert not (daemon.runtime_dir / "machines" / "m").exists()
@@ -97,15 +97,21 @@ async def test_slot_budget_overflow(client: Client, daemon: Daemon, guest: Any) 
         extra += ["-device", f"nvme,serial=s{i}"]
     opts = guest_options(guest, qemu_extra=extra)
     msg = await expect_error(client, daemon, "m", opts, "PcieSlotsExhausted", "27 for qemu_extra -device nvme")
-    assert "2 for 10 PCIe root ports" in msg and "3 for implicit devices" in msg
+    assert "1 for 10 PCIe ports (at the fewest)" in msg and "3 for implicit devices" in msg
 
 
 async def test_qemu_exiting_at_start_reports_its_stderr(client: Client, daemon: Daemon, guest: Any) -> None:
-    opts = guest_options(guest, qemu_extra=["-device", "no-such-device,bus=rp0"])
+    opts = guest_options(guest, qemu_extra=["-device", "nvme,serial=x,bus=no-such-bus"])
     msg = await expect_error(client, daemon, "m", opts, "QemuFailed", "exited during start-up")
-    assert (
-        "qemu-system-x86_64: -device no-such-device,bus=rp0: 'no-such-device' is not a valid device model name" in msg
-    )
+    assert "qemu-system-x86_64: -device nvme,serial=x,bus=no-such-bus: Bus 'no-such-bus' not found" in msg
+
+
+async def test_a_device_type_qemu_does_not_have_is_refused_before_qemu(
+    client: Client, daemon: Daemon, guest: Any
+) -> None:
+    opts = guest_options(guest, qemu_extra=["-device", "no-such-device,bus=rp0"])
+    msg = await expect_error(client, daemon, "m", opts, "InvalidArgument", "QEMU has no device type 'no-such-device'")
+    assert "-device help" in msg
 
 
 async def test_vsock_without_vhost_vsock_says_what_to_do(client: Client, daemon: Daemon, guest: Any) -> None:

@@ -124,12 +124,12 @@ async def test_boot_drives_of_every_disk_type_sit_on_their_ports(
     )
     ports = {p["id"]: p for p in await client.prop(path, "Ports")}
     assert [(p["role"], p["device"]) for p in ports.values()] == [
-        ("builtin", "disk0"), ("builtin", "disk1"), ("builtin", "disk2"), ("builtin", "net0"),
-        ("spare", "scsi0"), ("spare", ""),
+        ("builtin", "disk0"), ("builtin", "disk1"), ("builtin", "disk2"), ("builtin", "scsi0"),
+        ("builtin", "net0"), ("spare", ""), ("spare", ""),
     ]  # fmt: skip
     drive_ports = {d["id"]: d["port"] for d in await client.prop(path, "Drives")}
-    assert drive_ports == {"disk0": "rp0", "disk1": "rp1", "disk2": "rp2", "disk3": "rp4", "disk4": "rp4"}
-    assert await client.prop(path, "FreeSparePorts") == 1
+    assert drive_ports == {"disk0": "rp0", "disk1": "rp1", "disk2": "rp2", "disk3": "rp3", "disk4": "rp3"}
+    assert await client.prop(path, "FreeSparePorts") == 2
     console = await client.prop(path, "ConsoleLog")
     await wait_console(console, r"VMSPAWN-GUEST-READY", timeout=60)
     text = Path(console).read_text()

@@ -218,8 +218,8 @@ ERROR_CASES: dict[str, tuple[Any, int, str, str]] = {
         lambda g, f: ["plan", "--kernel", "/nonexistent/vmlinuz"], 2, "'/nonexistent/vmlinuz' does not exist", "--help"
     ),
     "TooManyPorts": (
-        lambda g, f: ["plan", "--kernel", str(g.kernel), "--image", str(f["root"]), "--spares", "120"],
-        2, "Too many PCIe root ports requested (121, max 120)", "fewer --spares",
+        lambda g, f: ["plan", "--kernel", str(g.kernel), "--image", str(f["root"]), "--spares", "180"],
+        2, "Too many PCIe ports requested (181, max 180 on this machine", "fewer --spares",
     ),
     "PcieSlotsExhausted": (
         lambda g, f: ["plan", "--kernel", str(g.kernel), "--qemu-extra-string", nvme_string(27)],
@@ -227,8 +227,8 @@ ERROR_CASES: dict[str, tuple[Any, int, str, str]] = {
     ),
     "NoSuchMachine": (lambda g, f: ["poweroff", "nosuch"], 3, "no machine named 'nosuch'", "'vmspawnctl list'"),
     "QemuFailed": (
-        lambda g, f: ["create", "qf", *guest_args(g), "--qemu-extra-string", "-device no-such-device,bus=rp0"],
-        1, "'no-such-device' is not a valid device model name", "journalctl -u vmspawnd",
+        lambda g, f: ["create", "qf", *guest_args(g), "--qemu-extra-string", "-device nvme,serial=x,bus=no-such-bus"],
+        1, "Bus 'no-such-bus' not found", "journalctl -u vmspawnd",
     ),
 }  # fmt: skip
 

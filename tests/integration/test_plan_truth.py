@@ -14,6 +14,8 @@ import pytest
 from dbus_fast import DBusError
 
 from tests import test64
+from tests.devtypes import TYPES
+from vmspawnd import pcitypes
 from vmspawnd.bus.options import MACHINE_OPTIONS
 
 from .harness import Client, guest_options, qemu_pids, variants, wait_console
@@ -154,3 +156,9 @@ async def test_add_then_remove_at_once_20_times_in_a_row(client: Client, guest: 
         await client.remove_drive(path, drive_id, timeout_usec=30_000_000)
     assert await client.prop(path, "FreeSparePorts") == 2
     assert await client.prop(path, "Drives") == []
+
+
+async def test_the_unit_tests_snapshot_is_what_this_qemu_says() -> None:
+    assert await pcitypes.query("qemu-system-x86_64") == TYPES
+    # Asked once per binary: the second answer is the cached one.
+    assert await pcitypes.device_types("qemu-system-x86_64") is await pcitypes.device_types("qemu-system-x86_64")
