@@ -547,3 +547,22 @@ def test_completion_without_a_daemon_offers_nothing(tmp_path: Path) -> None:
     env = os.environ | {"PATH": f"{bindir}:{os.environ['PATH']}"}
     assert complete(["vmspawnctl", "status", ""], env) == []
     assert complete(["vmspawnctl", "remove-drive", "vm", ""], env) == []
+
+
+def test_plan_tree_shows_the_switch_levels() -> None:
+    spec = MachineSpec("wide", image=DriveSpec(Path("/i")), hotplug_spares=130)
+    plan = ctl.plan_json("wide", plan_entries(spec))
+    lines = ctl.render_plan(plan)
+    assert lines[0] == "Plan for wide: root ports 6 in 1 slot: 1 builtin, 130 spare (130 behind 5 switches)"
+    assert lines[1:8] == [
+        "pcie.0",
+        "└─ 0x10: 6 root ports, multifunction",
+        "   ├─ 0x10.0 → rp0 (builtin) → disk0",
+        "   ├─ 0x10.1 → rp1 (switch) → sw0",
+        "   │  └─ 0x0.0 → sw0 (switch-upstream) → 26 downstream ports",
+        "   │     ├─ 0x0.0 → sw0p0 (downstream-port, spare) → (free)",
+        "   │     ├─ 0x1.0 → sw0p1 (downstream-port, spare) → (free)",
+    ]
+    assert "PCI buses: 141 of 192 used; at most 179 hotplug spares" in lines
+    assert {p["kind"] for p in plan["ports"]} == {"root-port", "switch-upstream", "downstream-port"}
+    assert plan["buses"] == {"used": 141, "budget": 192, "max_spares": 179}

@@ -496,7 +496,13 @@ def pcie_tree(ports: Sequence[dict[str, Any]], drives: Sequence[dict[str, Any]] 
             behind.setdefault(p["parent"], []).append(p)
 
     def port_node(p: dict[str, Any]) -> tuple[str, list[Any]]:
-        device = p.get("device") or ("(switch)" if p.get("role") == "switch" else "(free)")
+        below = behind.get(p["id"], [])
+        if p.get("kind") == "switch-upstream":
+            device = f"{len(below)} downstream ports"
+        elif p.get("role") == "switch":
+            device = ", ".join(c["id"] for c in below) or "(switch)"
+        else:
+            device = p.get("device") or "(free)"
         drive = by_id.get(p.get("device", ""))
         if drive is not None and drive.get("state", "attached") != "attached":
             device += f" ({drive['state']})"
@@ -505,9 +511,9 @@ def pcie_tree(ports: Sequence[dict[str, Any]], drives: Sequence[dict[str, Any]] 
             state = d.get("state", "attached")
             extra = f", {state}" if state != "attached" else ""
             children.append((f"{d['id']} ({d.get('disk_type', '?')}{extra})", []))
-        children += [port_node(c) for c in behind.get(p["id"], [])]
+        children += [port_node(c) for c in below]
         kind = p.get("kind", "root-port")
-        what = f"{kind}, {p.get('role', '?')}" if kind != "root-port" else p.get("role", "?")
+        what = {"root-port": p.get("role", "?"), "switch-upstream": kind}.get(kind, f"{kind}, {p.get('role', '?')}")
         return f"{p['addr']} {g.arrow} {p['id']} ({what}) {g.arrow} {device}", children
 
     slots: dict[int, list[tuple[int, dict[str, Any]]]] = {}

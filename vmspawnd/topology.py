@@ -125,16 +125,12 @@ class Plan:
 
     @property
     def spares(self) -> tuple[Port, ...]:
-        """Spare ports in the order hotplug hands them out: root ports, then
-        each switch's downstream ports in order."""
+        """Spare ports in the order hotplug hands them out: root ports, or
+        each switch's downstream ports in order, switch after switch."""
         return tuple(p for p in self.ports if p.role is PortRole.SPARE)
 
     def port_carrying(self, device: str) -> Port:
         return next(p for p in self.ports if p.carries == device)
-
-    def free_id(self, prefix: str, start: int = 0) -> str:
-        """The first prefixN from `start` that qemu_extra does not use."""
-        return next(f"{prefix}{i}" for i in itertools.count(start) if f"{prefix}{i}" not in self.taken)
 
 
 def drive_id(index: int) -> str:
@@ -169,7 +165,7 @@ class ExtraOption:
 
     option: str
     props: dict[str, object]
-    # Its position among the -device entries, for messages.
+    # The option as given (shortened), for messages.
     text: str
 
     @property
