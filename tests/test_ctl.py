@@ -322,7 +322,7 @@ def test_plan_tree_of_the_packed_machine() -> None:
     assert "\n".join(lines[1:18]) == PACKED_TREE
     assert lines[18:] == [
         "",
-        "PCI buses: 14 of 192 used; at most 176 hotplug spares",
+        "PCI buses: 14 of 190 used; at most 174 hotplug spares",
         "pcie.0 slots: 25 of 30 used, 5 available",
         "SLOTS  WHAT",
         "    2  14 PCIe root ports, 8 per slot",
@@ -563,6 +563,6 @@ def test_plan_tree_shows_the_switch_levels() -> None:
         "   │     ├─ 0x0.0 → sw0p0 (downstream-port, spare) → (free)",
         "   │     ├─ 0x1.0 → sw0p1 (downstream-port, spare) → (free)",
     ]
-    assert "PCI buses: 141 of 192 used; at most 179 hotplug spares" in lines
+    assert "PCI buses: 141 of 190 used; at most 177 hotplug spares" in lines
     assert {p["kind"] for p in plan["ports"]} == {"root-port", "switch-upstream", "downstream-port"}
-    assert plan["buses"] == {"used": 141, "budget": 192, "max_spares": 179}
+    assert plan["buses"] == {"used": 141, "budget": 190, "max_spares": 177}

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +28,10 @@ import tinyguest
 
 # pcie.0 slots for root ports: 0x10..0x1e first, then down from 0x0f.
 SLOTS = [*range(0x10, 0x1F), *range(0x0F, 0x00, -1)]
+# Hotplug on the first port instead of the last (VMSPAWN_PORTLIMIT_FIRST=1).
+FIRST = os.environ.get("VMSPAWN_PORTLIMIT_FIRST") == "1"
+# Downstream ports with slot=chassis, as vmspawnd gives them (VMSPAWN_PORTLIMIT_SLOTS=1).
+SLOT_IS_CHASSIS = os.environ.get("VMSPAWN_PORTLIMIT_SLOTS") == "1"
 
 
 def switch_argv(roots: int, per_switch: int) -> list[str]:
@@ -45,9 +51,10 @@ def switch_argv(roots: int, per_switch: int) -> list[str]:
         argv += ["-device", f"x3130-upstream,id=up{r},bus=rp{r},addr=0"]
         for d in range(per_switch):
             chassis += 1
+            slot = chassis if SLOT_IS_CHASSIS else 0
             argv += [
                 "-device",
-                f"xio3130-downstream,id=dp{r}.{d},bus=up{r},addr=0x{d:x},chassis={chassis},slot=0",
+                f"xio3130-downstream,id=dp{r}.{d},bus=up{r},addr=0x{d:x},chassis={chassis},slot={slot}",
             ]
     return argv
 
@@ -67,7 +74,8 @@ async def probe(roots: int, per_switch: int, timeout: float, keep: Path | None =
             "-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", guest.cmdline,
         ]  # fmt: skip
         start = time.monotonic()
-        proc = await asyncio.create_subprocess_exec(*argv, pass_fds=(b.fileno(),))
+        # Popen, not asyncio's: QEMU must get the QMP socket end as it is.
+        proc = subprocess.Popen(argv, pass_fds=(b.fileno(),))  # noqa: ASYNC220
         b.close()
         qmp = QMPClient("portlimit")
         await qmp.connect(a)
@@ -83,6 +91,8 @@ async def probe(roots: int, per_switch: int, timeout: float, keep: Path | None =
             else:
                 return f"roots={roots} ports={roots * per_switch or roots} buses={buses} boot=timeout verdict={verdict}"
             last = f"dp{roots - 1}.{per_switch - 1}" if per_switch else f"rp{roots - 1}"
+            if FIRST:
+                last = "dp0.0" if per_switch else "rp0"
             await qmp.execute(
                 "blockdev-add", {"driver": "raw", "node-name": "n", "file": {"driver": "file", "filename": str(disk)}}
             )
@@ -99,7 +109,7 @@ async def probe(roots: int, per_switch: int, timeout: float, keep: Path | None =
                 await asyncio.sleep(0.05)
         finally:
             proc.kill()
-            await proc.wait()
+            proc.wait()
             await qmp.disconnect()
         return (
             f"roots={roots} ports={roots * per_switch or roots} buses={buses} boot={boot:.1f}s "
