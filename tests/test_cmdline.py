@@ -14,7 +14,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tests.devtypes import TYPES
-from vmspawnd.cmdline import OVMF, QEMU, Runtime, Share, blockdev, build_argv, escape, shares
+from vmspawnd.cmdline import BOOT_FDSETS, OVMF, QEMU, Runtime, Share, blockdev, build_argv, escape, shares
 from vmspawnd.errors import VmspawndError
 from vmspawnd.imagechain import Layer, Role, single
 from vmspawnd.model import (
@@ -35,12 +35,12 @@ from vmspawnd.topology import IMPLICIT_DEVICES, Plan, plan_machine
 
 IMG = Path("/img/root.raw")
 MACHINE_ID = "0123456789abcdef0123456789abcdef"
-RT = Runtime(MACHINE_ID, qmp_fd=3, console_log=Path("/run/vmspawnd/machines/m/console.log"), vsock_cid=7)
+RT = Runtime(MACHINE_ID, qmp_fd=3, console_log=Path("/run/vmspawnd/machines/m/console.log"), console_fd=4, vsock_cid=7)
 # Options that take no value.
 FLAGS = {"-nodefaults", "-no-user-config"}
 OPTIONS_WITH_VALUE = {
     "-name", "-uuid", "-machine", "-cpu", "-smp", "-m", "-display", "-chardev", "-mon", "-serial",
-    "-device", "-blockdev", "-netdev", "-bios", "-kernel", "-initrd", "-append", "-object",
+    "-device", "-blockdev", "-netdev", "-bios", "-kernel", "-initrd", "-append", "-object", "-sandbox", "-add-fd",
 }  # fmt: skip
 
 
@@ -136,10 +136,13 @@ def test_argv_starts_with_qemu_and_fixed_options() -> None:
     assert values(argv, "-cpu") == ["max"]
     assert values(argv, "-display") == ["none"]
     assert values(argv, "-uuid") == [str(uuid.UUID(MACHINE_ID))]
+    assert values(argv, "-sandbox") == ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+    # The console is a file the daemon opened; the fdset says which.
     assert values(argv, "-chardev") == [
         "socket,id=qmp,fd=3,server=on,wait=off",
-        "file,id=console,path=/run/vmspawnd/machines/m/console.log",
+        f"file,id=console,path=/dev/fdset/{BOOT_FDSETS},append=on",
     ]
+    assert values(argv, "-add-fd") == [f"fd=4,set={BOOT_FDSETS},opaque=/run/vmspawnd/machines/m/console.log"]
     assert values(argv, "-mon") == ["chardev=qmp,mode=control"]
     assert values(argv, "-serial") == ["chardev:console"]
 
@@ -366,41 +369,51 @@ def test_blockdev_nests_every_layer_of_a_chain() -> None:
 def test_boot_drives_take_their_chain_from_the_runtime() -> None:
     base = Layer("1", "/b/base.raw", Role.BACKING, ImageFormat.RAW, True)
     top = Layer("0", str(IMG), Role.IMAGE, ImageFormat.QCOW2, False, base)
-    opened = {str(IMG): "/proc/self/fd/10", "/b/base.raw": "/proc/self/fd/11"}
-    rt = Runtime(MACHINE_ID, 3, RT.console_log, opened=opened, chains={"disk0": top})
+    opened = {str(IMG): 10, "/b/base.raw": 11}
+    rt = Runtime(MACHINE_ID, 3, RT.console_log, 4, opened=opened, chains={"disk0": top})
     [bd] = blockdevs(argv_for(spec(image=DriveSpec(IMG, format=ImageFormat.QCOW2)), rt))
-    assert bd["file"]["filename"] == "/proc/self/fd/10"
+    # Each layer its own fdset.
+    assert bd["file"]["filename"] == f"/dev/fdset/{BOOT_FDSETS + 1}"
     assert bd["backing"] == {
         "driver": "raw",
         "read-only": True,
-        "file": {"driver": "file", "filename": "/proc/self/fd/11", "read-only": True},
+        "file": {"driver": "file", "filename": f"/dev/fdset/{BOOT_FDSETS + 2}", "read-only": True},
     }
 
 
-def test_runtime_opened_maps_paths_to_proc_fds() -> None:
+def test_opened_paths_are_fdsets_kernel_and_initrd_memfds() -> None:
     s = spec(
         image=DriveSpec(IMG),
         drives=(DriveSpec(Path("/d1")), DriveSpec(Path("/not-opened"))),
         kernel=Path("/boot/vmlinuz"),
         initrd=Path("/boot/initrd"),
     )
-    opened = {str(IMG): "/proc/self/fd/10", "/d1": "/proc/self/fd/11", "/boot/vmlinuz": "/proc/self/fd/12"}
-    opened["/boot/initrd"] = "/proc/self/fd/13"
-    rt = Runtime(MACHINE_ID, 3, RT.console_log, opened=opened)
+    opened = {str(IMG): 10, "/d1": 11}
+    rt = Runtime(MACHINE_ID, 3, RT.console_log, 4, opened=opened, kernel_fd=12, initrd_fd=13)
     argv = argv_for(s, rt)
-    assert [b["file"]["filename"] for b in blockdevs(argv)] == ["/proc/self/fd/10", "/proc/self/fd/11", "/not-opened"]
+    first = BOOT_FDSETS + 1
+    assert [b["file"]["filename"] for b in blockdevs(argv)] == [
+        f"/dev/fdset/{first}", f"/dev/fdset/{first + 1}", "/not-opened",
+    ]  # fmt: skip
+    assert values(argv, "-add-fd") == [
+        f"fd=4,set={BOOT_FDSETS},opaque={RT.console_log}",
+        f"fd=10,set={first},opaque={IMG}",
+        f"fd=11,set={first + 1},opaque=/d1",
+    ]
     assert values(argv, "-kernel") == ["/proc/self/fd/12"]
     assert values(argv, "-initrd") == ["/proc/self/fd/13"]
-    for path in opened:
+    for path in [*opened, "/boot/vmlinuz", "/boot/initrd"]:
         assert path not in argv
         assert not any(path in v for v in values(argv, "-blockdev"))
 
 
 def test_runtime_path_keys_are_path_strings() -> None:
-    rt = Runtime(MACHINE_ID, 3, RT.console_log, opened={"/a/b": "/proc/self/fd/4"})
-    assert rt.path(Path("/a/b")) == "/proc/self/fd/4"
-    assert rt.path(Path("/a//b/")) == "/proc/self/fd/4"
+    rt = Runtime(MACHINE_ID, 3, RT.console_log, 4, opened={"/a/b": 7})
+    assert rt.path(Path("/a/b")) == f"/dev/fdset/{BOOT_FDSETS + 1}"
+    assert rt.path(Path("/a//b/")) == f"/dev/fdset/{BOOT_FDSETS + 1}"
     assert rt.path(Path("/a/c")) == "/a/c"
+    # The console's own path is not a caller's.
+    assert rt.path(RT.console_log) == str(RT.console_log)
 
 
 # -- machine-wide options ----------------------------------------------------
@@ -509,11 +522,11 @@ def test_name_is_escaped(name: str, escaped: str) -> None:
     assert parse_kv(values(argv, "-name")[0]) == {"guest": name}
 
 
-def test_console_log_path_is_escaped() -> None:
-    rt = Runtime(MACHINE_ID, 3, Path("/run/a,b/console.log"))
-    [_, console] = values(argv_for(spec(), rt), "-chardev")
-    assert console == "file,id=console,path=/run/a,,b/console.log"
-    assert parse_kv(console)["path"] == "/run/a,b/console.log"
+def test_console_log_path_is_escaped_in_its_fdsets_opaque() -> None:
+    rt = Runtime(MACHINE_ID, 3, Path("/run/a,b/console.log"), 4)
+    [console] = values(argv_for(spec(), rt), "-add-fd")
+    assert console == f"fd=4,set={BOOT_FDSETS},opaque=/run/a,,b/console.log"
+    assert parse_kv(console)["opaque"] == "/run/a,b/console.log"
 
 
 def test_escape() -> None:
@@ -644,10 +657,11 @@ def plan_or_skip(spec: MachineSpec) -> Plan:
 @given(specs, st.booleans())
 def test_any_spec_gives_well_formed_argv(spec: MachineSpec, open_all: bool) -> None:
     plan = plan_or_skip(spec)
-    files = [d.path for d in spec.boot_drives] + [p for p in (spec.kernel, spec.initrd) if p]
-    opened = {str(p): f"/proc/self/fd/{100 + i}" for i, p in enumerate(files)} if open_all else {}
+    files = [d.path for d in spec.boot_drives]
+    opened = {str(p): 100 + i for i, p in enumerate(files)} if open_all else {}
     fs_fds = {share.device: 200 + i for i, share in enumerate(shares(spec))}
-    rt = Runtime(MACHINE_ID, 3, Path("/run/x,y/console.log"), 5, opened, fs_fds, tap_fd=6)
+    kernel_fd, initrd_fd = (98, 99) if open_all else (None, None)
+    rt = Runtime(MACHINE_ID, 3, Path("/run/x,y/console.log"), 4, 5, opened, kernel_fd, initrd_fd, fs_fds, tap_fd=6)
     argv = build_argv(spec, plan, rt)
     extra = spec.qemu_extra
     own = argv[: len(argv) - len(extra)]
@@ -683,12 +697,17 @@ def test_any_spec_gives_well_formed_argv(spec: MachineSpec, open_all: bool) -> N
     for bd, drive in zip(bds, spec.boot_drives, strict=True):
         ro = drive.read_only or drive.disk_type is DiskType.VIRTIO_SCSI_CDROM
         assert bd["read-only"] is bd["file"]["read-only"] is ro
-        assert bd["file"]["filename"] == (opened.get(str(drive.path)) or str(drive.path))
+        assert bd["file"]["filename"] == rt.path(drive.path)
+        assert bd["file"]["filename"].startswith("/dev/fdset/") is open_all
     assert [d["id"] for d in devs if d.get("bootindex") == 1] == (["disk0"] if spec.image else [])
 
     # key=value options survive QEMU's comma rule.
     assert parse_kv(dict(own_pairs)["-name"]) == {"guest": spec.name}
-    assert parse_kv(values(own, "-chardev")[1])["path"] == "/run/x,y/console.log"
+    fdsets = [parse_kv(v) for v in values(own, "-add-fd")]
+    assert fdsets[0] == {"fd": "4", "set": str(BOOT_FDSETS), "opaque": "/run/x,y/console.log"}
+    # One fdset per opened file, each named by exactly the drives of that path.
+    assert [(f["fd"], f["opaque"]) for f in fdsets[1:]] == [(str(fd), path) for path, fd in opened.items()]
+    assert len({f["set"] for f in fdsets}) == len(fdsets)
     if spec.network.mode is NetworkMode.TAP:
         assert parse_kv(values(own, "-netdev")[0]) == {"driver": "tap", "id": "net0", "fd": "6"}
     chardev_ids = [parse_kv(v)["id"] for v in values(own, "-chardev")]
@@ -698,6 +717,6 @@ def test_any_spec_gives_well_formed_argv(spec: MachineSpec, open_all: bool) -> N
         assert device_by_id(devs, share.device)["chardev"] == share.device
     assert bool(shares(spec)) == bool(values(own, "-object"))
     if spec.kernel is not None:
-        assert values(own, "-kernel") == [opened.get(str(spec.kernel)) or str(spec.kernel)]
+        assert values(own, "-kernel") == ["/proc/self/fd/98" if open_all else str(spec.kernel)]
     if spec.initrd is not None:
-        assert values(own, "-initrd") == [opened.get(str(spec.initrd)) or str(spec.initrd)]
+        assert values(own, "-initrd") == ["/proc/self/fd/99" if open_all else str(spec.initrd)]

@@ -44,6 +44,10 @@ def test_a_qemu_is_the_machine_with_its_uuid() -> None:
 
 def test_without_a_uuid_its_console_log_path_names_it() -> None:
     assert is_machine(ARGV, None, Path("/run/m/vm"))
+    # Today the console is an fdset, named in its opaque.
+    fdset = ["qemu-system-x86_64", "-add-fd", "fd=4,set=1000000,opaque=/run/m/vm/console.log"]
+    assert is_machine(fdset, None, Path("/run/m/vm"))
+    assert not is_machine(fdset, None, Path("/run/m/v"))
     assert not is_machine(ARGV, None, Path("/run/m/v"))
     assert not is_machine(ARGV, None, Path("/run/m/vm2"))
 

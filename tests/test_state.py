@@ -29,7 +29,7 @@ from vmspawnd.model import (
     Network,
     NetworkMode,
 )
-from vmspawnd.state import FILE, VERSION, MachineRecord, StateError, dumps, loads, read, write
+from vmspawnd.state import FILE, VERSION, MachineRecord, StateError, dumps, loads, make_dir, read, write
 
 # The one exception a damaged state.json gives: nothing else may escape the reader.
 UNREADABLE = StateError
@@ -151,6 +151,8 @@ records = st.builds(
     drives=st.lists(drives, max_size=5).map(tuple),
     next_fdset=st.integers(0, 2**31),
     next_controller=st.integers(0, 2**31),
+    qemu_uid=st.integers(0, 2**32 - 2),
+    qemu_gid=st.integers(0, 2**32 - 2),
 )
 
 
@@ -422,3 +424,28 @@ def test_bytes_that_are_not_utf8_are_a_state_error(tmp_path: Path, data: bytes) 
 def test_deep_nesting_is_a_state_error() -> None:
     with pytest.raises(StateError):
         loads("[" * 100_000 + "]" * 100_000)
+
+
+def test_a_record_without_qemu_identity_loads_as_none_of_its_own() -> None:
+    d = json.loads(dumps(record(qemu_uid=7, qemu_gid=8)))
+    assert (loads(json.dumps(d)).qemu_uid, loads(json.dumps(d)).qemu_gid) == (7, 8)
+    del d["qemu_uid"], d["qemu_gid"]
+    assert (loads(json.dumps(d)).qemu_uid, loads(json.dumps(d)).qemu_gid) == (0, 0)
+
+
+def test_state_is_root_only_even_over_a_world_readable_one(tmp_path: Path) -> None:
+    (tmp_path / FILE).write_text("{}")
+    (tmp_path / FILE).chmod(0o644)
+    write(tmp_path, record())
+    assert (tmp_path / FILE).stat().st_mode & 0o777 == 0o600
+
+
+def test_machine_dirs_are_0711_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o000)
+    try:
+        make_dir(tmp_path / "a")
+        (tmp_path / "b").mkdir(mode=0o777)
+        make_dir(tmp_path / "b", exist_ok=True)
+    finally:
+        os.umask(old)
+    assert {(tmp_path / n).stat().st_mode & 0o777 for n in "ab"} == {0o711}

@@ -18,17 +18,44 @@ OVMF = Path("/usr/share/ovmf/OVMF.fd")
 _ACCEL = {Accel.KVM: "kvm", Accel.TCG: "tcg", Accel.AUTO: "kvm:tcg"}
 
 
+# fdset ids from here on are the command line's (console, boot drives);
+# fdsets passed at run time (hotplug) count from 1.
+BOOT_FDSETS = 1_000_000
+# QEMU's own seccomp filter: no obsolete system calls, no setuid & co, no
+# fork/exec (a `migrate exec:` or a guest escape runs no host command), no
+# scheduler or affinity changes.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+@dataclass(frozen=True)
+class Fdset:
+    id: int
+    fd: int
+    # What the fd is, shown by query-fdsets: the file's path.
+    opaque: str
+
+
 @dataclass(frozen=True)
 class Runtime:
-    """Where this QEMU instance talks to the daemon."""
+    """Where this QEMU instance talks to the daemon, and the fds it inherits.
+
+    QEMU runs as an unprivileged uid of its own: it opens nothing by name in
+    the daemon's directories or that a caller named.
+    """
 
     machine_id: str
     qmp_fd: int
     console_log: Path
+    # console.log, opened by the daemon for writing.
+    console_fd: int = -1
     vsock_cid: int = 0
-    # Caller-supplied paths -> the /proc/self/fd/N QEMU inherits: the daemon
-    # opened them with the caller's rights, QEMU never opens them by name.
-    opened: dict[str, str] = field(default_factory=dict)
+    # Caller-supplied paths -> the fd the daemon opened with the caller's
+    # rights (O_RDONLY or O_RDWR as QEMU will ask); each becomes an fdset.
+    opened: dict[str, int] = field(default_factory=dict)
+    # Kernel and initrd: -kernel opens by name and knows no fdsets, so QEMU
+    # reopens /proc/self/fd/N: a file anyone may read, or a sealed memfd.
+    kernel_fd: int | None = None
+    initrd_fd: int | None = None
     # virtiofs device id -> QEMU's end of its connection to virtiofsd.
     fs_fds: dict[str, int] = field(default_factory=dict)
     # The tap device the daemon opened (and checked the creator may use).
@@ -36,8 +63,21 @@ class Runtime:
     # A boot drive's device id -> its image chain, every layer of it in `opened`.
     chains: dict[str, Layer] = field(default_factory=dict)
 
+    @property
+    def console_fdset(self) -> Fdset:
+        return Fdset(BOOT_FDSETS, self.console_fd, str(self.console_log))
+
+    def fdsets(self) -> list[Fdset]:
+        """The console's fdset, then one per opened path."""
+        opened = [Fdset(BOOT_FDSETS + 1 + i, fd, path) for i, (path, fd) in enumerate(self.opened.items())]
+        return [self.console_fdset, *opened]
+
     def path(self, path: Path) -> str:
-        return self.opened.get(str(path), str(path))
+        """What QEMU is told for a caller's path: the fdset of the fd the daemon opened."""
+        for fdset in self.fdsets()[1:]:
+            if fdset.opaque == str(path):
+                return f"/dev/fdset/{fdset.id}"
+        return str(path)
 
     def chain(self, device_id: str, drive: DriveSpec) -> Layer:
         return self.chains.get(device_id) or single(str(drive.path), drive.format, read_only(drive))
@@ -154,6 +194,7 @@ def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
         QEMU,
         "-name", opts(f"guest={escape(spec.name)}"),
         "-uuid", str(uuid.UUID(rt.machine_id)),
+        "-sandbox", SANDBOX,
         # virtiofs needs guest memory QEMU can share with virtiofsd.
         "-machine", opts("q35", accel=_ACCEL[spec.accel], memory_backend="mem" if fs else None),
         "-cpu", "max",
@@ -164,7 +205,11 @@ def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
         "-display", "none",
         "-chardev", opts("socket", id="qmp", fd=rt.qmp_fd, server="on", wait="off"),
         "-mon", opts(chardev="qmp", mode="control"),
-        "-chardev", opts("file", id="console", path=escape(str(rt.console_log))),
+    ]  # fmt: skip
+    for fdset in rt.fdsets():
+        argv += ["-add-fd", opts(fd=fdset.fd, set=fdset.id, opaque=escape(fdset.opaque))]
+    argv += [
+        "-chardev", opts("file", id="console", path=f"/dev/fdset/{rt.console_fdset.id}", append="on"),
         "-serial", "chardev:console",
     ]  # fmt: skip
     if fs:
@@ -219,9 +264,9 @@ def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
     if spec.firmware is Firmware.UEFI:
         argv += ["-bios", str(OVMF)]
     if spec.kernel is not None:
-        argv += ["-kernel", rt.path(spec.kernel)]
+        argv += ["-kernel", str(spec.kernel) if rt.kernel_fd is None else f"/proc/self/fd/{rt.kernel_fd}"]
     if spec.initrd is not None:
-        argv += ["-initrd", rt.path(spec.initrd)]
+        argv += ["-initrd", str(spec.initrd) if rt.initrd_fd is None else f"/proc/self/fd/{rt.initrd_fd}"]
     if spec.cmdline:
         argv += ["-append", spec.cmdline]
     return argv + list(spec.qemu_extra)

@@ -914,7 +914,7 @@ async def cmd_console(client: Client, args: argparse.Namespace) -> int:
             e,
             "console log",
             log,
-            denied_hint="the console log is vmspawnd's file: run it as root, or ask the administrator for read access",
+            denied_hint="only the machine's owner and root may read its console log: run this as one of them",
             missing_hint=f"the machine may just have stopped; '{PROG} list' shows the machines there are",
         ) from e
     loop = asyncio.get_running_loop()

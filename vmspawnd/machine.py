@@ -32,8 +32,9 @@ from .errors import (
     UnplugTimeout,
     VmspawndError,
 )
+from .identity import Identity
 from .model import DiskType, Drive, DriveSpec, DriveState, MachineSpec, MachineState, PortRole
-from .process import Process
+from .process import Process, confinement_for
 from .qmp import TIMEOUT, Monitor, QmpDisconnected, QmpError
 from .topology import Plan, drive_id
 
@@ -82,12 +83,22 @@ def qemu_errors(log_path: Path) -> str:
 
 
 class Machine:
-    def __init__(self, spec: MachineSpec, plan: Plan, machine_id: str, directory: Path, owner_uid: int) -> None:
+    def __init__(
+        self,
+        spec: MachineSpec,
+        plan: Plan,
+        machine_id: str,
+        directory: Path,
+        owner_uid: int,
+        identity: Identity | None = None,
+    ) -> None:
         self.spec = spec
         self.plan = plan
         self.id = machine_id
         self.dir = directory
         self.owner_uid = owner_uid
+        # The uid/gid its QEMU runs as; None: the daemon's own (not root).
+        self.identity = identity
         self.state = MachineState.STARTING
         # Why the machine is unmanaged (or was refused); "" when all is well.
         self.reason = ""
@@ -159,6 +170,8 @@ class Machine:
             self._next_fdset,
             self._next_controller,
             self._next_drive,
+            self.identity.uid if self.identity else 0,
+            self.identity.gid if self.identity else 0,
         )
 
     def _write_state(self) -> None:
@@ -198,32 +211,42 @@ class Machine:
         shares: Sequence[share.OpenShare] = (),
         tap_fd: int | None = None,
         chains: dict[str, imagechain.Layer] | None = None,
+        kernel_fd: int | None = None,
+        initrd_fd: int | None = None,
     ) -> None:
         """Start QEMU; returns once its monitor answered qmp_capabilities.
 
-        `opened` maps caller-named paths to fds (each layer of `chains`, a
-        boot drive's id -> its image chain, too), `shares` are the opened
-        share directories, `tap_fd` the attached tap: all the caller's to close.
+        `opened`: caller's path -> the fd the daemon opened for it, each
+        handed to QEMU as an fdset (each layer of `chains`, a boot drive's
+        id -> its image chain, too); `shares` the opened share directories;
+        `tap_fd` the attached tap; kernel and initrd as fds QEMU may reopen
+        (manager.open_for_qemu): all the caller's to close. QEMU opens
+        nothing by name that a caller named.
         """
-        self.dir.mkdir(parents=True)
+        state.make_dir(self.dir)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with self._qmp_sock_path() as sock_path, contextlib.closing(listener):
             listener.bind(sock_path)
+            # QEMU has the listener: only root connects by the path.
+            os.chmod(sock_path, 0o600)
             listener.listen()
-            fd_paths = {path: f"/proc/self/fd/{fd}" for path, fd in opened.items()}
-            self.qemu_log.write_text("")
-            fs_fds = self._start_virtiofsd(shares)
-            taps = () if tap_fd is None else (tap_fd,)
+            console = self._open_console()
+            fs_fds: dict[str, int] = {}
             try:
+                fs_fds = self._start_virtiofsd(shares)
                 rt = cmdline.Runtime(
-                    self.id, listener.fileno(), self.console_log, vsock_cid, fd_paths, fs_fds, tap_fd, chains or {}
-                )
+                    self.id, listener.fileno(), self.console_log, console, vsock_cid, opened, kernel_fd, initrd_fd,
+                    fs_fds, tap_fd, chains or {},
+                )  # fmt: skip
                 argv = cmdline.build_argv(self.spec, self.plan, rt)
-                (self.dir / "argv").write_text("\n".join(argv) + "\n")
+                state.write_private(self.dir / "argv", "\n".join(argv) + "\n")
+                inherited = (listener.fileno(), console, *opened.values(), *fs_fds.values())
+                boot = tuple(fd for fd in (kernel_fd, initrd_fd, tap_fd) if fd is not None)
                 self.process = Process.spawn(
-                    argv, self.qemu_log, pass_fds=(listener.fileno(), *opened.values(), *fs_fds.values(), *taps)
+                    argv, self.qemu_log, pass_fds=inherited + boot, confinement=confinement_for(self.identity)
                 )
             finally:
+                os.close(console)
                 for fd in fs_fds.values():
                     os.close(fd)
             # The socket is QEMU's now: were we to keep it open, a dead QEMU
@@ -240,6 +263,18 @@ class Machine:
             raise
         self._running(persist=self._write_state)
         log.info("machine %s running, QEMU pid %d", self.name, self.leader, extra={"MACHINE": self.name})
+
+    def _open_console(self) -> int:
+        """console.log for QEMU to write; its owner reads it by its path
+        (the dirs are 0711), nobody else can."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(self.console_log, flags, 0o600)
+        try:
+            os.fchown(fd, self.owner_uid, -1)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
 
     @contextlib.contextmanager
     def _qmp_sock_path(self) -> Iterator[str]:
@@ -314,7 +349,10 @@ class Machine:
             if c["type"].startswith("child<")
         }
         nodes = {n["node-name"] for n in await self._monitor.execute("query-named-block-nodes")}
-        fdsets = {f["fdset-id"]: f for f in await self._monitor.execute("query-fdsets")}
+        # Those of the command line (console, boot drives) are QEMU's for good.
+        fdsets = {
+            f["fdset-id"]: f for f in await self._monitor.execute("query-fdsets") if f["fdset-id"] < cmdline.BOOT_FDSETS
+        }
         # add-fd's opaque names the drive and layer an fdset belongs to.
         owned: dict[str, list[int]] = {}
         image_paths: dict[str, str] = {}

@@ -4,27 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import itertools
 import logging
 import os
+import pwd
 import re
 import secrets
 import shutil
+import stat
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import cmdline, imagechain, pcitypes, quota, share, state, tap
+from . import cmdline, imagechain, pcitypes, quota, sealed, share, state, tap
 from .cgroup import Cgroups, limits
 from .chainopen import open_chain
 from .config import Config
-from .errors import AccessDenied, InvalidArgument, MachineExists, NoSuchMachine, QemuFailed, VmspawndError
+from .errors import AccessDenied, InvalidArgument, MachineExists, NoSpace, NoSuchMachine, QemuFailed, VmspawndError
+from .identity import Exhausted, Identity, Pool
 from .machine import Machine
 from .model import DeviceTypes, MachineSpec, MachineState, NetworkMode
 from .opener import open_as
-from .process import Process, option, qemu_processes, start_time
+from .process import Process, option, qemu_processes, running_uids, start_time
 from .qmp import QmpDisconnected, QmpError
 from .topology import Plan, drive_id, plan_machine
 
@@ -59,14 +63,10 @@ def check_spec(spec: MachineSpec) -> None:
         raise InvalidArgument("vsock needs /dev/vhost-vsock on the host: run 'modprobe vhost_vsock' or drop 'vsock'")
 
 
-def boot_files(spec: MachineSpec) -> list[tuple[str, Path, bool]]:
-    """(what, path, read-only) for the kernel and initrd."""
-    return [("kernel", p, True) for p in (spec.kernel,) if p] + [("initrd", p, True) for p in (spec.initrd,) if p]
-
-
 async def open_boot_files(spec: MachineSpec, uid: int, opened: dict[str, int]) -> dict[str, imagechain.Layer]:
-    """Open every file QEMU needs at start, each layer of each image chain
-    too, into `opened` (path -> fd); returns each drive's chain by its device id.
+    """Open every boot drive, each layer of each image chain too, into
+    `opened` (path -> fd); returns each drive's chain by its device id.
+    Kernel and initrd are not among them (open_for_qemu).
 
     A file used twice is opened once, with the most rights any use needs
     (QEMU reopens an fd's file for its own use: never with more than ours)."""
@@ -84,9 +84,6 @@ async def open_boot_files(spec: MachineSpec, uid: int, opened: dict[str, int]) -
         if not read_only:
             writable.add(path)
 
-    for what, path, read_only in boot_files(spec):
-        if str(path) not in opened:
-            add(str(path), await open_as(uid, str(path), read_only, what), read_only)
     chains: dict[str, imagechain.Layer] = {}
     for i, drive in enumerate(spec.boot_drives):
         what = "image" if spec.image is not None and i == 0 else "drive"
@@ -120,9 +117,11 @@ def recorded_uuid(directory: Path) -> uuid.UUID | None:
 
 
 def is_machine(argv: list[str], machine_id: uuid.UUID | None, directory: Path) -> bool:
-    """This QEMU argv is the machine's: its -uuid, or (uuid unknown) its console log path."""
+    """This QEMU argv is the machine's: its -uuid, or (uuid unknown) its console log
+    path: the opaque of the console's fdset, or the path of a QEMU started before
+    the console was an fdset."""
     if machine_id is None:
-        return any(f"path={directory}/console.log" in arg for arg in argv)
+        return any(f"{key}={directory}/console.log" in arg for arg in argv for key in ("opaque", "path"))
     try:
         return uuid.UUID(option(argv, "-uuid") or "") == machine_id
     except ValueError:
@@ -133,11 +132,47 @@ def usage(spec: MachineSpec) -> quota.Usage:
     return quota.Usage(spec.memory, spec.cpus, spec.hotplug_spares)
 
 
+def host_has_id(n: int) -> bool:
+    """The host has a passwd entry with uid `n` or a group with gid `n`."""
+    for lookup in (pwd.getpwuid, grp.getgrgid):
+        try:
+            lookup(n)
+        except KeyError:
+            continue
+        return True
+    return False
+
+
+async def open_for_qemu(uid: int, what: str, path: Path, limit: int) -> int:
+    """An fd QEMU can reopen as /proc/self/fd/N (-kernel/-initrd open by name).
+
+    The file as `uid` may read it: itself where its mode lets anyone read
+    it (the reopen checks the inode only, and page cache is shared between
+    machines), else a sealed memfd copy.
+    """
+    fd = await open_as(uid, str(path), True, what)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_mode & stat.S_IROTH:
+            return os.dup(fd)
+        return await asyncio.to_thread(sealed.copy, fd, what, limit)
+    except sealed.TooLarge as e:
+        raise InvalidArgument(
+            f"{what} {str(path)!r} is {e.size} bytes, more than the machine's memory ({limit}); give more memory"
+        ) from None
+    except OSError as e:
+        raise NoSpace(f"cannot load {what} {str(path)!r} into memory: {e.strerror}") from e
+    finally:
+        os.close(fd)
+
+
 class Manager:
     def __init__(self, runtime_dir: Path, config: Config | None = None, cgroups: Cgroups | None = None) -> None:
         self.runtime_dir = runtime_dir
         self.config = config or Config()
         self.cgroups = cgroups
+        # QEMU identities; an unprivileged daemon cannot give any.
+        self.identities = Pool(self.config.identity_base, self.config.identity_count) if os.geteuid() == 0 else None
         self.machines: dict[str, Machine] = {}
         # Names being created or recovered: a CreateMachine of one is refused at once.
         self._reserved: set[str] = set()
@@ -186,7 +221,8 @@ class Manager:
             raise MachineExists(f"a machine named {spec.name!r} exists already; pick another name or terminate it")
         if spec.qemu_extra and owner_uid != 0:
             raise AccessDenied(
-                "qemu_extra hands options to QEMU, which runs as root: only root may use it; drop qemu_extra"
+                "qemu_extra hands raw options to QEMU, past every check of the daemon: "
+                "only root may use it; drop qemu_extra"
             )
         quota.check(self.config.quota_for(owner_uid), owner_uid, self._held(owner_uid), usage(spec))
         # Taken with no await since the check: two creations cannot both pass for the last slot.
@@ -210,27 +246,39 @@ class Manager:
                     "or remove the directory once its QEMU is gone"
                 )
         shutil.rmtree(directory, ignore_errors=True)
-        machine = Machine(spec, plan, uuid.uuid4().hex, directory, owner_uid)
+        identity = self._allocate_identity()
+        machine = Machine(spec, plan, uuid.uuid4().hex, directory, owner_uid, identity)
         machine.on_ended = self._ended
         opened: dict[str, int] = {}
         shares: list[share.OpenShare] = []
         tap_fd = None
+        loaded: dict[str, int] = {}
         try:
             chains = await open_boot_files(spec, owner_uid, opened)
             shares = await share.open_all(owner_uid, spec)
             if spec.network.mode is NetworkMode.TAP:
                 granted = self.config.taps_by_uid.get(owner_uid, ())
                 tap_fd = tap.open_tap(owner_uid, spec.network.tap, granted)
+            for what, file in (("kernel", spec.kernel), ("initrd", spec.initrd)):
+                if file is not None:
+                    loaded[what] = await open_for_qemu(owner_uid, what, file, spec.memory)
             with state.space_of(directory):
-                await machine.start(3 + secrets.randbelow(2**31), opened, shares, tap_fd, chains)
+                self.runtime_dir.mkdir(parents=True, exist_ok=True)
+                state.make_dir(self.machines_dir, exist_ok=True)
+                await machine.start(
+                    3 + secrets.randbelow(2**31), opened, shares, tap_fd, chains, loaded.get("kernel"),
+                    loaded.get("initrd"),
+                )  # fmt: skip
             await self._confine(machine)
         except BaseException:
             await asyncio.shield(machine.discard())
+            self._release_identity(machine)
             if self.cgroups:
                 self.cgroups.remove(spec.name)
             raise
         finally:
-            for fd in [*opened.values(), *(s.fd for s in shares), *([tap_fd] if tap_fd is not None else [])]:
+            fds = [*opened.values(), *(s.fd for s in shares), *loaded.values()]
+            for fd in fds + ([tap_fd] if tap_fd is not None else []):
                 os.close(fd)
         self.machines[spec.name] = machine
         self.on_new(machine)
@@ -246,7 +294,24 @@ class Manager:
         except OSError as e:
             raise QemuFailed(f"cannot put QEMU of machine {machine.name} into its own cgroup: {e}") from e
 
+    def _allocate_identity(self) -> Identity | None:
+        if self.identities is None:
+            return None
+        # Besides passwd and group entries: a live process with the id (a
+        # QEMU whose state.json was lost) keeps it taken.
+        running = running_uids()
+        try:
+            return self.identities.allocate(lambda n: n in running or host_has_id(n))
+        except Exhausted as e:
+            raise NoSpace(f"{e}; raise [identity] uid_count in the configuration, or stop a machine") from e
+
+    def _release_identity(self, machine: Machine) -> None:
+        # Only once its QEMU is gone: a live process keeps its uid.
+        if self.identities is not None and machine.identity is not None:
+            self.identities.release(machine.identity)
+
     def _ended(self, machine: Machine) -> None:
+        self._release_identity(machine)
         if self.machines.get(machine.name) is machine:
             del self.machines[machine.name]
             if self.cgroups:
@@ -264,6 +329,7 @@ class Manager:
             directories = [d for d in sorted(self.machines_dir.iterdir()) if d.is_dir()]
         except FileNotFoundError:
             return
+        state.make_dir(self.machines_dir, exist_ok=True)
         self._reserved |= {d.name for d in directories}
         qemus = await asyncio.to_thread(qemu_processes)
         await asyncio.gather(*(self._recover_guarded(d, qemus) for d in directories))
@@ -328,7 +394,11 @@ class Manager:
             plan = plan_machine(record.spec, await pcitypes.device_types(cmdline.QEMU))
         except VmspawndError as e:
             return self._placeholder(directory, f"its recorded spec is refused now ({e})", machine_id, pid)
-        machine = Machine(record.spec, plan, record.id, directory, record.owner_uid)
+        identity = Identity(record.qemu_uid, record.qemu_gid) if record.qemu_uid else None
+        if identity is not None and self.identities is not None:
+            # Taken while that QEMU lives, managed or not.
+            self.identities.claim(identity)
+        machine = Machine(record.spec, plan, record.id, directory, record.owner_uid, identity)
         machine.on_ended = self._ended
         self._claiming.add(pid)
         try:

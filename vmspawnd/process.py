@@ -1,14 +1,97 @@
-"""QEMU processes: spawn in their own session, watch their exit with a pidfd."""
+"""QEMU processes: spawn in their own session, confined, and watch their
+exit with a pidfd."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import itertools
 import os
 import signal
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
+
+from .identity import Identity
+
+# util-linux's setpriv drops the identity, groups and capabilities and sets
+# NoNewPrivs, then execs QEMU: all of it before QEMU's first instruction,
+# without a preexec_fn in a daemon that runs threads.
+SETPRIV = "setpriv"
+CAP_SETPCAP = 8
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """The identity a process runs as; None keeps the daemon's (one that is
+    not root cannot change it)."""
+
+    uid: int | None
+    gid: int | None
+    # Supplementary groups: `kvm`, for /dev/kvm.
+    groups: tuple[int, ...] = ()
+    # Emptying the bounding set takes CAP_SETPCAP.
+    drop_bounding_set: bool = True
+
+
+def setpriv_argv(c: Confinement) -> list[str]:
+    """The setpriv prefix that runs a command confined by `c`."""
+    argv = [SETPRIV]
+    if c.uid is not None and c.gid is not None:
+        argv += [
+            f"--reuid={c.uid}",
+            f"--regid={c.gid}",
+            f"--groups={','.join(map(str, c.groups))}" if c.groups else "--clear-groups",
+        ]
+    # A uid change from root clears the permitted and effective sets; these
+    # take the inheritable, ambient and bounding sets too, and any way back.
+    argv += ["--no-new-privs", "--inh-caps=-all"]
+    if c.drop_bounding_set:
+        argv += ["--bounding-set=-all"]
+    return [*argv, "--"]
+
+
+def kvm_groups() -> tuple[int, ...]:
+    """The `kvm` group, if the host has one: it opens /dev/kvm."""
+    try:
+        return (grp.getgrnam("kvm").gr_gid,)
+    except KeyError:
+        return ()
+
+
+def confinement_for(identity: Identity | None) -> Confinement:
+    """A machine's QEMU: its own identity with the kvm group; without one
+    (a daemon that is not root), the daemon's, still without privileges."""
+    drop = has_capability(CAP_SETPCAP)
+    if identity is None:
+        return Confinement(None, None, drop_bounding_set=drop)
+    return Confinement(identity.uid, identity.gid, kvm_groups(), drop)
+
+
+def _status(pid: int | str) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+
+
+def has_capability(cap: int) -> bool:
+    return bool(int(_status("self")["CapEff"], 16) >> cap & 1)
+
+
+def running_uids() -> set[int]:
+    """Every uid a live process runs with (real, effective, saved, fs).
+
+    Zombies hold nothing: a re-attached QEMU that ended is one until
+    whoever inherited it reaps it.
+    """
+    uids: set[int] = set()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, KeyError):
+                status = _status(entry.name)
+                if status["State"][:1] not in ("Z", "X"):
+                    uids.update(int(u) for u in status["Uid"].split())
+    return uids
 
 
 def start_time(pid: int) -> int:
@@ -57,8 +140,13 @@ class Process:
         loop.add_reader(pidfd, self._on_exit)
 
     @classmethod
-    def spawn(cls, argv: list[str], log: Path, pass_fds: tuple[int, ...]) -> Process:
-        with open(log, "ab") as out:
+    def spawn(
+        cls, argv: list[str], log: Path, pass_fds: tuple[int, ...], confinement: Confinement | None = None
+    ) -> Process:
+        """Start `argv` (confined, if given); stdout and stderr go to `log`, private to root."""
+        if confinement is not None:
+            argv = setpriv_argv(confinement) + argv
+        with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600), "ab") as out:
             popen = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,

@@ -48,6 +48,9 @@ class MachineRecord:
     next_fdset: int
     next_controller: int
     next_drive: int = 0
+    # The uid/gid QEMU runs as; 0 for a QEMU started without one of its own.
+    qemu_uid: int = 0
+    qemu_gid: int = 0
 
 
 def _plain(value: Any) -> Any:
@@ -183,6 +186,8 @@ def _v1(d: dict[str, Any]) -> MachineRecord:
         next_fdset=_get(d, "next_fdset", int, ""),
         next_controller=_get(d, "next_controller", int, ""),
         next_drive=_get(d, "next_drive", int, "", 0),
+        qemu_uid=_get(d, "qemu_uid", int, "", 0),
+        qemu_gid=_get(d, "qemu_gid", int, "", 0),
     )
 
 
@@ -221,6 +226,25 @@ def space_of(directory: Path) -> Iterator[None]:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise NoSpace(f"no space left for {directory} ({e.strerror}); free some space there") from e
         raise
+
+
+# machines/ and each machine's dir: root's, not listable by others; the
+# owner reaches only a file that is theirs (console.log) by its path.
+DIR_MODE = 0o711
+
+
+def make_dir(path: Path, exist_ok: bool = False) -> None:
+    path.mkdir(mode=DIR_MODE, exist_ok=exist_ok)
+    # mkdir's mode passes through the umask, and an existing dir keeps its own.
+    path.chmod(DIR_MODE)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `path` afresh, readable by root only whatever mode it had."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    with open(fd, "w") as f:
+        os.fchmod(fd, 0o600)
+        f.write(text)
 
 
 def write(directory: Path, record: MachineRecord) -> None:

@@ -7,14 +7,17 @@ vmspawnd runs as a process, QEMU boots the tiny guest under TCG.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +54,38 @@ def guest_options(guest: Any, **extra: Any) -> dict[str, Any]:
         "accel": "tcg",
         "memory": 256 * 1024 * 1024,
     } | extra
+
+
+@contextlib.contextmanager
+def shared_dir(prefix: str, mode: int) -> Iterator[Path]:
+    """A directory under /tmp other users reach (pytest's tmp_path sits under a 0700 one)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(mode)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def blank_image(directory: Path, name: str) -> str:
+    """SeaBIOS finds nothing to boot on it and idles: cheaper than a kernel under TCG."""
+    path = directory / name
+    path.write_bytes(b"\0" * (1 << 20))
+    return str(path)
+
+
+def image_options(image: str, **extra: Any) -> dict[str, Any]:
+    return {"image": image, "firmware": "bios", "accel": "tcg", "memory": 64 << 20, "hotplug_spares": 2} | extra
+
+
+def qemu_status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as a dict."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+
+
+def qemu_uid(pid: int) -> int:
+    return int(qemu_status(pid)["Uid"].split()[0])
 
 
 class Client:

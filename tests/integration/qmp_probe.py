@@ -1,14 +1,25 @@
 """The tests' own QMP monitor on a machine (QEMU serves several monitors).
 
-The daemon's view is checked against QEMU's own answers through it.
+The daemon's view is checked against QEMU's own answers through it. The
+socket is an abstract one named after the test's path (hashed: sun_path
+is short): QEMU runs as an unprivileged uid of its own and may create
+nothing in the test's directories.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 from pathlib import Path
 from typing import Any
+
+from vmspawnd.cmdline import BOOT_FDSETS
+
+
+def address(path: Path) -> str:
+    """The abstract socket name standing for `path`."""
+    return "vmspawnd-probe-" + hashlib.sha256(str(path).encode()).hexdigest()[:24]
 
 
 class Probe:
@@ -18,11 +29,14 @@ class Probe:
     @staticmethod
     def extra(path: Path) -> list[str]:
         """qemu_extra for CreateMachine that adds this monitor."""
-        return ["-qmp", f"unix:{path},server=on,wait=off"]
+        return [
+            "-chardev", f"socket,id=testprobe,path={address(path)},abstract=on,server=on,wait=off",
+            "-mon", "chardev=testprobe,mode=control",
+        ]  # fmt: skip
 
     def run(self, *commands: tuple[str, dict[str, Any]]) -> list[Any]:
         with socket.socket(socket.AF_UNIX) as s:
-            s.connect(str(self.path))
+            s.connect(f"\0{address(self.path)}")
             f = s.makefile("rw")
             json.loads(f.readline())
             results = []
@@ -41,7 +55,8 @@ class Probe:
         return {n["node-name"] for n in self("query-named-block-nodes")}
 
     def fdsets(self) -> list[Any]:
-        return list(self("query-fdsets"))
+        """The fdsets passed at run time (those of the command line left out)."""
+        return [f for f in self("query-fdsets") if f["fdset-id"] < BOOT_FDSETS]
 
     def devices_on(self, port: str) -> list[str]:
         """qdev ids of the devices behind root port `port` (by its child bus)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -60,7 +59,7 @@ async def test_busctl_creates_a_packed_20_nvme_machine_the_guest_sees(
     client: Client, daemon: Daemon, guest: Any, disks: dict[str, Path], tmp_path: Path
 ) -> None:
     monitor = tmp_path / "test-qmp.sock"
-    extra = [*nvme_extra(NVME_EXTRA), "-qmp", f"unix:{monitor},server=on,wait=off"]
+    extra = [*nvme_extra(NVME_EXTRA), *Probe.extra(monitor)]
     # 4 builtin ports (image, 2 drives, network) + 10 spares = 14 ports in 2 slots.
     opts = {
         "kernel": ("s", guest.kernel),
@@ -150,6 +149,24 @@ async def test_image_boot_starts_with_the_image_first_in_boot_order(
     assert any('"bootindex":1' in a and '"bus":"rp0"' in a for a in argv)
 
 
+def named(argv: list[str], guest: Any) -> list[str]:
+    """QEMU got its files as fds the daemon opened: name them by their paths again."""
+    paths = {}
+    out = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "-add-fd":
+            fdset = dict(kv.split("=", 1) for kv in next(args).split(","))
+            paths[fdset["set"]] = fdset["opaque"]
+            continue
+        if arg in ("-kernel", "-initrd"):
+            out += [arg, str(guest.kernel if arg == "-kernel" else guest.initrd)]
+            next(args)
+            continue
+        out.append(re.sub(r"/dev/fdset/(\d+)", lambda m: paths[m.group(1)], arg))
+    return out
+
+
 def standalone(argv: list[str], directory: Path) -> list[str]:
     """The daemon's argv, runnable without the daemon: own monitor socket and console."""
     directory.mkdir()
@@ -177,10 +194,7 @@ async def test_unpacked_layout_of_the_same_machine_fails_in_qemu(
             qemu_extra=nvme_extra(NVME_EXTRA),
         ),
     )
-    argv = (daemon.runtime_dir / "machines" / "unpacked" / "argv").read_text().splitlines()
-    # QEMU got the files as fds the daemon opened: name them by their real paths again.
-    leader = await client.prop("/org/vmspawnd1/machine/unpacked", "Leader")
-    argv = [re.sub(r"/proc/self/fd/(\d+)", lambda m: os.readlink(f"/proc/{leader}/fd/{m.group(1)}"), a) for a in argv]
+    argv = named((daemon.runtime_dir / "machines" / "unpacked" / "argv").read_text().splitlines(), guest)
     await client.call("TerminateMachine", "s", ["unpacked"])
     unpacked = []
     for arg in argv:

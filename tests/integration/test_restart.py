@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from dbus_fast import DBusError, Message
 
-from .harness import ROOT, Client, Daemon, guest_options, qemu_pids, wait_console
+from .harness import ROOT, Client, Daemon, blank_image, guest_options, image_options, qemu_pids, qemu_uid, wait_console
 from .qmp_probe import Probe
 
 sys.path.insert(0, str(ROOT / "tools"))
@@ -113,6 +113,40 @@ async def test_restart_takes_every_machine_back(site: Site, client: Client, gues
     for drive_id in ("disk0", "disk1", "disk2"):  # the drives from before the restart
         await client.remove_drive(busy, drive_id)
     assert await client.prop(busy, "Drives") == []
+    await client.terminate_all()
+    client.close()
+
+
+async def test_qemu_identities_survive_a_restart_and_are_free_again_once_a_machine_ends(
+    site: Site, client: Client
+) -> None:
+    # A range of 3: machines that survive a restart must keep theirs taken.
+    base = 0x7B000000 + os.getpid() % 1000 * 8
+    config = site.dir / "vmspawnd.conf"
+    config.write_text(f"[identity]\nuid_base = {base}\nuid_count = 3\n")
+    site.daemon.stop()
+    site.daemon.start("--config", str(config))
+    client.close()
+    client = await site.client()
+    a, b = [await client.create(n, **image_options(blank_image(site.dir, f"{n}.raw"))) for n in ("ida", "idb")]
+    leaders = [await client.prop(p, "Leader") for p in (a, b)]
+    uids = [qemu_uid(pid) for pid in leaders]
+    assert sorted(uids) == [base, base + 1]
+
+    site.daemon.stop(signal.SIGKILL)
+    site.daemon.start("--config", str(config))
+    client.close()
+    client = await site.client()
+    assert [qemu_uid(await client.prop(p, "Leader")) for p in (a, b)] == uids
+    c = await client.create("idc", **image_options(blank_image(site.dir, "idc.raw")))
+    assert qemu_uid(await client.prop(c, "Leader")) == base + 2
+    with pytest.raises(DBusError) as e:
+        await client.create("idd", **image_options(blank_image(site.dir, "idd.raw")))
+    assert e.value.type == E + "NoSpace" and "all 3 QEMU identities" in e.value.text
+    # A machine that ends gives its identity back.
+    await client.call("TerminateMachine", "s", ["ida"])
+    d = await client.create("idd", **image_options(blank_image(site.dir, "idd.raw")))
+    assert qemu_uid(await client.prop(d, "Leader")) == uids[0]
     await client.terminate_all()
     client.close()
 

@@ -27,6 +27,8 @@ from typing import Any
 import pytest
 from dbus_fast import DBusError
 
+from vmspawnd.cmdline import BOOT_FDSETS
+
 from .harness import Client, Daemon, guest_options, qemu_pids, unwrap, wait_console
 from .qmp_probe import Probe
 
@@ -345,6 +347,8 @@ def check_qemu_view(vm: VM, props: dict[str, Any]) -> None:
 
     ours = {n["node-name"].removesuffix("-node") for n in nodes if n["node-name"].endswith("-node")}
     assert attached <= ours <= set(drives), f"block nodes {sorted(ours)} vs drives {sorted(drives)}"
+    # The command line's fdsets (console, boot drives) are QEMU's for good.
+    fdsets = [f for f in fdsets if f["fdset-id"] < BOOT_FDSETS]
     assert all(f["fds"] for f in fdsets), f"an emptied fdset stays behind: {fdsets}"
     passed = {}
     for f in fdsets:

@@ -426,6 +426,24 @@ async def test_polkit_rules_let_a_user_create_and_manage_machines(polkit: System
     assert await root.names() == []
 
 
+async def test_a_machines_owner_reads_its_console_nobody_else_does(polkit: System, root: Client) -> None:
+    system = polkit
+    await system.start_polkit(rules=True)
+    created = await gdbus_manager(
+        system, "daemon", "CreateMachine", "ownedvm", gvariant_options(owned_file(system, "daemon"))
+    )
+    assert created.code == 0, created
+    console = await root.prop("/org/vmspawnd1/machine/ownedvm", "ConsoleLog")
+    own = await run_as(system, "daemon", "cat", console)
+    assert own.code == 0, own
+    other = await run_as(system, "nobody", "cat", console)
+    assert other.code != 0 and "Permission denied" in other.err, other
+    # Root's files beside it stay root's.
+    for name in ("qemu.log", "state.json", "argv"):
+        result = await run_as(system, "daemon", "cat", str(Path(console).parent / name))
+        assert result.code != 0 and "Permission denied" in result.err, (name, result)
+
+
 # -- 3: a path is opened with the caller's rights, an fd is the caller's own ---
 
 
