@@ -15,7 +15,11 @@ from .topology import Plan, Port, drive_id
 QEMU = "qemu-system-x86_64"
 OVMF = Path("/usr/share/ovmf/OVMF.fd")
 
-_ACCEL = {Accel.KVM: "kvm", Accel.TCG: "tcg", Accel.AUTO: "kvm:tcg"}
+# split-wx: TCG's code buffer is never writable and executable at once, so
+# QEMU runs under the unit's MemoryDenyWriteExecute=yes.
+TCG = "tcg,split-wx=on"
+# Tried in order: "auto" is KVM where it initialises, else TCG.
+ACCELS = {Accel.KVM: ("kvm",), Accel.TCG: (TCG,), Accel.AUTO: ("kvm", TCG)}
 
 
 # fdset ids from here on are the command line's (console, boot drives);
@@ -196,7 +200,8 @@ def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
         "-uuid", str(uuid.UUID(rt.machine_id)),
         "-sandbox", SANDBOX,
         # virtiofs needs guest memory QEMU can share with virtiofsd.
-        "-machine", opts("q35", accel=_ACCEL[spec.accel], memory_backend="mem" if fs else None),
+        "-machine", opts("q35", memory_backend="mem" if fs else None),
+        *(arg for accel in ACCELS[spec.accel] for arg in ("-accel", accel)),
         "-cpu", "max",
         "-smp", str(spec.cpus),
         "-m", f"{spec.memory // MiB}M",

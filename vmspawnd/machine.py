@@ -102,6 +102,8 @@ class Machine:
         self.state = MachineState.STARTING
         # Why the machine is unmanaged (or was refused); "" when all is well.
         self.reason = ""
+        # The accelerator QEMU runs with ("kvm" or "tcg"), once it is known.
+        self.accel = ""
         # Set while a command has gone unanswered: requests are refused at
         # once until QEMU answers again.
         self._unresponsive = ""
@@ -889,6 +891,11 @@ class Machine:
             if self.observer:
                 self.observer.drive_removed(self, dev)
         self._notify("Drives", "Ports", "FreeSparePorts")
+
+    async def query_accel(self) -> None:
+        """Which accelerator QEMU ended up with: for "auto" it is QEMU's choice."""
+        info = await self._monitor.execute("query-kvm")
+        self.accel = "kvm" if info.get("enabled") else "tcg"
 
     async def power_off(self, timeout: float) -> None:
         """ACPI power button; past `timeout` quit, then SIGTERM, then SIGKILL."""

@@ -26,7 +26,7 @@ from .config import Config
 from .errors import AccessDenied, InvalidArgument, MachineExists, NoSpace, NoSuchMachine, QemuFailed, VmspawndError
 from .identity import Exhausted, Identity, Pool
 from .machine import Machine
-from .model import DeviceTypes, MachineSpec, MachineState, NetworkMode
+from .model import Accel, DeviceTypes, MachineSpec, MachineState, NetworkMode
 from .opener import open_as
 from .process import Process, option, qemu_processes, running_uids, start_time
 from .qmp import QmpDisconnected, QmpError
@@ -40,6 +40,9 @@ ATTACH_TIMEOUT = 1.5
 # An unmanaged machine is retried after these many seconds, then every last one.
 RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0)
 
+# QEMU's words when KVM is there but unusable (its own errors name KVM;
+# a failed MSR write aborts in kvm.c).
+KVM_FAILED = re.compile(r"kvm|MSR", re.IGNORECASE)
 NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -229,10 +232,25 @@ class Manager:
         self._reserved.add(spec.name)
         self._creating[spec.name] = (owner_uid, usage(spec))
         try:
-            return await self._create(spec, owner_uid)
+            return await self._create_with_fallback(spec, owner_uid)
         finally:
             self._reserved.discard(spec.name)
             del self._creating[spec.name]
+
+    async def _create_with_fallback(self, spec: MachineSpec, owner_uid: int) -> Machine:
+        """ "auto" means KVM where QEMU can use it: a host may have /dev/kvm
+        and still fail (a nested KVM that aborts at the first vCPU reset),
+        and then the machine starts again with TCG."""
+        try:
+            return await self._create(spec, owner_uid)
+        except QemuFailed as e:
+            if spec.accel is not Accel.AUTO or not KVM_FAILED.search(str(e)):
+                raise
+            log.warning(
+                "machine %s: KVM is present but QEMU cannot use it (%s); starting it with TCG instead",
+                spec.name, e, extra={"MACHINE": spec.name},
+            )  # fmt: skip
+        return await self._create(replace(spec, accel=Accel.TCG), owner_uid)
 
     async def _create(self, spec: MachineSpec, owner_uid: int) -> Machine:
         plan = await self._plan(spec)
@@ -269,6 +287,7 @@ class Manager:
                     3 + secrets.randbelow(2**31), opened, shares, tap_fd, chains, loaded.get("kernel"),
                     loaded.get("initrd"),
                 )  # fmt: skip
+            await machine.query_accel()
             await self._confine(machine)
         except BaseException:
             await asyncio.shield(machine.discard())
@@ -403,6 +422,7 @@ class Manager:
         self._claiming.add(pid)
         try:
             await machine.attach(record, ATTACH_TIMEOUT)
+            await machine.query_accel()
         except (VmspawndError, QmpError, QmpDisconnected, OSError) as e:
             machine.unmanaged(str(e), None)
         finally:

@@ -94,6 +94,9 @@ def running_uids() -> set[int]:
     return uids
 
 
+CHILD_UMASK = 0o022
+
+
 def start_time(pid: int) -> int:
     """The process start time in clock ticks (/proc/PID/stat field 22).
 
@@ -155,6 +158,9 @@ class Process:
                 pass_fds=pass_fds,
                 # QEMU must outlive a daemon restart or crash.
                 start_new_session=True,
+                # The unit's UMask=0077 is the daemon's own: files virtiofsd
+                # creates for a guest get the usual modes.
+                umask=CHILD_UMASK,
             )
         # Popen's own bookkeeping is not needed: the pidfd watches, waitpid reaps.
         popen.returncode = 0

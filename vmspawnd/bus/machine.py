@@ -111,6 +111,11 @@ class MachineInterface(ServiceInterface):
         return self.machine.reason
 
     @dbus_property(access=PropertyAccess.READ)
+    def Accel(self) -> DBusStr:
+        """The accelerator QEMU runs with: kvm or tcg ("" while unknown)."""
+        return self.machine.accel
+
+    @dbus_property(access=PropertyAccess.READ)
     def Leader(self) -> DBusUInt32:
         return self.machine.leader
 
