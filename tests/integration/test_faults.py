@@ -174,7 +174,7 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path, dict[str, Any]], None], str]] = {
     "wrong-schema": (lambda p, d: p.write_text(json.dumps({"version": 1, "machines": []})), "spec: missing"),
     "wrong-version": (edit("version", 2), "version: 2 is not one this vmspawnd reads"),
     "deleted": (lambda p, d: p.unlink(), "it has no state.json; its QEMU pid"),
-    "spec-refused-now": (edit("spec.hotplug_spares", 500), "recorded spec is refused now (Too many PCIe root ports"),
+    "spec-refused-now": (edit("spec.hotplug_spares", 500), "recorded spec is refused now (Too many PCIe ports"),
     "foreign-pid": (lambda p, d: None, ""),  # filled in by the test: the healthy machine's pid
 }
 

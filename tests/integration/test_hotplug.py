@@ -118,7 +118,7 @@ async def test_full_spares_give_no_free_port_and_removing_one_makes_room(
     with pytest.raises(DBusError) as e:
         await client.add_drive(vm.path, disk(tmp_path, "one-more"))
     assert e.value.type == E + "NoFreePort"
-    assert "all 4 spare root ports of hp are taken (rp0=disk0, rp1=disk1, rp2=disk2, rp3=disk3)" in e.value.text
+    assert "all 4 spare ports of hp are taken (rp0=disk0, rp1=disk1, rp2=disk2, rp3=disk3)" in e.value.text
     assert "hotplug_spares" in e.value.text
     await client.remove_drive(vm.path, ids[2])
     # The freed port is handed out again; ids are not (a stale id must not hit
