@@ -15,12 +15,14 @@ import shutil
 import sys
 from typing import Any
 
+from .cmdline import TCG
 from .errors import QemuFailed
 from .model import DeviceTypes
 
 QUERY_TIMEOUT = 10.0
 # -machine none: no board, no devices, just the type registry.
-QUERY_ARGS = ("-machine", "none", "-nodefaults", "-display", "none", "-no-user-config")
+# TCG's split-wx: the unit's MemoryDenyWriteExecute= holds for this QEMU too.
+QUERY_ARGS = ("-machine", "none", "-accel", TCG, "-nodefaults", "-display", "none", "-no-user-config")
 _QMP_INPUT = "".join(
     json.dumps(c) + "\n"
     for c in (
@@ -78,7 +80,7 @@ async def query(qemu: str) -> DeviceTypes:
     """Ask `qemu` for its device types (two short runs, ~0.1 s each)."""
     qmp, help_text = await asyncio.gather(
         _run([qemu, *QUERY_ARGS, "-qmp", "stdio"], _QMP_INPUT),
-        _run([qemu, "-machine", "q35", "-device", "help"], None),
+        _run([qemu, "-machine", "q35", "-accel", TCG, "-device", "help"], None),
     )
     try:
         return parse(qmp, help_text)
