@@ -66,6 +66,11 @@ def check_spec(spec: MachineSpec) -> None:
         raise InvalidArgument("vsock needs /dev/vhost-vsock on the host: run 'modprobe vhost_vsock' or drop 'vsock'")
 
 
+def kernel_files(spec: MachineSpec) -> list[tuple[str, Path]]:
+    """(what, path) for the kernel and initrd, which QEMU opens by name."""
+    return [(what, p) for what, p in (("kernel", spec.kernel), ("initrd", spec.initrd)) if p is not None]
+
+
 async def open_boot_files(spec: MachineSpec, uid: int, opened: dict[str, int]) -> dict[str, imagechain.Layer]:
     """Open every boot drive, each layer of each image chain too, into
     `opened` (path -> fd); returns each drive's chain by its device id.
@@ -196,10 +201,14 @@ class Manager:
         """PlanMachine: the plan, with each boot file (each layer of an image) opened as `uid` and closed."""
         plan = await self._plan(spec)
         opened: dict[str, int] = {}
+        kernels: list[int] = []
         try:
+            # Kernel and initrd too: CreateMachine opens them in open_for_qemu, a plan only checks them.
+            for what, file in kernel_files(spec):
+                kernels.append(await open_as(uid, str(file), True, what))
             await open_boot_files(spec, uid, opened)
         finally:
-            for fd in opened.values():
+            for fd in [*kernels, *opened.values()]:
                 os.close(fd)
         return plan
 
@@ -277,9 +286,8 @@ class Manager:
             if spec.network.mode is NetworkMode.TAP:
                 granted = self.config.taps_by_uid.get(owner_uid, ())
                 tap_fd = tap.open_tap(owner_uid, spec.network.tap, granted)
-            for what, file in (("kernel", spec.kernel), ("initrd", spec.initrd)):
-                if file is not None:
-                    loaded[what] = await open_for_qemu(owner_uid, what, file, spec.memory)
+            for what, file in kernel_files(spec):
+                loaded[what] = await open_for_qemu(owner_uid, what, file, spec.memory)
             with state.space_of(directory):
                 self.runtime_dir.mkdir(parents=True, exist_ok=True)
                 state.make_dir(self.machines_dir, exist_ok=True)
