@@ -25,6 +25,7 @@ import pytest
 from dbus_fast import DBusError
 
 from vmspawnd.bus import MANAGER_IFACE
+from vmspawnd.bus.guard import DROP_CHUNK
 from vmspawnd.bus.options import MACHINE_OPTIONS
 
 from .harness import Client, Daemon, busctl, guest_options, variants
@@ -78,6 +79,37 @@ for serial, destination, path, interface in (
 print(json.dumps(times))
 """
 
+# What dropping a message of N bytes costs at least, right now on this host:
+# N bytes from one process to another over a unix socket, read in the
+# guard's chunks (the bus daemon writes them, vmspawnd reads and discards).
+COPY = r"""
+import os, socket, sys, time
+size, chunk = int(sys.argv[1]), int(sys.argv[2])
+ours, theirs = socket.socketpair()
+started = time.monotonic()
+if os.fork() == 0:
+    ours.close()
+    left = size
+    while left:
+        left -= len(theirs.recv(min(left, chunk)))
+    theirs.sendall(b"x")
+    os._exit(0)
+theirs.close()
+ours.sendall(bytes(size))
+assert ours.recv(1) == b"x"
+print(time.monotonic() - started)
+os.wait()
+"""
+
+
+async def copy_time(size: int) -> float:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", COPY, str(size), str(DROP_CHUNK), stdout=subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    return float(out)
+
 
 async def ping_until(client: Client, done: asyncio.Event, after: int = 50) -> list[tuple[float, float]]:
     """(start, end) of rounds of Version and GetMachine, until `after` rounds past `done`."""
@@ -98,6 +130,7 @@ async def test_an_800000_drive_plan_is_refused_fast_while_others_are_answered(
     client: Client, daemon: Daemon, system_bus: str
 ) -> None:
     log_start = daemon.log.stat().st_size
+    copies = [await copy_time(19_200_000)]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", FLOOD, system_bus, str(DRIVES), stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -109,6 +142,11 @@ async def test_an_800000_drive_plan_is_refused_fast_while_others_are_answered(
         done.set()
         rounds = await pinger
     assert proc.returncode == 0, err.decode()
+    copies.append(await copy_time(19_200_000))
+    # 100 ms on a quiet host; on a loaded one (2 cores, load 7-10) a plain copy
+    # of the same bytes, measured before and after, may take a good part of
+    # that: then three times the slower copy. Unmarshalling it takes 30-70 s.
+    bound = max(0.1, 3 * max(copies))
     results: dict[str, dict[str, Any]] = json.loads(out)
     bus, ours = results["org.freedesktop.DBus"], results["org.vmspawnd1"]
     logged = daemon.log.read_text(errors="replace")[log_start:]
@@ -127,14 +165,15 @@ async def test_an_800000_drive_plan_is_refused_fast_while_others_are_answered(
     print(
         f"\n{ours['bytes']} bytes; client side: bus alone {bus['from_last_byte'] * 1000:.0f} ms after the last "
         f"byte, vmspawnd {ours['from_last_byte'] * 1000:.0f} ms (its share {share * 1000:.0f} ms); daemon side: "
-        f"dropped in {m[2]} ms; {len(mine)} rounds outside the bus's own stalls, slowest {slowest * 1000:.1f} ms"
+        f"dropped in {m[2]} ms; {len(mine)} rounds outside the bus's own stalls, slowest {slowest * 1000:.1f} ms; "
+        f"a plain copy {' and '.join(f'{c * 1000:.0f}' for c in copies)} ms, bound {bound * 1000:.0f} ms"
     )
     assert ours["error"] == E + "InvalidArgument", ours
     assert "PlanMachine call of" in ours["text"] and "bytes refused" in ours["text"]
-    assert float(m[2]) < 100
+    assert float(m[2]) < bound * 1000, (m[2], copies)
     # Client side: the bus daemon's own validation time varies by a quarter
-    # from one 19 MB message to the next on this shared host; beyond that, 100 ms.
-    assert share < 0.1 + 0.25 * bus["from_last_byte"], results
+    # from one 19 MB message to the next on this shared host; beyond that, the bound.
+    assert share < bound + 0.25 * bus["from_last_byte"], (results, copies)
     # 200 ms on a quiet host; at load 7-10 on 2 cores any round trip may
     # take that long, so 500 ms here (without the guard: 30-70 s).
     assert len(after_stall) >= 20 and slowest < 0.5, (len(after_stall), slowest)
