@@ -9,7 +9,7 @@
 # Needs nothing but bash 4; drive ids are read with jq if it is there,
 # else with python3 (which vmspawnctl needs anyway).
 
-__vmspawnctl_verbs="list status plan create add-drive remove-drive poweroff terminate console"
+__vmspawnctl_verbs="list status plan create add-drive remove-drive poweroff terminate console pause resume reboot"
 __vmspawnctl_global_opts="--help --json --user --system --no-pager --no-legend --no-ask-password"
 __vmspawnctl_machine_opts="--kernel --initrd --cmdline --image --image-format --drive --disk-type --network
     --vsock --memory --cpus --spares --accel --firmware --qemu-extra --qemu-extra-string"
@@ -131,7 +131,7 @@ _vmspawnctl() {
         plan | create) opts+=" $__vmspawnctl_machine_opts" ;;
         add-drive) opts+=" --disk-type --serial --read-only --format --id" ;;
         remove-drive | poweroff) opts+=" --timeout" ;;
-        console) opts+=" --no-follow" ;;
+        console) opts+=" --read-only --no-follow" ;;
         "") opts+=" --version" ;;
     esac
 
@@ -145,7 +145,7 @@ _vmspawnctl() {
     fi
 
     case $verb in
-        status | terminate | poweroff | console | add-drive | remove-drive)
+        status | terminate | poweroff | console | pause | resume | reboot | add-drive | remove-drive)
             if ((${#args[@]} == 0)); then
                 __vmspawnctl_reply "$(__vmspawnctl_machines "$ctl")" "$cur"
             elif [[ $verb == remove-drive ]] && ((${#args[@]} == 1)); then

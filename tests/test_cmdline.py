@@ -140,7 +140,7 @@ def test_argv_starts_with_qemu_and_fixed_options() -> None:
     # The console is a file the daemon opened; the fdset says which.
     assert values(argv, "-chardev") == [
         "socket,id=qmp,fd=3,server=on,wait=off",
-        f"file,id=console,path=/dev/fdset/{BOOT_FDSETS},append=on",
+        f"socket,id=console,fd=-1,server=on,wait=off,logfile=/dev/fdset/{BOOT_FDSETS},logappend=on",
     ]
     assert values(argv, "-add-fd") == [f"fd=4,set={BOOT_FDSETS},opaque=/run/vmspawnd/machines/m/console.log"]
     assert values(argv, "-mon") == ["chardev=qmp,mode=control"]

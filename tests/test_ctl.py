@@ -209,7 +209,7 @@ EXPECTED_EXIT = {
     "AccessDenied": 4, "QuotaExceeded": 4,
     "NoFreePort": 5, "UnplugInProgress": 5, "MachineExists": 5,
     "QemuFailed": 1, "UnplugTimeout": 1, "NotRunning": 1,
-    "QemuUnresponsive": 1, "NoSpace": 1, "OpenTimeout": 1,
+    "QemuUnresponsive": 1, "NoSpace": 1, "OpenTimeout": 1, "ConsoleBusy": 5,
 }  # fmt: skip
 
 
@@ -489,11 +489,13 @@ def test_completion_registers_for_vmspawnctl() -> None:
 
 def test_completion_of_verbs_and_options() -> None:
     assert complete(["vmspawnctl", ""]) == list(ctl.VERBS)
-    assert complete(["vmspawnctl", "re"]) == ["remove-drive"]
+    assert complete(["vmspawnctl", "re"]) == ["remove-drive", "resume", "reboot"]
+    assert complete(["vmspawnctl", "pa"]) == ["pause"]
     assert complete(["vmspawnctl", "--user", "st"]) == ["status"]
     assert complete(["vmspawnctl", "console", "x", "--no-"]) == [
         "--no-pager", "--no-legend", "--no-ask-password", "--no-follow",
     ]  # fmt: skip
+    assert complete(["vmspawnctl", "console", "x", "--re"]) == ["--read-only"]
     assert complete(["vmspawnctl", "create", "x", "--q"]) == ["--qemu-extra", "--qemu-extra-string"]
     assert complete(["vmspawnctl", "add-drive", "x", "/d", "--re"]) == ["--read-only"]
     assert complete(["vmspawnctl", "remove-drive", "x", "d", "--t"]) == ["--timeout"]

@@ -16,6 +16,7 @@ The guest speaks a line protocol on its serial console (ttyS0)::
     VMSPAWN-BLOCK-ADD <name> serial=<serial>            # hotplugged disk
     VMSPAWN-BLOCK-REMOVE <name>                         # unplugged disk
     VMSPAWN-POWEROFF                                    # ACPI power button
+    VMSPAWN-TICK <uptime>                               # tinyguest.tick: every 0.5 s
 
 PCI ids and class are lower-case hex without ``0x`` (``1af4:1042``,
 ``class=010802``); ``<bdf>`` is the sysfs name (``0000:01:00.0``).
@@ -25,7 +26,8 @@ Lines come in that order: the boot snapshot (PCI, BLOCK, NVME-COUNT), then
 READY, then hotplug/poweroff events.  A disk appearing while the snapshot is
 taken may be reported both as BLOCK and BLOCK-ADD, so treat BLOCK-ADD as
 idempotent.  Add ``tinyguest.shell`` to the kernel command line for an
-interactive shell on the console (debugging only: prompts mix with the lines).
+interactive shell on the console (prompts mix with the lines), and
+``tinyguest.tick`` for a TICK line with the guest's uptime twice a second.
 
 CLI: ``python3 tools/tinyguest.py [--cache DIR]`` prints ``KERNEL=``,
 ``INITRD=`` and ``CMDLINE=`` lines that a shell can ``eval``.
@@ -275,6 +277,11 @@ for arg in $(cat /proc/cmdline); do
     echo "VMSPAWN-RUN $tag rc=$?"
 done
 echo VMSPAWN-GUEST-READY
+
+if grep -q tinyguest.tick /proc/cmdline; then
+    # The guest's clock, twice a second: a paused machine's stops.
+    (while :; do read -r up _ < /proc/uptime; echo "VMSPAWN-TICK $up"; usleep 500000; done) &
+fi
 
 if grep -q tinyguest.shell /proc/cmdline; then
     # Debug aid: interactive shell on the console (prompts may interleave

@@ -66,6 +66,8 @@ class Runtime:
     tap_fd: int | None = None
     # A boot drive's device id -> its image chain, every layer of it in `opened`.
     chains: dict[str, Layer] = field(default_factory=dict)
+    # The listening socket of the serial console (console.py).
+    console_sock: int = -1
 
     @property
     def console_fdset(self) -> Fdset:
@@ -214,7 +216,12 @@ def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
     for fdset in rt.fdsets():
         argv += ["-add-fd", opts(fd=fdset.fd, set=fdset.id, opaque=escape(fdset.opaque))]
     argv += [
-        "-chardev", opts("file", id="console", path=f"/dev/fdset/{rt.console_fdset.id}", append="on"),
+        # A server socket: the daemon connects, and connects again after a
+        # restart; QEMU itself logs every byte to console.log, connected or not.
+        "-chardev", opts(
+            "socket", id="console", fd=rt.console_sock, server="on", wait="off",
+            logfile=f"/dev/fdset/{rt.console_fdset.id}", logappend="on",
+        ),
         "-serial", "chardev:console",
     ]  # fmt: skip
     if fs:

@@ -21,10 +21,14 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import termios
 import textwrap
-from collections.abc import Awaitable, Callable, Sequence
+import time
+import tty
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from fractions import Fraction
 from typing import Any
 
@@ -33,6 +37,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.errors import DBusFastError
 
 from . import __version__
+from .console import ESCAPE_HELP, EscapeDetector
 
 PROG = "vmspawnctl"
 BUS_NAME = "org.vmspawnd1"
@@ -58,7 +63,6 @@ DASH_VALUE_OPTIONS = ("--qemu-extra", "--qemu-extra-string", "--cmdline")
 
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
-POLL_INTERVAL = 0.2
 
 
 class Exit(enum.IntEnum):
@@ -185,6 +189,13 @@ ERRORS: dict[str, tuple[Exit, _Hint]] = {
     "QemuUnresponsive": (
         Exit.FAILED,
         lambda c: f"QEMU did not answer its monitor; '{PROG} terminate {c.name or 'NAME'}' stops it for good",
+    ),
+    "ConsoleBusy": (
+        Exit.BUSY,
+        lambda c: (
+            f"follow it read-only ('{PROG} console {c.name or 'NAME'} --read-only') or wait until the other "
+            "console is closed"
+        ),
     ),
     "NoSpace": (
         Exit.FAILED,
@@ -740,6 +751,25 @@ class Client:
             raise DBusError(reply.error_name or DBUS_ERROR_PREFIX + "Failed", text)
         return list(reply.body)
 
+    async def call_fd(self, member: str, signature: str, body: Sequence[Any], path: str) -> int:
+        """A Machine method that returns one fd (h): the fd, now ours."""
+        reply = await self.bus.call(
+            Message(
+                destination=BUS_NAME, path=path, interface=MACHINE_IFACE, member=member, signature=signature,
+                body=list(body), flags=MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION if self.interactive else
+                MessageFlag.NONE,
+            )
+        )  # fmt: skip
+        if reply is None:
+            raise DBusError(DBUS_ERROR_PREFIX + "NoReply", f"no reply to {member}")
+        if reply.message_type is MessageType.ERROR:
+            for fd in reply.unix_fds:
+                os.close(fd)
+            raise DBusError(reply.error_name or DBUS_ERROR_PREFIX + "Failed", str(reply.body[0]) if reply.body else "")
+        if len(reply.unix_fds) != 1:
+            raise DBusError(DBUS_ERROR_PREFIX + "Failed", f"{member} returned {len(reply.unix_fds)} fds, not one")
+        return int(reply.unix_fds[0])
+
     async def machine_path(self, name: str) -> str:
         (path,) = await self.call("GetMachine", "s", [name])
         return str(path)
@@ -878,7 +908,13 @@ async def cmd_remove_drive(client: Client, args: argparse.Namespace) -> int:
 
 async def cmd_poweroff(client: Client, args: argparse.Namespace) -> int:
     path = await client.machine_path(args.name)
-    await client.call("PowerOff", "t", [args.timeout or 0], path=path, interface=MACHINE_IFACE, manage=True)
+    (forced,) = await client.call(
+        "PowerOffEx", "t", [args.timeout or 0], path=path, interface=MACHINE_IFACE, manage=True
+    )  # fmt: skip
+    if args.json:
+        emit_json({"machine": args.name, "forced": bool(forced)}, args)
+    elif forced:
+        print(f"{args.name} did not shut down in time; QEMU was stopped.")
     return Exit.OK
 
 
@@ -887,28 +923,32 @@ async def cmd_terminate(client: Client, args: argparse.Namespace) -> int:
     return Exit.OK
 
 
-async def cmd_console(client: Client, args: argparse.Namespace) -> int:
-    """Print the console log; with follow, keep printing until Ctrl-C or the machine is removed."""
-    follow = not args.no_follow
-    removed = asyncio.Event()
-    stop = asyncio.Event()
-    if follow:
+RUN_STATE_METHODS = {"pause": "Pause", "resume": "Resume", "reboot": "Reboot"}
 
-        def on_message(msg: Message) -> None:
-            if msg.member == "MachineRemoved" and msg.interface == MANAGER_IFACE and msg.body[:1] == [args.name]:
-                removed.set()
 
-        client.bus.add_message_handler(on_message)
-        await client.call(
-            "AddMatch", "s", [f"type='signal',sender='{BUS_NAME}',interface='{MANAGER_IFACE}',member='MachineRemoved'"],
-            path="/org/freedesktop/DBus", interface="org.freedesktop.DBus", destination="org.freedesktop.DBus",
-        )  # fmt: skip
-    # Only after subscribing: a machine removed in between is not missed.
+async def cmd_run_state(client: Client, args: argparse.Namespace) -> int:
+    """pause, resume, reboot: one method each, no arguments."""
     path = await client.machine_path(args.name)
-    log = str(await client.prop(path, "ConsoleLog"))
+    await client.call(RUN_STATE_METHODS[args.verb], path=path, interface=MACHINE_IFACE, manage=True)
+    if args.json:
+        emit_json({"machine": args.name, "state": str(await client.prop(path, "State"))}, args)
+    return Exit.OK
+
+
+async def cmd_console(client: Client, args: argparse.Namespace) -> int:
+    """Attach to the serial console (OpenConsole); --no-follow prints the log instead."""
+    path = await client.machine_path(args.name)
+    if args.no_follow:
+        return print_console_log(str(await client.prop(path, "ConsoleLog")))
+    options = {"read_only": Variant("b", True)} if args.read_only else {}
+    fd = await client.call_fd("OpenConsoleEx", "a{sv}", [options], path)
+    with socket.socket(fileno=fd) as sock:
+        return await console_session(sock, args.name, args.read_only)
+
+
+def print_console_log(log: str) -> int:
     try:
-        # A local file, read in small non-blocking-enough steps; closed by the ExitStack below.
-        f = open(log, "rb")  # noqa: ASYNC230, SIM115
+        f = open(log, "rb")  # noqa: SIM115 -- read whole, once
     except OSError as e:
         raise file_error(
             e,
@@ -917,28 +957,90 @@ async def cmd_console(client: Client, args: argparse.Namespace) -> int:
             denied_hint="only the machine's owner and root may read its console log: run this as one of them",
             missing_hint=f"the machine may just have stopped; '{PROG} list' shows the machines there are",
         ) from e
+    with f:
+        while chunk := f.read(1 << 16):
+            sys.stdout.buffer.write(chunk)
+    sys.stdout.flush()
+    return Exit.OK
+
+
+def write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+@contextlib.contextmanager
+def raw_terminal(fd: int) -> Iterator[None]:
+    """The terminal in raw mode (every key goes to the guest, Ctrl-C too), restored on the way out."""
+    saved = termios.tcgetattr(fd)
+    # TCSANOW: keys typed ahead stay queued for the guest.
+    tty.setraw(fd, termios.TCSANOW)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
+
+
+async def console_session(sock: socket.socket, name: str, read_only: bool) -> int:
+    """Copy the console to stdout and, unless read-only, stdin to the console.
+
+    On a terminal: raw mode, Ctrl-] three times within a second leaves.
+    Read-only, or without a terminal: Ctrl-C (SIGINT) or SIGTERM leaves. It
+    also ends when vmspawnd closes the console (the machine stopped)."""
     loop = asyncio.get_running_loop()
+    stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
+    interactive = not read_only and os.isatty(stdin)
+    done: asyncio.Future[str] = loop.create_future()
+    detector = EscapeDetector()
+
+    def finish(why: str) -> None:
+        if not done.done():
+            done.set_result(why)
+
+    def from_guest() -> None:
+        try:
+            data = sock.recv(1 << 16, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            finish("closed")
+            return
+        write_all(stdout, data)
+
+    def from_user() -> None:
+        data = os.read(stdin, 4096)
+        if not data:
+            # stdin ended (a pipe): what it held was sent; keep following.
+            loop.remove_reader(stdin)
+            return
+        data, leave = detector.feed(data, time.monotonic()) if interactive else (data, False)
+        if data:
+            sock.sendall(data)
+        if leave:
+            finish("left")
+
     with contextlib.ExitStack() as stack:
-        stack.enter_context(f)
-        if follow:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-                stack.callback(loop.remove_signal_handler, sig)
-        out = sys.stdout.buffer
-        last_round = not follow
-        while True:
-            while chunk := f.read(1 << 16):
-                out.write(chunk)
-            out.flush()
-            if last_round or stop.is_set():
-                break
-            if removed.is_set():
-                last_round = True  # the file stays readable through our fd: drain it once more
-                continue
-            waiters = [asyncio.ensure_future(e.wait()) for e in (removed, stop)]
-            await asyncio.wait(waiters, timeout=POLL_INTERVAL, return_when=asyncio.FIRST_COMPLETED)
-            for w in waiters:
-                w.cancel()
+        loop.add_reader(sock.fileno(), from_guest)
+        stack.callback(loop.remove_reader, sock.fileno())
+        if not read_only:
+            loop.add_reader(stdin, from_user)
+            stack.callback(loop.remove_reader, stdin)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, finish, "signal")
+            stack.callback(loop.remove_signal_handler, sig)
+        if interactive:
+            # Raw before the banner: whoever reads it and types goes to the guest.
+            stack.enter_context(raw_terminal(stdin))
+        if os.isatty(stdin):
+            how = ESCAPE_HELP if interactive else "Read-only; Ctrl-C leaves."
+            sys.stderr.write(f"Connected to the console of {name}. {how}\r\n")
+            sys.stderr.flush()
+        why = await done
+    if os.isatty(stdin):
+        said = {"left": "Left", "signal": "Left", "closed": "vmspawnd closed"}[why]
+        sys.stderr.write(f"\n{said} the console of {name}.\n")
     return Exit.OK
 
 
@@ -952,6 +1054,9 @@ VERBS: dict[str, Callable[[Client, argparse.Namespace], Awaitable[int]]] = {
     "poweroff": cmd_poweroff,
     "terminate": cmd_terminate,
     "console": cmd_console,
+    "pause": cmd_run_state,
+    "resume": cmd_run_state,
+    "reboot": cmd_run_state,
 }
 
 
@@ -973,6 +1078,8 @@ examples:
   vmspawnctl add-drive web /var/lib/vms/data.qcow2 --format qcow2 --serial data
   vmspawnctl remove-drive web disk1
   vmspawnctl console web
+  vmspawnctl pause web
+  vmspawnctl reboot web
   vmspawnctl poweroff web
 
 {EXIT_STATUS_HELP}"""
@@ -1052,8 +1159,9 @@ VERB_HELP: dict[str, VerbHelp] = {
     ),
     "poweroff": VerbHelp(
         "power a machine off through ACPI",
-        "Press the ACPI power button; if the guest has not shut down within --timeout (default 30 s), "
-        "stop QEMU. Returns once the machine is gone.",
+        "Press the ACPI power button (again every 2 s: a guest still booting does not listen yet); if the "
+        "guest has not shut down within --timeout (default 30 s), stop QEMU and say so (--json: forced). "
+        "Returns once the machine is gone.",
         ("vmspawnctl poweroff web", "vmspawnctl poweroff web --timeout 2min"),
     ),
     "terminate": VerbHelp(
@@ -1062,11 +1170,35 @@ VERB_HELP: dict[str, VerbHelp] = {
         ("vmspawnctl terminate web",),
     ),
     "console": VerbHelp(
-        "show a machine's serial console output",
-        "Print the machine's console log (the ConsoleLog property) and keep following it like 'tail -f', "
-        "until Ctrl-C or the machine is removed. --no-follow prints what is there and exits. Read-only: "
-        "nothing is sent to the guest.",
-        ("vmspawnctl console web", "vmspawnctl console web --no-follow | grep -i error"),
+        "attach to a machine's serial console",
+        "Attach to the machine's serial console (OpenConsole), like 'machinectl login' or 'virsh console': "
+        "on a terminal, keys go to the guest as typed (raw mode, Ctrl-C included) and Ctrl-] pressed three "
+        "times within a second leaves. Without a terminal, standard input is sent as it comes. One client "
+        "at a time may type; --read-only only follows the output (any number of them), and Ctrl-C leaves. "
+        "It ends on its own when the machine stops. --no-follow prints the console log (the ConsoleLog "
+        "property, which records everything, also while nobody is attached) and exits.",
+        (
+            "vmspawnctl console web",
+            "vmspawnctl console web --read-only",
+            "vmspawnctl console web --no-follow | grep -i error",
+        ),
+    ),
+    "pause": VerbHelp(
+        "pause a machine",
+        "Stop the machine's virtual CPUs (Pause): the guest, its clock included, stands still until resume. "
+        "QEMU and the devices stay. A paused machine takes no hotplug.",
+        ("vmspawnctl pause web",),
+    ),
+    "resume": VerbHelp(
+        "resume a paused machine",
+        "Let a paused machine run again (Resume).",
+        ("vmspawnctl resume web",),
+    ),
+    "reboot": VerbHelp(
+        "reset a machine",
+        "Reset the guest, as the reset button does (Reboot): the guest boots again, the machine, its ports "
+        "and the drives hotplugged into it stay. The guest is not asked to shut down first.",
+        ("vmspawnctl reboot web",),
     ),
 }
 
@@ -1191,7 +1323,10 @@ def build_parser() -> argparse.ArgumentParser:
     verb("terminate").add_argument("name", metavar="NAME", help="the machine")
     p = verb("console")
     p.add_argument("name", metavar="NAME", help="the machine")
-    p.add_argument("--no-follow", action="store_true", help="print the log and exit")
+    p.add_argument("--read-only", action="store_true", help="only follow the output, send nothing")
+    p.add_argument("--no-follow", action="store_true", help="print the console log and exit")
+    for name in RUN_STATE_METHODS:
+        verb(name).add_argument("name", metavar="NAME", help="the machine")
     return parser
 
 

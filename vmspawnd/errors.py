@@ -77,6 +77,10 @@ class OpenTimeout(VmspawndError):
     """Opening a file the caller named did not finish (a hung file system)."""
 
 
+class ConsoleBusy(VmspawndError):
+    """The console has its one writer already, or as many followers as it takes."""
+
+
 ALL_ERRORS: tuple[type[VmspawndError], ...] = (
     InvalidArgument,
     NoSuchMachine,
@@ -94,4 +98,5 @@ ALL_ERRORS: tuple[type[VmspawndError], ...] = (
     QemuUnresponsive,
     NoSpace,
     OpenTimeout,
+    ConsoleBusy,
 )

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from . import cmdline, imagechain, share, state
 from .chainopen import OpenedChain
+from .console import Console
 from .errors import (
     AccessDenied,
     InvalidArgument,
@@ -42,6 +43,10 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT = 30.0
 QUIT_TIMEOUT = 5.0
+# PowerOff presses the ACPI button again this often: a guest still booting
+# has not enabled the button yet, and a press before that is lost.
+BUTTON_REPEAT = 2.0
+CONSOLE_SOCK = "console.sock"
 # How long terminate() waits for quit's reply: a QEMU that cannot answer it
 # cannot act on SIGTERM either, so it is killed.
 QUIT_REPLY_TIMEOUT = 2.0
@@ -58,6 +63,8 @@ BUSY_RETRY = 0.1
 # Test-only: the daemon kills itself at this point of a request, to prove
 # that a restart reconciles what was left half done.
 FAULT = os.environ.get("VMSPAWND_TEST_FAULT", "")
+# QMP events that tell the run state, whoever caused them.
+RUN_STATE_EVENTS = {"STOP": MachineState.PAUSED, "RESUME": MachineState.RUNNING}
 DRIVER_TYPES = {
     "nvme": DiskType.NVME,
     "virtio-blk-pci": DiskType.VIRTIO_BLK,
@@ -114,6 +121,7 @@ class Machine:
         # virtiofsd logs a failed start keeps, for the error that names them.
         self._kept_logs: list[Path] = []
         self._monitor = Monitor(spec.name)
+        self.console = Console(spec.name, self.console_log, lambda: self._notify("ConsoleClients"))
         # Port id -> the device id occupying it (builtin and spare ports alike).
         self.port_owner: dict[str, str] = {p.id: p.carries for p in plan.ports if p.carries}
         self.drives: dict[str, Drive] = {}
@@ -226,23 +234,31 @@ class Machine:
         nothing by name that a caller named.
         """
         state.make_dir(self.dir)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with self._qmp_sock_path() as sock_path, contextlib.closing(listener):
+        with (
+            self._sock_path() as sock_path,
+            self._sock_path(CONSOLE_SOCK) as serial_path,
+            contextlib.ExitStack() as held,
+        ):
+            listener = held.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            serial = held.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
             listener.bind(sock_path)
             # QEMU has the listener: only root connects by the path.
             os.chmod(sock_path, 0o600)
             listener.listen()
+            serial.bind(serial_path)
+            os.chmod(serial_path, 0o600)
+            serial.listen()
             console = self._open_console()
             fs_fds: dict[str, int] = {}
             try:
                 fs_fds = self._start_virtiofsd(shares)
                 rt = cmdline.Runtime(
                     self.id, listener.fileno(), self.console_log, console, vsock_cid, opened, kernel_fd, initrd_fd,
-                    fs_fds, tap_fd, chains or {},
+                    fs_fds, tap_fd, chains or {}, serial.fileno(),
                 )  # fmt: skip
                 argv = cmdline.build_argv(self.spec, self.plan, rt)
                 state.write_private(self.dir / "argv", "\n".join(argv) + "\n")
-                inherited = (listener.fileno(), console, *opened.values(), *fs_fds.values())
+                inherited = (listener.fileno(), serial.fileno(), console, *opened.values(), *fs_fds.values())
                 boot = tuple(fd for fd in (kernel_fd, initrd_fd, tap_fd) if fd is not None)
                 self.process = Process.spawn(
                     argv, self.qemu_log, pass_fds=inherited + boot, confinement=confinement_for(self.identity)
@@ -251,9 +267,9 @@ class Machine:
                 os.close(console)
                 for fd in fs_fds.values():
                     os.close(fd)
-            # The socket is QEMU's now: were we to keep it open, a dead QEMU
-            # would leave our connection hanging in the backlog.
-            listener.close()
+            # The sockets are QEMU's now: were we to keep them open, a dead QEMU
+            # would leave our connections hanging in the backlog.
+            held.close()
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             conn.connect(sock_path)
         try:
@@ -264,6 +280,8 @@ class Machine:
                 raise QemuFailed(f"{e}; {failed}") from e
             raise
         self._running(persist=self._write_state)
+        await self._connect_console()
+        await self._sync_run_state()
         log.info("machine %s running, QEMU pid %d", self.name, self.leader, extra={"MACHINE": self.name})
 
     def _open_console(self) -> int:
@@ -279,14 +297,29 @@ class Machine:
         return fd
 
     @contextlib.contextmanager
-    def _qmp_sock_path(self) -> Iterator[str]:
-        """qmp.sock named through a dirfd, so a long runtime dir does not hit
-        sun_path's 108 bytes."""
+    def _sock_path(self, name: str = "qmp.sock") -> Iterator[str]:
+        """A socket in the runtime dir named through a dirfd, so a long
+        runtime dir does not hit sun_path's 108 bytes."""
         dirfd = os.open(self.dir, os.O_PATH | os.O_DIRECTORY)
         try:
-            yield f"/proc/self/fd/{dirfd}/qmp.sock"
+            yield f"/proc/self/fd/{dirfd}/{name}"
         finally:
             os.close(dirfd)
+
+    async def _connect_console(self) -> None:
+        """Connect to QEMU's console chardev (again, after a daemon restart:
+        QEMU listens for a new client once the old one went)."""
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.setblocking(False)
+        try:
+            with self._sock_path(CONSOLE_SOCK) as path:
+                conn.connect(path)
+            await self.console.connect(conn)
+        except OSError as e:
+            conn.close()
+            # Only the live stream is missing (QEMU still writes console.log): the machine itself is fine.
+            self.console.unavailable(f"cannot connect to QEMU's console socket: {e.strerror or e}")
+            log.warning("machine %s: no interactive console: %s", self.name, e, extra={"MACHINE": self.name})
 
     def _running(self, persist: Callable[[], None]) -> None:
         self.state = MachineState.RUNNING
@@ -307,7 +340,7 @@ class Machine:
         self.process = Process.attach(record.pid)
         if self.process.start_time != record.start_time:
             raise QemuFailed(f"pid {record.pid} is another process now")
-        with self._qmp_sock_path() as sock_path:
+        with self._sock_path() as sock_path:
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             conn.setblocking(False)
             try:
@@ -335,6 +368,8 @@ class Machine:
             await self._monitor.close(QUIT_REPLY_TIMEOUT)
             raise QemuFailed(f"QEMU pid {record.pid} on {self.dir / 'qmp.sock'}: {e}") from e
         self._running(persist=self._try_write_state)
+        await self._connect_console()
+        await self._sync_run_state()
         log.info(
             "machine %s re-attached, QEMU pid %d, %d drives", self.name, self.leader, len(self.drives),
             extra={"MACHINE": self.name},
@@ -517,6 +552,7 @@ class Machine:
         await self._finish(keep_log=self.state is MachineState.FAILED)
 
     async def _finish(self, keep_log: bool) -> None:
+        self.console.close()
         for fut in self._unplugs.values():
             if not fut.done():
                 fut.set_exception(NotRunning(f"machine {self.name} stopped during the unplug"))
@@ -566,6 +602,7 @@ class Machine:
             await asyncio.wait({self._writing})
         if self._dirty.is_set() and self.state is not MachineState.UNMANAGED:
             self._try_write_state()
+        self.console.close()
         await self._monitor.close(QUIT_REPLY_TIMEOUT)
 
     def _notify(self, *properties: str) -> None:
@@ -573,16 +610,23 @@ class Machine:
             self.observer.changed(self, set(properties))
 
     def _check_running(self) -> None:
+        if self.state is MachineState.PAUSED:
+            raise NotRunning(f"machine {self.name} is paused; resume it first (Resume, 'vmspawnctl resume')")
+        self._check_live()
+
+    def _check_live(self) -> None:
+        """Running or paused: QEMU is there and takes commands."""
         if self.state is MachineState.UNMANAGED:
             raise NotRunning(f"machine {self.name} is unmanaged: {self.reason}")
-        if self.state is not MachineState.RUNNING:
+        if not self.state.is_live:
             raise NotRunning(f"machine {self.name} is {self.state}, not running; start it again with CreateMachine")
 
     @contextlib.asynccontextmanager
-    async def _request(self, what: str) -> Any:
+    async def _request(self, what: str, paused_ok: bool = False) -> Any:
         """One request at a time per machine, each bounded: a QEMU that left
         a command unanswered refuses the next ones at once."""
-        self._check_running()
+        check = self._check_live if paused_ok else self._check_running
+        check()
         if self._unresponsive:
             raise QemuUnresponsive(f"machine {self.name}: {self._unresponsive}; {what} refused until it answers")
         try:
@@ -593,7 +637,7 @@ class Machine:
                 f"machine {self.name} is still busy with an earlier request; {what} refused"
             ) from None
         try:
-            self._check_running()
+            check()
             yield
         finally:
             self._lock.release()
@@ -862,6 +906,10 @@ class Machine:
             name, data = await self._monitor.next_event()
             if name == "DEVICE_DELETED" and "device" in data:
                 await self._device_deleted(str(data["device"]))
+            elif name in RUN_STATE_EVENTS:
+                self._run_state_changed(RUN_STATE_EVENTS[name])
+            elif name == "RESET":
+                log.info("machine %s: reset (%s)", self.name, data.get("reason", "?"), extra={"MACHINE": self.name})
 
     async def _device_deleted(self, dev: str) -> None:
         async with self._lock:
@@ -897,21 +945,86 @@ class Machine:
         info = await self._monitor.execute("query-kvm")
         self.accel = "kvm" if info.get("enabled") else "tcg"
 
-    async def power_off(self, timeout: float) -> None:
-        """ACPI power button; past `timeout` quit, then SIGTERM, then SIGKILL."""
-        self._check_running()
+    # -- run state: pause, resume, reboot, power off ----------------------------
+
+    async def _sync_run_state(self) -> None:
+        """QEMU may run paused from the start (-S) or have been paused while
+        the daemon was down: its own status is the truth."""
+        try:
+            status = await self._monitor.execute("query-status")
+        except (QmpError, QmpDisconnected, QemuUnresponsive) as e:
+            log.warning("machine %s: query-status failed: %s", self.name, e, extra={"MACHINE": self.name})
+            return
+        self._run_state_changed(MachineState.RUNNING if status.get("running") else MachineState.PAUSED)
+
+    def _run_state_changed(self, new: MachineState) -> None:
+        """STOP/RESUME from QEMU (whoever paused it) or our own stop/cont:
+        only running <-> paused, never out of starting, stopping or unmanaged."""
+        if self.state.is_live and self.state is not new:
+            self.state = new
+            log.info("machine %s %s", self.name, new, extra={"MACHINE": self.name})
+            self._notify("State")
+
+    async def _run_command(self, command: str, method: str) -> None:
+        try:
+            await self._monitor.execute(command)
+        except QmpError as e:
+            raise QemuFailed(f"QEMU refused {command} for {method}: {e}") from e
+        except QmpDisconnected as e:
+            raise NotRunning(f"machine {self.name} stopped during {method}: {e}") from e
+
+    async def pause(self) -> None:
+        """Stop the vCPUs (QMP stop): the guest's clock stops too. Pausing a paused machine is a no-op."""
+        async with self._request("Pause", paused_ok=True):
+            await self._run_command("stop", "Pause")
+            self._run_state_changed(MachineState.PAUSED)
+
+    async def resume(self) -> None:
+        """Run the vCPUs again (QMP cont). Resuming a running machine is a no-op."""
+        async with self._request("Resume", paused_ok=True):
+            await self._run_command("cont", "Resume")
+            self._run_state_changed(MachineState.RUNNING)
+
+    async def reboot(self) -> None:
+        """Reset the guest (QMP system_reset), as the reset button does. The
+        machine, its ports and every hotplugged device stay; a paused machine
+        stays paused."""
+        async with self._request("Reboot", paused_ok=True):
+            await self._run_command("system_reset", "Reboot")
+        log.info("machine %s: reset requested", self.name, extra={"MACHINE": self.name})
+
+    async def power_off(self, timeout: float) -> bool:
+        """ACPI power button, pressed again every BUTTON_REPEAT s (a guest
+        still booting does not listen yet); past `timeout` quit, then
+        SIGTERM, then SIGKILL. A paused machine is resumed first, so its
+        guest can react. Returns whether the stop had to be forced."""
+        self._check_live()
         assert self.process is not None
         self._powering_off = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
-            await self._monitor.execute("system_powerdown", timeout=min(timeout, TIMEOUT))
-        except QmpDisconnected as e:
-            raise NotRunning(f"machine {self.name} stopped during PowerOff: {e}") from e
+            if self.state is MachineState.PAUSED:
+                await self._run_command("cont", "PowerOff")
+            while True:
+                try:
+                    await self._monitor.execute("system_powerdown", timeout=min(timeout, TIMEOUT))
+                except QmpDisconnected as e:
+                    # Gone or on its way out: the guest may have shut down just now.
+                    if not await self.process.wait(QUIT_TIMEOUT):
+                        raise NotRunning(f"machine {self.name}: its monitor went away during PowerOff: {e}") from e
+                left = deadline - loop.time()
+                if await self.process.wait(max(0.0, min(BUTTON_REPEAT, left))):
+                    await self._ended.wait()
+                    return False
+                if left <= BUTTON_REPEAT:
+                    break
         except QemuUnresponsive as e:
             log.warning("machine %s: %s; stopping QEMU", self.name, e, extra={"MACHINE": self.name})
             await self.terminate()
-            return
-        if await self.process.wait(timeout):
-            await self._ended.wait()
-            return
+            return True
+        except QmpError as e:
+            raise QemuFailed(f"QEMU refused system_powerdown: {e}") from e
         log.info("machine %s ignored the ACPI power button for %g s; stopping QEMU", self.name, timeout)
         await self.terminate()
+        return True

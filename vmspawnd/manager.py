@@ -492,7 +492,7 @@ class Manager:
     async def power_off_all(self, timeout: float) -> None:
         """--stop-machines-on-exit: ACPI power-off, escalating past `timeout`."""
         results = await asyncio.gather(
-            *(m.power_off(timeout) for m in list(self.machines.values()) if m.state is MachineState.RUNNING),
+            *(m.power_off(timeout) for m in list(self.machines.values()) if m.state.is_live),
             return_exceptions=True,
         )
         for result in results:

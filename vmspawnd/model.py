@@ -43,12 +43,18 @@ class NetworkMode(enum.StrEnum):
 class MachineState(enum.StrEnum):
     STARTING = "starting"
     RUNNING = "running"
+    PAUSED = "paused"
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
     # Its QEMU may be alive but the daemon cannot manage it (see StateReason);
     # its directory is kept and it is retried.
     UNMANAGED = "unmanaged"
+
+    @property
+    def is_live(self) -> bool:
+        """QEMU is up and takes commands (its vCPUs may be paused)."""
+        return self in (MachineState.RUNNING, MachineState.PAUSED)
 
 
 class PortRole(enum.StrEnum):

@@ -174,7 +174,7 @@ def standalone(argv: list[str], directory: Path) -> list[str]:
     for arg in argv:
         if arg.startswith("socket,id=qmp,"):
             arg = f"socket,id=qmp,path={directory}/qmp.sock,server=on,wait=off"
-        elif arg.startswith("file,id=console,"):
+        elif arg.startswith("socket,id=console,"):
             arg = f"file,id=console,path={directory}/console.log"
         out.append(arg)
     return out

@@ -31,6 +31,13 @@ BIN = Path(sys.executable).parent
 CTL = [str(BIN / "vmspawnctl")] if (BIN / "vmspawnctl").exists() else [sys.executable, "-m", "vmspawnd.ctl"]
 NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 NOBODY_UID = 65534
+
+
+def ctl_env() -> dict[str, str]:
+    """This tree's vmspawnd (not the one the venv has installed), on the test bus."""
+    return os.environ | {"PYTHONPATH": str(ROOT)}
+
+
 MiB = 1 << 20
 BOOTED = "ctl-vm"
 READY = r"VMSPAWN-GUEST-READY"
@@ -336,7 +343,9 @@ async def test_hotplug_errors_and_an_unprivileged_caller(daemon: Daemon, files: 
         assert ctl("status", "ctl-tiny").returncode == 0
 
         # console follows until the machine is removed, then exits 0 on its own.
-        follow = subprocess.Popen([*CTL, "console", "ctl-tiny"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        follow = subprocess.Popen(
+            [*CTL, "console", "ctl-tiny", "--read-only"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ctl_env()
+        )  # fmt: skip
         time.sleep(1)
         assert follow.poll() is None
         ok("terminate", "ctl-tiny")
@@ -347,6 +356,14 @@ async def test_hotplug_errors_and_an_unprivileged_caller(daemon: Daemon, files: 
 
 
 # -- the booted guest: hotplug, console, completion, poweroff ----------------------------------
+
+
+def wait_console_clients(name: str, count: int, timeout: float = 30) -> None:
+    """Until `count` consoles are attached (ConsoleClients): output from then on reaches them."""
+    deadline = time.monotonic() + timeout
+    while json.loads(ok("status", name, "--json"))["ConsoleClients"][0] != count:
+        assert time.monotonic() < deadline, f"{name} never had {count} console clients"
+        time.sleep(0.05)
 
 
 def wait_file(path: Path, pattern: str, timeout: float = 30) -> None:
@@ -381,22 +398,23 @@ async def test_booted_guest_hotplug_console_completion_poweroff(
     assert complete(["vmspawnctl", "remove-drive", booted, ""], env) == ["disk0", "disk1"]
     assert complete(["vmspawnctl", "remove-drive", booted, "disk1", ""], env) == []
 
-    # console follows until Ctrl-C, which ends it cleanly.
+    # console follows (from now on) until Ctrl-C, which ends it cleanly.
     out = tmp_path / "console.out"
     with open(out, "wb") as f:
-        follow = subprocess.Popen([*CTL, "console", booted], stdout=f)
-        wait_file(out, READY)
+        follow = subprocess.Popen([*CTL, "console", booted, "--read-only"], stdout=f, env=ctl_env())
+        wait_console_clients(booted, 1)
+        ok("remove-drive", booted, "disk1", "--timeout", "60s")
+        wait_file(out, r"VMSPAWN-BLOCK-REMOVE")
         follow.send_signal(signal.SIGINT)
         assert follow.wait(10) == 0
-
-    ok("remove-drive", booted, "disk1", "--timeout", "60s")
     await wait_console(console, r"VMSPAWN-BLOCK-REMOVE")
     assert [d["id"] for d in json.loads(ok("status", booted, "--json"))["Drives"]] == ["disk0"]
 
     # poweroff: the guest sees the ACPI button; a following console sees it too, and ends.
     out2 = tmp_path / "console2.out"
     with open(out2, "wb") as f:
-        follow = subprocess.Popen([*CTL, "console", booted], stdout=f)
+        follow = subprocess.Popen([*CTL, "console", booted, "--read-only"], stdout=f, env=ctl_env())
+        wait_console_clients(booted, 1)
         ok("poweroff", booted, "--timeout", "60s")
         assert follow.wait(20) == 0
     assert "VMSPAWN-POWEROFF" in out2.read_text(errors="replace")

@@ -1,12 +1,13 @@
 """org.vmspawnd1.Machine: one object per VM."""
 
+import asyncio
 import os
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from dbus_fast import PropertyAccess, Variant
+from dbus_fast import Message, PropertyAccess, Variant
 from dbus_fast.aio import MessageBus
-from dbus_fast.annotations import DBusSignature, DBusStr, DBusUInt32, DBusUInt64, DBusUnixFd
+from dbus_fast.annotations import DBusBool, DBusSignature, DBusStr, DBusUInt32, DBusUInt64, DBusUnixFd
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
 from .. import cmdline
@@ -23,8 +24,10 @@ Options = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
 DictList = Annotated[list[dict[str, Variant]], DBusSignature("aa{sv}")]
 DrivePort = Annotated[list[str], DBusSignature("ss")]
 UsedBudget = Annotated[list[int], DBusSignature("(uu)")]
+CountFlag = Annotated[list[Any], DBusSignature("(ub)")]
 
 DEFAULT_UNPLUG_TIMEOUT = 10.0
+PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 
 
 def object_path(name: str) -> str:
@@ -84,6 +87,7 @@ class MachineInterface(ServiceInterface):
             "Drives": lambda: drives_value(machine),
             "Ports": lambda: ports_value(machine),
             "FreeSparePorts": lambda: len(machine.free_spares),
+            "ConsoleClients": lambda: list(machine.console.roster.summary),
         }
         self.emit_properties_changed({p: getters[p]() for p in properties if p in getters})
 
@@ -138,6 +142,10 @@ class MachineInterface(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def ConsoleLog(self) -> DBusStr:
         return str(self.machine.console_log)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ConsoleClients(self) -> CountFlag:
+        return list(self.machine.console.roster.summary)
 
     @dbus_method()
     @replies_errors
@@ -202,8 +210,76 @@ class MachineInterface(ServiceInterface):
     @dbus_method()
     @replies_errors
     async def PowerOff(self, timeout_usec: DBusUInt64) -> None:
+        await self._power_off(timeout_usec)
+
+    @dbus_method()
+    @replies_errors
+    async def PowerOffEx(self, timeout_usec: DBusUInt64) -> DBusBool:
+        """Returns whether the guest had to be stopped by force."""
+        return await self._power_off(timeout_usec)
+
+    async def _power_off(self, timeout_usec: int) -> bool:
+        timeout = parse.power_off_timeout(timeout_usec)
         await self._authorize(self.machine)
-        await self.machine.power_off(parse.power_off_timeout(timeout_usec))
+        return await self.machine.power_off(timeout)
+
+    @dbus_method()
+    @replies_errors
+    async def Pause(self) -> None:
+        await self._authorize(self.machine)
+        await self.machine.pause()
+
+    @dbus_method()
+    @replies_errors
+    async def Resume(self) -> None:
+        await self._authorize(self.machine)
+        await self.machine.resume()
+
+    @dbus_method()
+    @replies_errors
+    async def Reboot(self) -> None:
+        await self._authorize(self.machine)
+        await self.machine.reboot()
+
+    @dbus_method()
+    @replies_errors
+    async def OpenConsole(self) -> DBusUnixFd:
+        return await self._open_console(True)
+
+    @dbus_method()
+    @replies_errors
+    async def OpenConsoleEx(self, options: Options) -> DBusUnixFd:
+        return await self._open_console(parse.console_writable(options))
+
+    async def _open_console(self, writable: bool) -> int:
+        await self._authorize(self.machine)
+        sock = await self.machine.console.open(writable)
+        fd = sock.detach()
+        self._close_after_reply(fd)
+        return fd
+
+    def _close_after_reply(self, fd: int) -> None:
+        """Our copy of a returned fd may go only once the reply carrying it
+        is on the wire (sendmsg): dbus-fast queues the reply from a done
+        callback of this method's task, registered before the method ran;
+        ours runs after it and queues a PropertiesChanged behind the reply,
+        whose send future says when both are out."""
+        task = asyncio.current_task()
+        assert task is not None
+
+        def queued(_: object) -> None:
+            changed = Message.new_signal(
+                self.path, PROPERTIES_IFACE, "PropertiesChanged", "sa{sv}as",
+                [MACHINE_IFACE, {"ConsoleClients": Variant("(ub)", list(self.machine.console.roster.summary))}, []],
+            )  # fmt: skip
+            try:
+                sent = self.bus.send(changed)
+            except Exception:  # the bus is gone: nothing will be sent any more
+                os.close(fd)
+                raise
+            sent.add_done_callback(lambda _: os.close(fd))
+
+        task.add_done_callback(queued)
 
     @dbus_signal()
     def DriveAdded(self, drive_id: str, port: str) -> Annotated[list[str], DBusSignature("ss")]:

@@ -48,6 +48,7 @@ DRIVE_OPTIONS = {"path": "s", "format": "s", "disk_type": "s", "read_only": "b",
 MOUNT_OPTIONS = {"source": "s", "tag": "s", "read_only": "b"}
 ADD_DRIVE_OPTIONS = {"disk_type": "s", "format": "s", "read_only": "b", "serial": "s", "id": "s"}
 REMOVE_DRIVE_OPTIONS = {"timeout_usec": "t"}
+OPEN_CONSOLE_OPTIONS = {"read_only": "b"}
 
 MIN_MEMORY = 32 * MiB
 MAX_MEMORY = 1024 * 1024 * MiB
@@ -184,3 +185,8 @@ def power_off_timeout(timeout_usec: int) -> float:
     if timeout_usec > 3600 * 1_000_000:
         raise InvalidArgument(f"timeout_usec {timeout_usec} is out of range; give at most 3600000000 (1 hour)")
     return float(timeout_usec) / 1_000_000 if timeout_usec else 30.0
+
+
+def console_writable(options: dict[str, Variant]) -> bool:
+    """OpenConsoleEx options -> whether the client may type."""
+    return not unpack(options, OPEN_CONSOLE_OPTIONS, "OpenConsoleEx").get("read_only", False)
