@@ -123,12 +123,13 @@ async def test_runtime_files_are_private(client: Client, daemon: Daemon, guest: 
     for listed in (machines, directory):
         result = as_nobody("ls", str(listed))
         assert result.returncode != 0 and "Permission denied" in result.stderr, (listed, result)
-    result = as_nobody(
-        "/usr/bin/python3",
-        "-c",
-        f"import socket; socket.socket(socket.AF_UNIX).connect({str(directory / 'qmp.sock')!r})",
-    )
-    assert result.returncode != 0 and "PermissionError" in result.stderr, result
+    for sock in ("qmp.sock", "console.sock"):
+        result = as_nobody(
+            "/usr/bin/python3",
+            "-c",
+            f"import socket; socket.socket(socket.AF_UNIX).connect({str(directory / sock)!r})",
+        )
+        assert result.returncode != 0 and "PermissionError" in result.stderr, (sock, result)
     # Root's own machine: root reads its console.
     assert Path(await client.prop(path, "ConsoleLog")).stat().st_uid == 0
 
