@@ -45,6 +45,8 @@ from common import Console, Env, bench_main, document, figures, make_disk, ms, p
 from qemu.qmp import EventListener, QMPClient
 
 from tests.integration.harness import Client, guest_options
+from tests.integration.qmp_probe import Probe, address
+from vmspawnd.cmdline import BOOT_FDSETS
 
 ADDED = r"VMSPAWN-BLOCK-ADD (vd[a-z]+) "
 SERIES = ("dbus", "raw-fd", "raw-file")
@@ -73,6 +75,10 @@ class Bench:
         self.deleted = EventListener("DEVICE_DELETED")
         qmp.register_listener(self.deleted)
         self.files = {name: make_disk(env.workdir / f"{name}.raw") for name in SERIES}
+        # The file-driver series has QEMU open the path itself: QEMU runs as
+        # a uid of its own, so that one file (and the way to it) must let it.
+        env.workdir.chmod(0o711)
+        Path(self.files["raw-file"]).chmod(0o666)
 
     async def seen_added(self, mark: int) -> tuple[str, int]:
         m, seen = await self.console.wait(ADDED, mark, timeout=30, poll=POLL_S)
@@ -154,7 +160,8 @@ class Bench:
         free = await self.client.prop(self.machine, "FreeSparePorts")
         drives = await self.client.prop(self.machine, "Drives")
         nodes = [n["node-name"] for n in await self.qmp.execute("query-named-block-nodes")]
-        fdsets = await self.qmp.execute("query-fdsets")
+        # The command line's own fdsets (console, boot files) are not leftovers.
+        fdsets = [f for f in await self.qmp.execute("query-fdsets") if f["fdset-id"] < BOOT_FDSETS]
         ours = [n for n in nodes if n.startswith(("bench", "disk"))]
         if free != spares or drives or ours or fdsets:
             raise RuntimeError(f"leftovers: free={free}/{spares} drives={drives} nodes={ours} fdsets={fdsets}")
@@ -166,15 +173,14 @@ async def run(env: Env, args: argparse.Namespace) -> dict[str, Any]:
     monitor = env.workdir / "bench.qmp"
     machine = ""
     try:
-        options = guest_options(
-            env.guest, hotplug_spares=args.spares, qemu_extra=["-qmp", f"unix:{monitor},server=on,wait=off"]
-        )
+        options = guest_options(env.guest, hotplug_spares=args.spares, qemu_extra=Probe.extra(monitor))
         t0 = time.monotonic()
         machine = await client.create("bench", **options)
         console = Console(await client.prop(machine, "ConsoleLog"))
         await console.wait("VMSPAWN-GUEST-READY", 0, timeout=120, poll=0.05)
         boot_s = time.monotonic() - t0
-        await qmp.connect(str(monitor))
+        # An abstract socket: the confined QEMU may create nothing in our dirs.
+        await qmp.connect(f"\0{address(monitor)}")
         spares = [p for p in await client.prop(machine, "Ports") if p["role"] == "spare"]
         port = spares[-1]  # the daemon takes the lowest free spare; the raw path the highest
         if port["device"]:

@@ -39,6 +39,8 @@ from dbus_fast import DBusError
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from tests.integration.harness import Client, guest_options
+from tests.integration.qmp_probe import Probe, address
+from vmspawnd.cmdline import BOOT_FDSETS
 
 FDSET_BASE = 20_000
 
@@ -58,7 +60,8 @@ class RawMachine:
         self.task: asyncio.Task[None] | None = None
 
     async def connect(self, path: Path) -> None:
-        await self.qmp.connect(str(path))
+        # An abstract socket: the confined QEMU may create nothing in our dirs.
+        await self.qmp.connect(f"\0{address(path)}")
         self.task = asyncio.get_running_loop().create_task(self._events())
 
     async def _events(self) -> None:
@@ -141,7 +144,7 @@ async def run(env: Env, args: argparse.Namespace) -> dict[str, Any]:
                     **guest_options(
                         env.guest,
                         hotplug_spares=args.spares,
-                        qemu_extra=["-qmp", f"unix:{mon},server=on,wait=off"],
+                        qemu_extra=Probe.extra(mon),
                     ),
                 )
                 for n, mon in zip(names, monitors, strict=True)
@@ -275,7 +278,7 @@ async def run(env: Env, args: argparse.Namespace) -> dict[str, Any]:
             if free != args.spares or drives:
                 raise RuntimeError(f"leftovers on {p}: free={free}/{args.spares} drives={drives}")
         for raw in raws:
-            if fds := await raw.qmp.execute("query-fdsets"):
+            if fds := [f for f in await raw.qmp.execute("query-fdsets") if f["fdset-id"] < BOOT_FDSETS]:
                 raise RuntimeError(f"leftover fdsets on {raw.qmp.name}: {fds}")
     finally:
         for raw in raws:

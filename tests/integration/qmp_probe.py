@@ -8,6 +8,7 @@ nothing in the test's directories.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import socket
@@ -47,6 +48,21 @@ class Probe:
                     pass
                 results.append(reply.get("return", reply.get("error")))
             return results[1:]
+
+    def add_fd(self, fd: int, fdset: int) -> Any:
+        """add-fd with `fd` sent along (SCM_RIGHTS): QEMU runs as a uid of
+        its own and cannot open the test's files by name."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(f"\0{address(self.path)}")
+            f = s.makefile("r")
+            json.loads(f.readline())
+            reply: dict[str, Any] = {}
+            for cmd, args, fds in (("qmp_capabilities", {}, []), ("add-fd", {"fdset-id": fdset}, [fd])):
+                rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+                s.sendmsg([json.dumps({"execute": cmd, "arguments": args}).encode() + b"\n"], rights)
+                while "return" not in (reply := json.loads(f.readline())) and "error" not in reply:
+                    pass
+            return reply.get("return", reply.get("error"))
 
     def __call__(self, cmd: str, **args: Any) -> Any:
         return self.run((cmd, args))[0]

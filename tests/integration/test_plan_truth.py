@@ -141,7 +141,10 @@ async def test_178_spares_boot_and_the_very_last_one_hotplugs(
     last = spares[-1]["id"]
     assert last == "sw5p28"
     mark = len(console.read_text(errors="replace"))
-    probe("blockdev-add", driver="raw", **{"node-name": "last-node"}, file={"driver": "file", "filename": str(file)})
+    with open(file, "rb+") as f:
+        probe.add_fd(f.fileno(), 4242)
+    last_file = {"driver": "file", "filename": "/dev/fdset/4242"}
+    probe("blockdev-add", driver="raw", **{"node-name": "last-node"}, file=last_file)
     probe("device_add", driver="virtio-blk-pci", id="last", drive="last-node", bus=last, serial="LASTSPARE")
     added = await wait_console(console, r"VMSPAWN-BLOCK-ADD (vd[a-z]+) serial=LASTSPARE", start=mark, timeout=400)
     probe("device_del", id="last")
