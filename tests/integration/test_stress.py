@@ -28,6 +28,7 @@ import pytest
 from dbus_fast import DBusError
 
 from vmspawnd.cmdline import BOOT_FDSETS
+from vmspawnd.imagechain import parse_opaque
 
 from .harness import Client, Daemon, guest_options, qemu_pids, unwrap, wait_console
 from .qmp_probe import Probe
@@ -352,7 +353,7 @@ def check_qemu_view(vm: VM, props: dict[str, Any]) -> None:
     assert all(f["fds"] for f in fdsets), f"an emptied fdset stays behind: {fdsets}"
     passed = {}
     for f in fdsets:
-        dev, _, path = f["fds"][0]["opaque"].partition(":")
+        dev, _, path = parse_opaque(f["fds"][0]["opaque"])
         if dev in drives and drives[dev]["path"] == path:
             passed[dev] = path
         elif path in vm.refused and not vm.booted:
