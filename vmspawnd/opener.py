@@ -35,12 +35,11 @@ HIDDEN = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP}
 _slots: defaultdict[int, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(OPENS_PER_UID))
 
 
-def _child(uid: int, gid: int, groups: list[int] | None, path: str, flags: int, sock: socket.socket) -> int:
+def _child(uid: int, gid: int, groups: list[int], path: str, flags: int, sock: socket.socket) -> int:
     try:
-        if groups is not None:
-            os.setgroups(groups)
-            os.setgid(gid)
-            os.setuid(uid)
+        os.setgroups(groups)
+        os.setgid(gid)
+        os.setuid(uid)
         fd = os.open(path, flags)
     except OSError as e:
         sock.send(str(e.errno or errno.EIO).encode())
@@ -62,18 +61,41 @@ def _receive(parent: socket.socket, path: str) -> int:
     raise OSError(code, os.strerror(code), path)
 
 
+def _close_late(opening: asyncio.Future[int]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        os.close(opening.result())
+
+
+def _timed_out(path: str, uid: int) -> OpenTimeout:
+    return OpenTimeout(
+        f"opening {path!r} as uid {uid} did not finish in {OPEN_TIMEOUT:.0f} s (a hung file system?); "
+        "try again later or give another file"
+    )
+
+
+async def _open_as_root(path: str, flags: int) -> int:
+    """Root's open needs no identity of its own: a thread, not a child (a
+    fork costs milliseconds on every AddDrive). A hung one is given up on
+    all the same; its thread stays until the open returns, and the fd is
+    closed then."""
+    opening = asyncio.ensure_future(asyncio.to_thread(os.open, path, flags))
+    try:
+        return await asyncio.wait_for(asyncio.shield(opening), OPEN_TIMEOUT)
+    except TimeoutError:
+        opening.add_done_callback(_close_late)
+        raise _timed_out(path, 0) from None
+
+
 async def _open_as(uid: int, path: str, flags: int) -> int:
-    """The open runs in a child in every case, so a hung one can be killed."""
-    groups: list[int] | None
+    """Anyone but root: the open runs in a child with the caller's ids, so a
+    hung one can be killed."""
     if uid == 0:
-        # Root's open keeps the daemon's own identity (which may lack CAP_SETUID).
-        gid, groups = 0, None
-    else:
-        try:
-            user = pwd.getpwuid(uid)
-        except KeyError:
-            raise InvalidArgument(f"uid {uid} has no user account: cannot open {path!r} with its rights") from None
-        gid, groups = user.pw_gid, os.getgrouplist(user.pw_name, user.pw_gid)
+        return await _open_as_root(path, flags)
+    try:
+        user = pwd.getpwuid(uid)
+    except KeyError:
+        raise InvalidArgument(f"uid {uid} has no user account: cannot open {path!r} with its rights") from None
+    gid, groups = user.pw_gid, os.getgrouplist(user.pw_name, user.pw_gid)
     parent, child = socket.socketpair()
     with parent, child:
         pid = os.fork()
@@ -89,10 +111,7 @@ async def _open_as(uid: int, path: str, flags: int) -> int:
             async with asyncio.timeout(OPEN_TIMEOUT):
                 await answered
         except TimeoutError:
-            raise OpenTimeout(
-                f"opening {path!r} as uid {uid} did not finish in {OPEN_TIMEOUT:.0f} s (a hung file system?); "
-                "try again later or give another file"
-            ) from None
+            raise _timed_out(path, uid) from None
         finally:
             loop.remove_reader(parent.fileno())
             if not answered.done() or answered.cancelled():
