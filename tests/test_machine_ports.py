@@ -42,11 +42,11 @@ def machine(spares: int = 4, extra: tuple[str, ...] = ()) -> Machine:
 
 def test_spares_behind_switches_fill_in_order_and_unplug_frees_exactly_that_port() -> None:
     m = machine(spares=178)
-    taken = [m._take_spare(f"d{i}") for i in range(33)]
+    taken = [m.ports.take(f"d{i}") for i in range(33)]
     assert taken[:2] == ["sw0p0", "sw0p1"] and taken[29:31] == ["sw0p29", "sw1p0"]
-    del m.port_owner["sw0p7"]
-    assert m._take_spare("again") == "sw0p7"
-    assert len(m.free_spares) == 178 - 33
+    assert m.ports.release("d7") == "sw0p7"
+    assert m.ports.take("again") == "sw0p7"
+    assert m.ports.free_count == 178 - 33
 
 
 async def test_scsi_controller_is_named_around_qemu_extra_and_a_refusal_is_qemu_failed() -> None:
@@ -55,7 +55,7 @@ async def test_scsi_controller_is_named_around_qemu_extra_and_a_refusal_is_qemu_
     m._monitor = Monitor(QmpError("Duplicate device ID"), {})  # type: ignore[assignment]
     with pytest.raises(QemuFailed, match="QEMU refused the SCSI controller scsi4 on rp0: Duplicate"):
         await m._scsi_controller()
-    assert m.port_owner == {}  # the port is free again
+    assert m.ports.holders() == {}  # the port is free again
     controller, port, created = await m._scsi_controller()
     assert (controller, port, created) == ("scsi5", "rp0", True)
 

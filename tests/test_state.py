@@ -29,7 +29,18 @@ from vmspawnd.model import (
     Network,
     NetworkMode,
 )
-from vmspawnd.state import FILE, VERSION, MachineRecord, StateError, dumps, loads, make_dir, read, write
+from vmspawnd.state import (
+    FILE,
+    VERSION,
+    MachineRecord,
+    StateError,
+    clear_all_but_log,
+    dumps,
+    loads,
+    make_dir,
+    read,
+    write,
+)
 
 # The one exception a damaged state.json gives: nothing else may escape the reader.
 UNREADABLE = StateError
@@ -449,3 +460,13 @@ def test_machine_dirs_are_0711_whatever_the_umask(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert {(tmp_path / n).stat().st_mode & 0o777 for n in "ab"} == {0o711}
+
+
+def test_a_dead_machine_keeps_its_logs_and_nothing_else(tmp_path: Path) -> None:
+    for name in ("qemu.log", "console.log", "state.json", "argv", "qmp.sock", f".{FILE}.x.tmp"):
+        (tmp_path / name).write_text(name)
+    (tmp_path / "sub").mkdir()
+    removed = clear_all_but_log(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([f".{FILE}.x.tmp", "argv", "qmp.sock", "state.json", "sub"])
+    assert sorted(os.listdir(tmp_path)) == ["console.log", "qemu.log"]
+    assert clear_all_but_log(tmp_path / "gone") == []

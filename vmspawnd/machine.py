@@ -12,18 +12,17 @@ import shutil
 import signal
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import cmdline, imagechain, share, state
+from . import cmdline, imagechain, reconcile, share, state
 from .chainopen import OpenedChain
 from .console import Console
 from .errors import (
     AccessDenied,
     InvalidArgument,
-    NoFreePort,
     NoSpace,
     NoSuchDrive,
     NotRunning,
@@ -34,9 +33,11 @@ from .errors import (
     VmspawndError,
 )
 from .identity import Identity
-from .model import DiskType, Drive, DriveSpec, DriveState, MachineSpec, MachineState, PortRole
+from .model import DiskType, Drive, DriveSpec, DriveState, MachineSpec, MachineState
+from .porttable import PortTable
 from .process import Process, confinement_for
 from .qmp import TIMEOUT, Monitor, QmpDisconnected, QmpError
+from .statewriter import StateWriter
 from .topology import Plan, drive_id
 
 log = logging.getLogger(__name__)
@@ -65,12 +66,12 @@ BUSY_RETRY = 0.1
 FAULT = os.environ.get("VMSPAWND_TEST_FAULT", "")
 # QMP events that tell the run state, whoever caused them.
 RUN_STATE_EVENTS = {"STOP": MachineState.PAUSED, "RESUME": MachineState.RUNNING}
-DRIVER_TYPES = {
-    "nvme": DiskType.NVME,
-    "virtio-blk-pci": DiskType.VIRTIO_BLK,
-    "scsi-hd": DiskType.VIRTIO_SCSI,
-    "scsi-cd": DiskType.VIRTIO_SCSI_CDROM,
-}
+# SHUTDOWN reasons of a QEMU that stopped as asked: a re-attached QEMU is not
+# our child, so its exit status is not ours to read and the event tells.
+CLEAN_SHUTDOWN = {"guest-shutdown", "host-qmp-quit", "host-signal"}
+# How long a re-attached QEMU's SHUTDOWN event may trail its exit: it is in
+# our socket before QEMU exits, reading it takes milliseconds.
+SHUTDOWN_EVENT_TIMEOUT = 2.0
 
 
 class Observer(Protocol):
@@ -122,19 +123,25 @@ class Machine:
         self._kept_logs: list[Path] = []
         self._monitor = Monitor(spec.name)
         self.console = Console(spec.name, self.console_log, lambda: self._notify("ConsoleClients"))
-        # Port id -> the device id occupying it (builtin and spare ports alike).
-        self.port_owner: dict[str, str] = {p.id: p.carries for p in plan.ports if p.carries}
+        self.ports = PortTable(plan.ports, spec.name)
         self.drives: dict[str, Drive] = {}
         # Serialises the requests to this machine; different machines run in parallel.
         self._lock = asyncio.Lock()
-        self._unplugs: dict[str, asyncio.Future[None]] = {}
+        # RemoveDrive calls waiting for their DEVICE_DELETED; each is awaited by its caller.
+        self._waiters: dict[str, asyncio.Future[None]] = {}
+        # SCSI controllers unplugged with their last drive, until their DEVICE_DELETED.
+        self._leaving: set[str] = set()
+        # fdsets QEMU kept after remove-fd (it frees them only while the VM runs).
+        self._unfreed_fdsets: set[int] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._ended = asyncio.Event()
         # PowerOff asked the guest to power down: an exit then is a clean one,
         # even when its status is unknown (a re-attached QEMU is not our child).
         self._powering_off = False
-        self._dirty = asyncio.Event()
-        self._writing: asyncio.Future[None] | None = None
+        # QEMU's SHUTDOWN event and its reason: how a re-attached QEMU ended.
+        self._shutdown = asyncio.Event()
+        self._shutdown_reason = ""
+        self._writer = StateWriter(directory, self.record, spec.name)
         self._next_fdset = 1
         self._next_controller = 1
         self._next_drive = len(spec.boot_drives)
@@ -152,7 +159,7 @@ class Machine:
 
     @property
     def console_log(self) -> Path:
-        return self.dir / "console.log"
+        return self.dir / state.CONSOLE
 
     @property
     def qemu_log(self) -> Path:
@@ -161,10 +168,6 @@ class Machine:
     @property
     def leader(self) -> int:
         return self.process.pid if self.process else 0
-
-    @property
-    def free_spares(self) -> list[str]:
-        return [p.id for p in self.plan.spares if p.id not in self.port_owner]
 
     # -- life cycle ---------------------------------------------------------
 
@@ -184,35 +187,9 @@ class Machine:
             self.identity.gid if self.identity else 0,
         )
 
-    def _write_state(self) -> None:
-        if self.process is not None and self.dir.exists():
-            state.write(self.dir, self.record())
-
-    def _try_write_state(self) -> None:
-        try:
-            self._write_state()
-        except (OSError, NoSpace) as e:
-            log.warning("machine %s: cannot write state.json: %s", self.name, e, extra={"MACHINE": self.name})
-            # The saver tries again with the next change.
-            self._dirty.set()
-
     def save(self) -> None:
-        """Persist soon, off the request path: fsync costs milliseconds, and
-        QMP, not state.json, is the truth for drives on re-attach."""
-        self._dirty.set()
-
-    async def _saver(self) -> None:
-        # One writer, so an older state never lands after a newer one.
-        while True:
-            await self._dirty.wait()
-            self._dirty.clear()
-            self._writing = asyncio.ensure_future(asyncio.to_thread(self._write_state))
-            try:
-                # Shielded: cancelling the saver must not hide a write still
-                # running in its thread from close() and _finish().
-                await asyncio.shield(self._writing)
-            except (OSError, NoSpace) as e:
-                log.warning("machine %s: cannot write state.json: %s", self.name, e, extra={"MACHINE": self.name})
+        """Persist soon, off the request path (see StateWriter)."""
+        self._writer.save()
 
     async def start(
         self,
@@ -279,7 +256,7 @@ class Machine:
             if failed := await self._virtiofsd_failures():
                 raise QemuFailed(f"{e}; {failed}") from e
             raise
-        self._running(persist=self._write_state)
+        await self._running(must_persist=True)
         await self._connect_console()
         await self._sync_run_state()
         log.info("machine %s running, QEMU pid %d", self.name, self.leader, extra={"MACHINE": self.name})
@@ -321,13 +298,19 @@ class Machine:
             self.console.unavailable(f"cannot connect to QEMU's console socket: {e.strerror or e}")
             log.warning("machine %s: no interactive console: %s", self.name, e, extra={"MACHINE": self.name})
 
-    def _running(self, persist: Callable[[], None]) -> None:
+    async def _running(self, must_persist: bool) -> None:
         self.state = MachineState.RUNNING
-        # Before the machine is announced: a daemon killed right after still finds it.
-        persist()
-        self._spawn(self._saver())
-        self._spawn(self._watch_exit())
-        self._spawn(self._dispatch_events())
+        self._writer.start()
+        # Before the machine is announced: a daemon killed right after still
+        # finds it. A re-attached machine has its record already: it goes on
+        # (the writer tries again with the next change).
+        try:
+            await self._writer.write_now()
+        except (OSError, NoSpace):
+            if must_persist:
+                raise
+        self._spawn(self._watch_exit(), "exit watch")
+        self._spawn(self._dispatch_events(), "QMP events")
 
     async def attach(self, record: state.MachineRecord, timeout: float) -> None:
         """Take a running QEMU back after a daemon restart; QMP is the truth.
@@ -367,7 +350,7 @@ class Machine:
         except (QmpDisconnected, QmpError, QemuFailed) as e:
             await self._monitor.close(QUIT_REPLY_TIMEOUT)
             raise QemuFailed(f"QEMU pid {record.pid} on {self.dir / 'qmp.sock'}: {e}") from e
-        self._running(persist=self._try_write_state)
+        await self._running(must_persist=False)
         await self._connect_console()
         await self._sync_run_state()
         log.info(
@@ -375,66 +358,34 @@ class Machine:
             extra={"MACHINE": self.name},
         )  # fmt: skip
 
-    async def _qom_basename(self, path: str, prop: str) -> str:
-        return str(await self._monitor.execute("qom-get", {"path": path, "property": prop})).rpartition("/")[2]
-
     async def _reconcile(self, recorded: dict[str, Drive]) -> None:
-        """Rebuild drives and ports from QEMU; log where state.json disagreed."""
-        peripheral = {
-            c["name"]: c["type"][len("child<") : -1]
-            for c in await self._monitor.execute("qom-list", {"path": "/machine/peripheral"})
-            if c["type"].startswith("child<")
-        }
-        nodes = {n["node-name"] for n in await self._monitor.execute("query-named-block-nodes")}
-        # Those of the command line (console, boot drives) are QEMU's for good.
+        """Rebuild drives and ports from QEMU (see reconcile.py); log where state.json disagreed."""
+        execute = self._monitor.execute
+        peripheral = reconcile.parse_peripheral(await execute("qom-list", {"path": "/machine/peripheral"}))
+        parents = {}
+        for dev in reconcile.wanted_parents(peripheral, {p.id for p in self.plan.ports}):
+            bus = await execute("qom-get", {"path": f"/machine/peripheral/{dev}", "property": "parent_bus"})
+            parents[dev] = reconcile.bus_name(str(bus))
+        nodes = reconcile.parse_nodes(await execute("query-named-block-nodes"))
+        # Those of the command line (console, boot drives, qemu_extra's) are QEMU's for good.
         fdsets = {
-            f["fdset-id"]: f for f in await self._monitor.execute("query-fdsets") if f["fdset-id"] < cmdline.BOOT_FDSETS
+            i: opaques
+            for i, opaques in reconcile.parse_fdsets(await execute("query-fdsets")).items()
+            if i < cmdline.BOOT_FDSETS and i not in self.plan.taken_fdsets
         }
-        # add-fd's opaque names the drive and layer an fdset belongs to.
-        owned: dict[str, list[int]] = {}
-        image_paths: dict[str, str] = {}
-        for i, f in sorted(fdsets.items()):
-            dev, label, path = imagechain.parse_opaque(f["fds"][0].get("opaque", "") if f["fds"] else "")
-            owned.setdefault(dev, []).append(i)
-            if label == imagechain.level_label(0):
-                image_paths[dev] = path
-        drives: dict[str, Drive] = {}
-        for dev, drive in recorded.items():
-            if dev in peripheral:
-                drives[dev] = replace(drive, fdsets=tuple(owned.get(dev, ())))
-            else:
-                log.warning("machine %s: drive %s went away while vmspawnd was down", self.name, dev)
-        for dev, driver in peripheral.items():
-            if dev in drives or driver not in DRIVER_TYPES or cmdline.node_name(dev) not in nodes:
-                continue
-            bus = await self._qom_basename(f"/machine/peripheral/{dev}", "parent_bus")
-            controller = bus.partition(".")[0] if DRIVER_TYPES[driver].is_scsi else ""
-            port = await self._qom_basename(f"/machine/peripheral/{controller}", "parent_bus") if controller else bus
-            path = image_paths.get(dev, "?")
-            fdset_ids = tuple(owned.get(dev, ()))
-            drives[dev] = Drive(dev, path, DRIVER_TYPES[driver], port, fdsets=fdset_ids, controller=controller)
-            log.warning("machine %s: drive %s on %s was not in state.json; taken from QEMU", self.name, dev, port)
-        for node in sorted(nodes):
-            dev = node.removesuffix("-node")
-            if node.endswith("-node") and dev not in drives:
-                log.warning("machine %s: removing orphan block node %s (a request cut short)", self.name, node)
-                with contextlib.suppress(QmpError):
-                    await self._monitor.execute("blockdev-del", {"node-name": node})
-        used = {i for d in drives.values() for i in d.fdsets}
-        for fdset in sorted(set(fdsets) - used):
-            log.warning("machine %s: removing orphan fdset %d", self.name, fdset)
+        found = reconcile.reconcile(
+            reconcile.Snapshot(peripheral, parents, nodes, fdsets), recorded, self.ports.spares, self._next_fdset
+        )
+        for message in found.messages:
+            log.warning("machine %s: %s", self.name, message, extra={"MACHINE": self.name})
+        for node in found.orphan_nodes:
             with contextlib.suppress(QmpError):
-                await self._monitor.execute("remove-fd", {"fdset-id": fdset})
-        self._next_fdset = max([self._next_fdset, *(i + 1 for i in fdsets)])
-        self.drives = drives
-        self.port_owner = {p.id: p.carries for p in self.plan.ports if p.role is PortRole.BUILTIN}
-        for dev, driver in peripheral.items():
-            # qemu_extra's own controllers are not ours to hand out.
-            if driver == "virtio-scsi-pci" and dev not in self.plan.taken:
-                self.port_owner[await self._qom_basename(f"/machine/peripheral/{dev}", "parent_bus")] = dev
-        for drive in drives.values():
-            if not drive.controller:
-                self.port_owner[drive.port] = drive.id
+                await execute("blockdev-del", {"node-name": node})
+        for fdset in found.orphan_fdsets:
+            await self._remove_fdset(fdset)
+        self._next_fdset = found.next_fdset
+        self.drives = found.drives
+        self.ports = PortTable(self.plan.ports, self.name, observed=found.ports)
 
     def _start_virtiofsd(self, shares: Sequence[share.OpenShare]) -> dict[str, int]:
         """One virtiofsd per share; returns QEMU's ends of their connections."""
@@ -507,15 +458,34 @@ class Machine:
             await self.process.stop(QUIT_TIMEOUT)
         await self._stop_virtiofsd()
         await self._monitor.close()
+        await self._writer.stop()
         if self._kept_logs:
             state.clear_all_but_log(self.dir)
         else:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        """A task the machine owns: cancelled when it ends, its failure logged and shown."""
+        task = asyncio.get_running_loop().create_task(coro, name=f"{self.name}: {what}")
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or (e := task.exception()) is None:
+            return
+        log.error("machine %s: %s failed", self.name, task.get_name(), exc_info=e, extra={"MACHINE": self.name})
+        if not self._ended.is_set():
+            # Without its exit watch or its events the machine is not managed
+            # any more: say so rather than answer requests that cannot finish.
+            self.state = MachineState.FAILED
+            self.reason = f"{task.get_name()} failed: {e}"
+            self._notify("State", "StateReason")
+
+    async def _cancel_tasks(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def unmanaged(self, reason: str, process: Process | None) -> None:
         """Keep the machine listed (and its directory) though it cannot be
@@ -525,14 +495,12 @@ class Machine:
         if process is not None and self.process is None:
             self.process = process
         if self.process is not None:
-            self._spawn(self._watch_exit())
+            self._spawn(self._watch_exit(), "exit watch")
         self._notify("State", "StateReason", "Leader")
 
     async def release(self) -> None:
         """Let go of an unmanaged machine that a fresh re-attach replaces."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._cancel_tasks()
         if self.process is not None:
             self.process.release()
         await self._monitor.close(QUIT_REPLY_TIMEOUT)
@@ -541,33 +509,36 @@ class Machine:
         assert self.process is not None
         await self.process.exited
         code = self.process.returncode
-        clean = self.state is MachineState.STOPPING or code == 0 or (code is None and self._powering_off)
+        if code is None and self.state is not MachineState.STOPPING and not self._powering_off:
+            # Re-attached: no exit status; a SHUTDOWN event says it was asked to stop.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._shutdown.wait(), SHUTDOWN_EVENT_TIMEOUT)
+        clean = self.state is MachineState.STOPPING or code == 0
+        clean = clean or (code is None and (self._powering_off or self._shutdown_reason in CLEAN_SHUTDOWN))
         self.state = MachineState.STOPPED if clean else MachineState.FAILED
-        if self.state is MachineState.FAILED:
+        if not clean:
+            reason = f"exit status {code}" if code is not None else f"shutdown reason {self._shutdown_reason or 'none'}"
             log.warning(
                 "machine %s: QEMU exited unexpectedly (%s); its log: %s",
-                self.name, code, self.qemu_log, extra={"MACHINE": self.name},
+                self.name, reason, self.qemu_log, extra={"MACHINE": self.name},
             )  # fmt: skip
         self._notify("State")
-        await self._finish(keep_log=self.state is MachineState.FAILED)
+        await self._finish()
 
-    async def _finish(self, keep_log: bool) -> None:
+    async def _finish(self) -> None:
+        """QEMU is gone: release everything; the logs stay (state.is_log)."""
         self.console.close()
-        for fut in self._unplugs.values():
-            if not fut.done():
-                fut.set_exception(NotRunning(f"machine {self.name} stopped during the unplug"))
-        await self._monitor.close()
-        await self._stop_virtiofsd()
-        # No state write may land in the directory after it is cleaned.
-        self._dirty.clear()
-        if self._writing is not None:
-            await asyncio.wait({self._writing})
-        self._dirty.clear()
-        if keep_log:
+        try:
+            for fut in self._waiters.values():
+                if not fut.done():
+                    fut.set_exception(NotRunning(f"machine {self.name} stopped during the unplug"))
+            await self._monitor.close()
+            await self._stop_virtiofsd()
+            # No state write may land in the directory after it is cleaned.
+            await self._writer.stop()
             state.clear_all_but_log(self.dir)
-        else:
-            shutil.rmtree(self.dir, ignore_errors=True)
-        self._ended.set()
+        finally:
+            self._ended.set()
         if self.on_ended:
             self.on_ended(self)
         current = asyncio.current_task()
@@ -594,20 +565,25 @@ class Machine:
 
     async def close(self) -> None:
         """Let go of QEMU without stopping it (daemon shutdown)."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        # A write still in its thread lands first: the last word is ours.
-        if self._writing is not None:
-            await asyncio.wait({self._writing})
-        if self._dirty.is_set() and self.state is not MachineState.UNMANAGED:
-            self._try_write_state()
+        await self._cancel_tasks()
+        # A write in flight lands first, then the last unsaved state; an
+        # unmanaged machine's record is never written over.
+        if self.state is not MachineState.UNMANAGED:
+            await self._writer.close()
         self.console.close()
         await self._monitor.close(QUIT_REPLY_TIMEOUT)
 
+    def _tell(self, call: Callable[[Observer], None]) -> None:
+        """Tell the observer; its failure is logged and never undoes the machine's own bookkeeping."""
+        if self.observer is None:
+            return
+        try:
+            call(self.observer)
+        except Exception:  # whatever a bus adapter gets wrong, the machine goes on
+            log.exception("machine %s: the observer failed", self.name, extra={"MACHINE": self.name})
+
     def _notify(self, *properties: str) -> None:
-        if self.observer:
-            self.observer.changed(self, set(properties))
+        self._tell(lambda o: o.changed(self, set(properties)))
 
     def _check_running(self) -> None:
         if self.state is MachineState.PAUSED:
@@ -647,7 +623,7 @@ class Machine:
         refuse requests until QEMU answers again, then run `then` (the undo)."""
         self._unresponsive = str(e)
         log.warning("machine %s: %s", self.name, e, extra={"MACHINE": self.name})
-        self._spawn(self._when_back(then))
+        self._spawn(self._when_back(then), "wait for QEMU to answer")
 
     async def _when_back(self, then: Callable[[], Awaitable[None]] | None) -> None:
         async with self._lock:
@@ -672,44 +648,28 @@ class Machine:
 
     def _known_ids(self) -> set[str]:
         """Ids in use: ours (ports, drives, controllers) and qemu_extra's."""
-        ours = set(self.drives) | set(self.port_owner.values()) | {p.id for p in self.plan.ports} | self._stuck_ids
+        ours = set(self.drives) | self.ports.devices() | {p.id for p in self.plan.ports} | self._stuck_ids
         return ours | {d.id for d in self.plan.implicit} | self.plan.taken
-
-    def _take_spare(self, for_device: str) -> str:
-        free = self.free_spares
-        if not free:
-            holders = ", ".join(
-                f"{port}={dev}"
-                for port, dev in sorted(self.port_owner.items())
-                if port in {p.id for p in self.plan.spares}
-            )
-            raise NoFreePort(
-                f"all {len(self.plan.spares)} spare ports of {self.name} are taken ({holders}); "
-                "remove a drive first, or create the machine with more hotplug_spares"
-            )
-        self.port_owner[free[0]] = for_device
-        return free[0]
 
     async def _scsi_controller(self) -> tuple[str, str, bool]:
         """(controller id, its port, whether it was created now) for a SCSI drive."""
         for drive in self.drives.values():
             if drive.controller and drive.state is DriveState.ATTACHED:
                 return drive.controller, drive.port, False
-        live = [dev for dev in self.port_owner.values() if CONTROLLER_ID.fullmatch(dev) and dev not in self._unplugs]
-        if live:
-            controller = live[0]
-            port = next(p for p, d in self.port_owner.items() if d == controller)
-            return controller, port, False
+        for port, dev in self.ports.holders().items():
+            # qemu_extra's own controllers are not ours to hand out.
+            if CONTROLLER_ID.fullmatch(dev) and dev not in self._leaving and dev not in self.plan.taken:
+                return dev, port, False
         # Never an id qemu_extra (or anything of ours) already uses.
         known = self._known_ids()
         n = next(i for i in itertools.count(self._next_controller) if f"scsi{i}" not in known)
         controller = f"scsi{n}"
         self._next_controller = n + 1
-        port = self._take_spare(controller)
+        port = self.ports.take(controller)
         try:
             await self._monitor.execute("device_add", cmdline.scsi_controller(controller, port))
         except QmpError as e:
-            del self.port_owner[port]
+            self.ports.release(controller)
             # The caller asked for nothing wrong: this one is ours (or QEMU's).
             raise QemuFailed(f"QEMU refused the SCSI controller {controller} on {port}: {e}") from e
         return controller, port, True
@@ -747,6 +707,15 @@ class Machine:
             fdsets: dict[str, int] = {}
             controller = ""
             try:
+                if drive.disk_type.is_scsi:
+                    controller, port, created = await self._scsi_controller()
+                    if created:
+                        undo.append(("device_del", {"id": controller}))
+                    bus = controller
+                else:
+                    port = bus = self.ports.take(dev)
+                # The fds only once there is a port: a request refused for want
+                # of one hands QEMU nothing (a paused QEMU keeps removed fds).
                 for layer in chain.top.walk():
                     fdset = next(i for i in itertools.count(self._next_fdset) if i not in self.plan.taken_fdsets)
                     self._next_fdset = fdset + 1
@@ -755,14 +724,6 @@ class Machine:
                     undo += pending
                     pending = []
                     fdsets[layer.label] = fdset
-                if drive.disk_type.is_scsi:
-                    pending = []
-                    controller, port, created = await self._scsi_controller()
-                    if created:
-                        undo.append(("device_del", {"id": controller}))
-                    bus = controller
-                else:
-                    port = bus = self._take_spare(dev)
                 names = {label: f"/dev/fdset/{i}" for label, i in fdsets.items()}
                 known = {n["node-name"] for n in await self._monitor.execute("query-named-block-nodes")}
                 pending = [("blockdev-del", {"node-name": cmdline.node_name(dev)})]
@@ -787,13 +748,13 @@ class Machine:
                 self._unanswered(e, lambda: self._cancel_late_add(late, undo + pending))
                 raise
             except QmpError as e:
-                await self._undo(undo, port, dev)
+                await self._undo(undo, dev)
                 raise InvalidArgument(f"QEMU refused drive {dev} ({drive.disk_type} {drive.path}): {e}") from e
             except QmpDisconnected as e:
                 raise NotRunning(f"machine {self.name} stopped during AddDrive: {e}") from e
             except VmspawndError:
-                # NoFreePort and the like: the fd already handed over goes back.
-                await self._undo(undo, port, dev)
+                # NoFreePort and the like: what QEMU was already given goes back.
+                await self._undo(undo, dev)
                 raise
             record = Drive(
                 dev, str(drive.path), drive.disk_type, port, fdsets=tuple(fdsets.values()), controller=controller
@@ -804,8 +765,7 @@ class Machine:
             self.save()
         log.info("machine %s: drive %s added on %s", self.name, dev, port, extra={"MACHINE": self.name, "DRIVE": dev})
         self._notify("Drives", "Ports", "FreeSparePorts")
-        if self.observer:
-            self.observer.drive_added(self, record)
+        self._tell(lambda o: o.drive_added(self, record))
         return record
 
     async def _cancel_late_add(self, late: Drive, undo: list[tuple[str, dict[str, object]]]) -> None:
@@ -816,11 +776,10 @@ class Machine:
             # DEVICE_DELETED handler frees its node, fdset and port.
             log.warning("machine %s: unplugging %s, added after its AddDrive timed out", self.name, late.id)
             self.drives[late.id] = late
-            self._unplugs[late.id] = asyncio.get_running_loop().create_future()
             await self._monitor.execute("device_del", {"id": late.id})
         else:
             log.warning("machine %s: undoing the AddDrive of %s that timed out", self.name, late.id)
-            await self._undo(undo, late.port, late.id)
+            await self._undo(undo, late.id)
         self._stuck_ids.add(late.id)
 
     def _new_drive_id(self) -> str:
@@ -829,8 +788,13 @@ class Machine:
         known = self._known_ids()
         return next(dev for i in itertools.count(self._next_drive) if (dev := drive_id(i)) not in known)
 
-    async def _undo(self, undo: list[tuple[str, dict[str, object]]], port: str, dev: str) -> None:
+    async def _undo(self, undo: list[tuple[str, dict[str, object]]], dev: str) -> None:
+        # The drive's own port first: its device was never added, nothing of QEMU's holds it.
+        self.ports.release(dev)
         for command, args in reversed(undo):
+            if command == "remove-fd":
+                await self._remove_fdset(int(str(args["fdset-id"])))
+                continue
             try:
                 await self._monitor.execute(command, args)
             except (QmpError, QmpDisconnected) as e:
@@ -840,13 +804,26 @@ class Machine:
                 log.warning("machine %s: rollback %s %s failed: %s", self.name, command, args, e)
                 if command == "blockdev-del":
                     self._stuck_ids.add(dev)
-        # A controller created for this drive stays until its own unplug
-        # event; a plain port is ours to free now.
-        if self.port_owner.get(port) == dev:
-            del self.port_owner[port]
-        for command, args in undo:
             if command == "device_del":
-                self._unplugs[str(args["id"])] = asyncio.get_running_loop().create_future()
+                # A controller created for this drive keeps its port until its own DEVICE_DELETED.
+                self._leaving.add(str(args["id"]))
+
+    async def _remove_fdset(self, fdset: int) -> None:
+        """remove-fd. QEMU closes removed fds only while the VM runs: an
+        fdset still listed afterwards is removed again on RESUME."""
+        try:
+            await self._monitor.execute("remove-fd", {"fdset-id": fdset})
+            listed = any(f["fdset-id"] == fdset for f in await self._monitor.execute("query-fdsets"))
+        except QmpError:
+            listed = False  # QEMU has no such fdset (any more)
+        except QemuUnresponsive:
+            listed = True
+        except QmpDisconnected:
+            return
+        if listed:
+            self._unfreed_fdsets.add(fdset)
+        else:
+            self._unfreed_fdsets.discard(fdset)
 
     async def remove_drive(self, dev: str, timeout: float) -> None:
         """device_del, then wait for DEVICE_DELETED (freed later if it comes late)."""
@@ -860,17 +837,19 @@ class Machine:
             if dev in {drive_id(i) for i in range(len(self.spec.boot_drives))}:
                 raise InvalidArgument(f"drive {dev} was attached at boot on a builtin port and cannot be unplugged")
             # Listen before asking, so a quick event is not missed.
-            done = self._unplugs[dev] = asyncio.get_running_loop().create_future()
+            done = self._waiters[dev] = asyncio.get_running_loop().create_future()
             try:
                 await self._device_del(dev, loop.time() + timeout)
             except QmpError as e:
-                del self._unplugs[dev]
+                del self._waiters[dev]
                 raise QemuFailed(f"QEMU refused to unplug {dev}: {e}") from e
             except QmpDisconnected as e:
+                del self._waiters[dev]
                 raise NotRunning(f"machine {self.name} stopped during RemoveDrive: {e}") from e
             except QemuUnresponsive as e:
                 # device_del cannot be taken back: the drive is on its way out
                 # and goes when the guest lets go, as after UnplugTimeout.
+                del self._waiters[dev]
                 self.drives[dev] = replace(drive, state=DriveState.REMOVING)
                 self._unanswered(e)
                 raise
@@ -878,12 +857,17 @@ class Machine:
             self.save()
         self._notify("Drives")
         try:
-            await asyncio.wait_for(asyncio.shield(done), timeout)
-        except TimeoutError:
+            await asyncio.wait({done}, timeout=timeout)
+        finally:
+            # A waiter nobody awaits any more is dropped, never failed later.
+            if self._waiters.get(dev) is done:
+                del self._waiters[dev]
+        if not done.done():
             raise UnplugTimeout(
                 f"the guest has not released {dev} after {timeout:g} s (no DEVICE_DELETED); it stays listed "
                 "as 'removing' and its port is freed when the guest lets go. Is the guest OS running?"
-            ) from None
+            )
+        done.result()
 
     async def _device_del(self, dev: str, deadline: float) -> None:
         """device_del, asked again while QEMU says the guest is busy, until `deadline`.
@@ -904,40 +888,55 @@ class Machine:
     async def _dispatch_events(self) -> None:
         while True:
             name, data = await self._monitor.next_event()
-            if name == "DEVICE_DELETED" and "device" in data:
-                await self._device_deleted(str(data["device"]))
-            elif name in RUN_STATE_EVENTS:
-                self._run_state_changed(RUN_STATE_EVENTS[name])
-            elif name == "RESET":
-                log.info("machine %s: reset (%s)", self.name, data.get("reason", "?"), extra={"MACHINE": self.name})
+            try:
+                await self._on_event(name, data)
+            except Exception:  # one bad event must not stop the ones later requests wait for
+                log.exception("machine %s: handling QMP event %s failed", self.name, name, extra={"MACHINE": self.name})
+
+    async def _on_event(self, name: str, data: dict[str, Any]) -> None:
+        if name == "DEVICE_DELETED" and "device" in data:
+            await self._device_deleted(str(data["device"]))
+        elif name in RUN_STATE_EVENTS:
+            self._run_state_changed(RUN_STATE_EVENTS[name])
+            if name == "RESUME" and self._unfreed_fdsets:
+                async with self._lock:
+                    for fdset in sorted(self._unfreed_fdsets):
+                        await self._remove_fdset(fdset)
+        elif name == "RESET":
+            log.info("machine %s: reset (%s)", self.name, data.get("reason", "?"), extra={"MACHINE": self.name})
+        elif name == "SHUTDOWN":
+            self._shutdown_reason = str(data.get("reason", ""))
+            self._shutdown.set()
 
     async def _device_deleted(self, dev: str) -> None:
         async with self._lock:
             drive = self.drives.pop(dev, None)
             if drive is not None:
-                with contextlib.suppress(QmpError, QmpDisconnected):
+                try:
                     await self._monitor.execute("blockdev-del", {"node-name": cmdline.node_name(dev)})
+                except (QmpError, QmpDisconnected) as e:
+                    log.warning("machine %s: blockdev-del of %s failed: %s", self.name, dev, e)
+                else:
                     for fdset in drive.fdsets:
-                        await self._monitor.execute("remove-fd", {"fdset-id": fdset})
+                        await self._remove_fdset(fdset)
                 if not drive.controller:
-                    self.port_owner.pop(drive.port, None)
+                    self.ports.release(dev)
                 elif not any(d.controller == drive.controller for d in self.drives.values()):
                     # The controller goes with its last drive.
-                    self._unplugs[drive.controller] = asyncio.get_running_loop().create_future()
+                    self._leaving.add(drive.controller)
                     with contextlib.suppress(QmpError, QmpDisconnected):
                         await self._monitor.execute("device_del", {"id": drive.controller})
-            elif dev in self.port_owner.values():
+            elif dev in self._leaving:
                 # A SCSI controller's own unplug finished.
-                port = next(p for p, d in self.port_owner.items() if d == dev)
-                del self.port_owner[port]
-            waiter = self._unplugs.pop(dev, None)
+                self._leaving.discard(dev)
+                self.ports.release(dev)
+            waiter = self._waiters.pop(dev, None)
             self.save()
         if waiter and not waiter.done():
             waiter.set_result(None)
         if drive is not None:
             log.info("machine %s: drive %s removed", self.name, dev, extra={"MACHINE": self.name, "DRIVE": dev})
-            if self.observer:
-                self.observer.drive_removed(self, dev)
+            self._tell(lambda o: o.drive_removed(self, dev))
         self._notify("Drives", "Ports", "FreeSparePorts")
 
     async def query_accel(self) -> None:

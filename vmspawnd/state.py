@@ -269,6 +269,7 @@ def write(directory: Path, record: MachineRecord) -> None:
 
 
 LOG = "qemu.log"
+CONSOLE = "console.log"
 
 
 def virtiofsd_log(device: str) -> str:
@@ -276,16 +277,21 @@ def virtiofsd_log(device: str) -> str:
 
 
 def is_log(name: str) -> bool:
-    """qemu.log, or a virtiofsd's log: what a dead machine's directory keeps."""
-    return name == LOG or (name.startswith(virtiofsd_log("")[:-4]) and name.endswith(".log"))
+    """What a stopped or failed machine's directory keeps, until a machine of
+    its name is created again: qemu.log, the console log (console.py rotates
+    it once), the virtiofsd logs."""
+    return name in (LOG, CONSOLE, f"{CONSOLE}.1") or (name.startswith(virtiofsd_log("")[:-4]) and name.endswith(".log"))
 
 
 def clear_all_but_log(directory: Path) -> list[Path]:
-    """Remove a dead machine's runtime state, keeping its logs for post-mortem.
+    """Remove a dead machine's runtime state, keeping its logs (is_log).
 
     Returns what was removed.
     """
-    leftovers = [p for p in directory.iterdir() if not is_log(p.name)]
+    try:
+        leftovers = [p for p in directory.iterdir() if not is_log(p.name)]
+    except FileNotFoundError:
+        return []
     for entry in leftovers:
         if entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import ROOT, Client, Daemon, qemu_pids
+from .harness import ROOT, Client, Daemon, lost_errors, not_just_logs, qemu_pids
 
 sys.path.insert(0, str(ROOT / "tools"))
 import testbus
@@ -49,6 +49,8 @@ def daemon(system_bus: str, workdir: Path) -> Iterator[Daemon]:
     yield d
     if d.proc is not None:
         d.stop()
+    # The session's leak check on the daemon itself: no error went unhandled.
+    assert lost_errors(d.log) == [], f"unhandled errors in {d.log}"
 
 
 @pytest.fixture
@@ -59,7 +61,5 @@ async def client(daemon: Daemon) -> AsyncIterator[Client]:
     await c.terminate_all()
     c.close()
     assert qemu_pids(str(daemon.runtime_dir)) == []
-    machines = daemon.runtime_dir / "machines"
-    leftovers = list(machines.iterdir()) if machines.exists() else []
-    # Only the kept qemu.log of a machine that failed may stay behind.
-    assert [p for p in leftovers if [f.name for f in p.iterdir()] != ["qemu.log"]] == []
+    # Only the logs a stopped or failed machine keeps may stay behind.
+    assert not_just_logs(daemon.runtime_dir / "machines") == []

@@ -26,6 +26,7 @@ from dbus_fast.aio import MessageBus
 
 from vmspawnd.bus import BUS_NAME, MACHINE_IFACE, MANAGER_IFACE, MANAGER_PATH
 from vmspawnd.bus.options import ADD_DRIVE_OPTIONS, DRIVE_OPTIONS, MACHINE_OPTIONS, MOUNT_OPTIONS
+from vmspawnd.state import is_log
 
 ROOT = Path(__file__).resolve().parents[2]
 VMSPAWND = [sys.executable, "-m", "vmspawnd"]
@@ -223,6 +224,12 @@ class Daemon:
         return code
 
 
+def not_just_logs(machines: Path) -> list[Path]:
+    """Machine dirs holding more than the logs a stopped or failed machine keeps."""
+    dirs = list(machines.iterdir()) if machines.exists() else []
+    return [p for p in dirs if not all(is_log(f.name) for f in p.iterdir())]
+
+
 def qemu_pids(marker: str) -> list[int]:
     """QEMU processes whose command line mentions `marker` (a runtime dir)."""
     pids = []
@@ -264,3 +271,19 @@ def busctl(*args: str, check: bool = True, as_user: str = "") -> subprocess.Comp
     return subprocess.run(
         [*prefix, "busctl", "--system", *args], capture_output=True, text=True, check=check, timeout=120
     )
+
+
+# What asyncio logs when a task or future fails with nobody looking: a lost
+# error, and after it a daemon that may be stuck (finding 10).
+LOST_ERRORS = (
+    "Future exception was never retrieved",
+    "Task exception was never retrieved",
+    "Task was destroyed but it is pending",
+    "Traceback (most recent call last)",
+)
+
+
+def lost_errors(log: Path) -> list[str]:
+    """Each place in a daemon log where an error went unhandled, with the lines after it."""
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    return ["\n".join(lines[i : i + 12]) for i, line in enumerate(lines) if any(m in line for m in LOST_ERRORS)]

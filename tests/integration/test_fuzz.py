@@ -44,7 +44,7 @@ from hypothesis import strategies as st
 from vmspawnd.bus import MACHINE_IFACE, MANAGER_IFACE, MANAGER_PATH
 from vmspawnd.bus.options import ADD_DRIVE_OPTIONS, DRIVE_OPTIONS, MACHINE_OPTIONS, MOUNT_OPTIONS
 
-from .harness import ROOT, Client, Daemon, guest_options, qemu_pids, wait_console
+from .harness import ROOT, Client, Daemon, guest_options, not_just_logs, qemu_pids, wait_console
 from .qmp_probe import Probe
 from .test_stress import KNOWN_FDSET_LEAK, devices_on
 
@@ -347,12 +347,7 @@ class Fuzz:
         deadline = time.monotonic() + 5
         while True:
             pids = sorted(qemu_pids(str(runtime)))
-            machines_dir = runtime / "machines"
-            dirs = sorted(
-                p.name
-                for p in (machines_dir.iterdir() if machines_dir.exists() else ())
-                if [f.name for f in p.iterdir()] != ["qemu.log"]  # a failed machine's kept log
-            )
+            dirs = sorted(p.name for p in not_just_logs(runtime / "machines"))
             held = daemon_fds(self.daemon) if fds else self.fds
             if (pids, dirs, held) == (sorted(leaders), sorted(machines), self.fds) or time.monotonic() > deadline:
                 break

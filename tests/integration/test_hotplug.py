@@ -126,6 +126,32 @@ async def test_full_spares_give_no_free_port_and_removing_one_makes_room(
     assert await client.add_drive(vm.path, disk(tmp_path, "one-more")) == ("disk4", "rp2")
 
 
+async def test_no_free_port_on_a_paused_vm_leaves_no_fdset(client: Client, vm: VM, tmp_path: Path) -> None:
+    """Finding 12: the fd went to QEMU before the port was taken, and a paused
+    QEMU closes no removed fd: every NoFreePort left an fdset behind. (Now a
+    machine paused behind the daemon's back refuses AddDrive outright, and a
+    refusal for want of a port hands QEMU nothing; tests/test_machine.py has
+    the paused-QEMU-that-the-daemon-does-not-know-of case.)"""
+    for i in range(4):
+        await client.add_drive(vm.path, disk(tmp_path, f"p{i}"))
+    attached = vm.probe.fdsets()
+    assert len(attached) == 4
+    vm.probe("stop")
+    await wait_for(lambda: client.prop(vm.path, "State"), "paused")
+    for i in range(3):
+        with pytest.raises(DBusError) as e:
+            await client.add_drive(vm.path, disk(tmp_path, f"x{i}"))
+        assert e.value.type == E + "NotRunning"
+    assert vm.probe.fdsets() == attached
+    vm.probe("cont")
+    await wait_for(lambda: client.prop(vm.path, "State"), "running")
+    for i in range(3):
+        with pytest.raises(DBusError) as e:
+            await client.add_drive(vm.path, disk(tmp_path, f"y{i}"))
+        assert e.value.type == E + "NoFreePort"
+    assert vm.probe.fdsets() == attached
+
+
 async def test_20_add_remove_cycles_leave_nothing_behind(client: Client, vm: VM, tmp_path: Path) -> None:
     nodes = vm.probe.block_nodes()
     file = disk(tmp_path, "cycle")

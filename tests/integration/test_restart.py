@@ -18,7 +18,18 @@ from typing import Any
 import pytest
 from dbus_fast import DBusError, Message
 
-from .harness import ROOT, Client, Daemon, blank_image, guest_options, image_options, qemu_pids, qemu_uid, wait_console
+from .harness import (
+    ROOT,
+    Client,
+    Daemon,
+    blank_image,
+    guest_options,
+    image_options,
+    lost_errors,
+    qemu_pids,
+    qemu_uid,
+    wait_console,
+)
 from .qmp_probe import Probe
 
 sys.path.insert(0, str(ROOT / "tools"))
@@ -47,6 +58,7 @@ def site(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Site]:
     yield Site(address, daemon, base)
     if daemon.proc is not None:
         daemon.stop()
+    assert lost_errors(daemon.log) == [], f"unhandled errors in {daemon.log}"
     # Whatever a test left running dies with it.
     for pid in qemu_pids(str(daemon.runtime_dir)):
         os.kill(pid, signal.SIGKILL)
@@ -201,7 +213,7 @@ async def test_a_killed_qemu_is_noticed_and_cleaned_up(site: Site, client: Clien
         assert await removed == ["victim", victim]
     assert changes == [("State", "failed")]
     directory = site.daemon.runtime_dir / "machines" / "victim"
-    assert [p.name for p in directory.iterdir()] == ["qemu.log"]
+    assert sorted(p.name for p in directory.iterdir()) == ["console.log", "qemu.log"]
     assert "victim: QEMU exited unexpectedly" in site.daemon.log.read_text()
     assert await client.names() == ["other"]
     assert await client.prop(other, "State") == "running"
@@ -219,6 +231,35 @@ async def test_power_off_via_acpi(site: Site, client: Client, guest: Any) -> Non
     assert await client.names() == []
     assert "ignored the ACPI power button" not in site.daemon.log.read_text()
     assert qemu_pids(str(site.daemon.runtime_dir)) == []
+    client.close()
+
+
+async def test_a_reattached_machine_powered_off_is_stopped_and_keeps_its_console(
+    site: Site, client: Client, guest: Any
+) -> None:
+    """Finding 11: a re-attached QEMU is not the daemon's child, so its exit
+    status is unknown: a clean power-off was 'QEMU exited unexpectedly (None)',
+    State failed, and the console log the user may want was gone."""
+    path = await boot(client, guest, site, "again")
+    client.close()
+    site.daemon.stop()
+    site.daemon.start()
+    client = await site.client()
+    states: list[str] = []
+
+    def watch(msg: Message) -> None:
+        if msg.member == "PropertiesChanged" and msg.path == path and "State" in msg.body[1]:
+            states.append(msg.body[1]["State"].value)
+
+    await client.subscribe("org.freedesktop.DBus.Properties")
+    client.bus.add_message_handler(watch)
+    await client.call("PowerOff", "t", [20_000_000], path=path, interface=MACHINE)
+    assert await client.names() == []
+    assert states == ["stopped"]
+    assert "exited unexpectedly" not in site.daemon.log.read_text()
+    directory = site.daemon.runtime_dir / "machines" / "again"
+    assert sorted(p.name for p in directory.iterdir()) == ["console.log", "qemu.log"]
+    assert "VMSPAWN-GUEST-READY" in (directory / "console.log").read_text(errors="replace")
     client.close()
 
 

@@ -30,7 +30,7 @@ from dbus_fast import DBusError
 from vmspawnd.cmdline import BOOT_FDSETS
 from vmspawnd.imagechain import parse_opaque
 
-from .harness import Client, Daemon, guest_options, qemu_pids, unwrap, wait_console
+from .harness import Client, Daemon, guest_options, not_just_logs, qemu_pids, unwrap, wait_console
 from .qmp_probe import Probe
 
 E = "org.vmspawnd1.Error."
@@ -256,7 +256,7 @@ class Stress:
         runtime = str(self.daemon.runtime_dir)
         assert sorted(qemu_pids(runtime)) == sorted(leaders), f"after {where}: stray or missing QEMU"
         machines = self.daemon.runtime_dir / "machines"
-        dirs = {p.name for p in machines.iterdir() if [f.name for f in p.iterdir()] != ["qemu.log"]}
+        dirs = {p.name for p in not_just_logs(machines)}
         assert dirs == set(self.vms), f"after {where}: runtime dirs {sorted(dirs)}"
 
 

@@ -53,7 +53,7 @@ def port_entry(port: Port, device: str) -> dict[str, Variant]:
 
 
 def ports_value(machine: Machine) -> list[dict[str, Variant]]:
-    return [port_entry(p, machine.port_owner.get(p.id, "")) for p in machine.plan.ports]
+    return [port_entry(p, machine.ports.holder(p.id)) for p in machine.plan.ports]
 
 
 def drives_value(machine: Machine) -> list[dict[str, Variant]]:
@@ -86,7 +86,7 @@ class MachineInterface(ServiceInterface):
             "Leader": lambda: machine.leader,
             "Drives": lambda: drives_value(machine),
             "Ports": lambda: ports_value(machine),
-            "FreeSparePorts": lambda: len(machine.free_spares),
+            "FreeSparePorts": lambda: machine.ports.free_count,
             "ConsoleClients": lambda: list(machine.console.roster.summary),
         }
         self.emit_properties_changed({p: getters[p]() for p in properties if p in getters})
@@ -133,7 +133,7 @@ class MachineInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def FreeSparePorts(self) -> DBusUInt32:
-        return len(self.machine.free_spares)
+        return self.machine.ports.free_count
 
     @dbus_property(access=PropertyAccess.READ)
     def PcieSlots(self) -> UsedBudget:

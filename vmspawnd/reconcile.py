@@ -1,0 +1,163 @@
+"""After a daemon restart: what QEMU has, against what state.json recorded.
+
+Pure: the QMP answers come in (Snapshot), the decisions go out (Reconciled);
+machine.py asks QEMU and carries them out. QEMU is the truth: a recorded
+drive QEMU no longer has is dropped, a drive QEMU has that was not recorded
+(a request cut short by a crash after device_add) is adopted, and block
+nodes and fdsets no device uses any more (cut short before device_add) are
+removed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from . import imagechain
+from .cmdline import node_name
+from .model import DiskType, Drive
+
+# QOM types of the devices a Drive is made of.
+DRIVER_TYPES = {
+    "nvme": DiskType.NVME,
+    "virtio-blk-pci": DiskType.VIRTIO_BLK,
+    "scsi-hd": DiskType.VIRTIO_SCSI,
+    "scsi-cd": DiskType.VIRTIO_SCSI_CDROM,
+}
+NODE_SUFFIX = node_name("")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """QEMU's answers, parsed (see the parse_* helpers)."""
+
+    # qdev id -> QOM type, from qom-list of /machine/peripheral.
+    peripheral: Mapping[str, str]
+    # qdev id -> the last part of its parent_bus ("rp4", "scsi1.0", "pcie.0"),
+    # for every device wanted_parents() named.
+    parent_bus: Mapping[str, str]
+    # query-named-block-nodes.
+    nodes: frozenset[str]
+    # fdset id -> the opaque strings of its fds (imagechain.opaque: "device-id:layer:path").
+    fdsets: Mapping[int, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    # Kept (recorded, still in QEMU) and adopted (in QEMU, not recorded)
+    # drives, each with every fdset QEMU holds for it (one per qcow2 layer).
+    drives: dict[str, Drive]
+    # Spare port -> the device QEMU has on it (PortTable's `observed`).
+    ports: dict[str, str]
+    # Block nodes and fdsets of devices QEMU does not have: to remove.
+    orphan_nodes: tuple[str, ...]
+    orphan_fdsets: tuple[int, ...]
+    # The first fdset id QEMU has not seen.
+    next_fdset: int
+    # What differed from state.json, for the log.
+    messages: tuple[str, ...]
+
+
+# -- parsing QMP answers -------------------------------------------------------
+
+
+def parse_peripheral(qom_list: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """qom-list /machine/peripheral -> {qdev id: QOM type}."""
+    return {str(c["name"]): str(c["type"])[len("child<") : -1] for c in qom_list if str(c["type"]).startswith("child<")}
+
+
+def parse_nodes(named_block_nodes: Iterable[Mapping[str, Any]]) -> frozenset[str]:
+    return frozenset(str(n["node-name"]) for n in named_block_nodes)
+
+
+def parse_fdsets(query_fdsets: Iterable[Mapping[str, Any]]) -> dict[int, tuple[str, ...]]:
+    return {int(f["fdset-id"]): tuple(str(fd.get("opaque", "")) for fd in f["fds"]) for f in query_fdsets}
+
+
+def bus_name(qom_path: str) -> str:
+    """A parent_bus QOM path -> its last part: /machine/peripheral/rp4/rp4 -> rp4."""
+    return qom_path.rpartition("/")[2]
+
+
+def wanted_parents(peripheral: Mapping[str, str], port_ids: Collection[str]) -> list[str]:
+    """The devices whose parent_bus the snapshot needs: every device but the
+    ports themselves (anything may sit on a spare port, also a user's device)."""
+    return sorted(dev for dev in peripheral if dev not in port_ids)
+
+
+def fdset_owner(opaques: tuple[str, ...]) -> str:
+    """The device an fdset was passed for, "" for one without an opaque."""
+    return imagechain.parse_opaque(opaques[0])[0] if opaques else ""
+
+
+def node_owner(node: str) -> str:
+    """The device a block node was added for, "" for nodes not named by us."""
+    return node.removesuffix(NODE_SUFFIX) if node.endswith(NODE_SUFFIX) and node != NODE_SUFFIX else ""
+
+
+# -- the decision ---------------------------------------------------------------
+
+
+def _drive_port(dev: str, snap: Snapshot) -> tuple[str, str]:
+    """(port, controller) of a drive device, from its parent_bus."""
+    bus = snap.parent_bus.get(dev, "")
+    if DRIVER_TYPES.get(snap.peripheral.get(dev, ""), DiskType.VIRTIO_BLK).is_scsi:
+        controller = bus.partition(".")[0]
+        return snap.parent_bus.get(controller, ""), controller
+    return bus, ""
+
+
+def reconcile(
+    snap: Snapshot, recorded: Mapping[str, Drive], spare_ports: Collection[str], next_fdset: int = 1
+) -> Reconciled:
+    messages: list[str] = []
+    owned: dict[str, list[int]] = {}
+    for fdset, opaques in sorted(snap.fdsets.items()):
+        owned.setdefault(fdset_owner(opaques), []).append(fdset)
+
+    drives: dict[str, Drive] = {}
+    for dev, drive in recorded.items():
+        if dev not in snap.peripheral:
+            messages.append(f"drive {dev} went away while vmspawnd was down")
+            continue
+        port, controller = _drive_port(dev, snap)
+        if (port, controller) != (drive.port, drive.controller) and port:
+            messages.append(f"drive {dev} is on {port} in QEMU, state.json said {drive.port}")
+            drive = replace(drive, port=port, controller=controller)
+        drives[dev] = replace(drive, fdsets=tuple(owned.get(dev, ())))
+    for dev, qom_type in sorted(snap.peripheral.items()):
+        if dev in drives or qom_type not in DRIVER_TYPES or node_name(dev) not in snap.nodes:
+            continue
+        port, controller = _drive_port(dev, snap)
+        fdsets = tuple(owned.get(dev, ()))
+        # The image is the chain's top layer; the other fdsets hold its backing files.
+        layers = [imagechain.parse_opaque(snap.fdsets[i][0]) for i in fdsets]
+        path = next((p for _, label, p in layers if label == imagechain.level_label(0)), "?")
+        drives[dev] = Drive(dev, path, DRIVER_TYPES[qom_type], port, fdsets=fdsets, controller=controller)
+        messages.append(f"drive {dev} on {port} was not in state.json; taken from QEMU")
+
+    ports: dict[str, str] = {}
+    for dev in sorted(snap.peripheral):
+        port = snap.parent_bus.get(dev, "")
+        if port not in spare_ports:
+            continue
+        if port in ports:
+            messages.append(f"port {port} holds both {ports[port]} and {dev} in QEMU; counting {ports[port]}")
+            continue
+        ports[port] = dev
+
+    # A device QEMU has keeps its nodes and fdsets, whatever state.json said.
+    alive = set(snap.peripheral) | set(drives)
+    orphan_nodes = tuple(sorted(n for n in snap.nodes if (owner := node_owner(n)) and owner not in alive))
+    orphan_fdsets = tuple(sorted(i for i, opaques in snap.fdsets.items() if fdset_owner(opaques) not in alive))
+    messages += [f"removing orphan block node {n} (a request cut short)" for n in orphan_nodes]
+    messages += [f"removing orphan fdset {i} (a request cut short)" for i in orphan_fdsets]
+    return Reconciled(
+        drives=drives,
+        ports=ports,
+        orphan_nodes=orphan_nodes,
+        orphan_fdsets=orphan_fdsets,
+        next_fdset=max([next_fdset, *(i + 1 for i in snap.fdsets)]),
+        messages=tuple(messages),
+    )
