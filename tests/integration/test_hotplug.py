@@ -136,20 +136,14 @@ async def test_no_free_port_on_a_paused_vm_leaves_no_fdset(client: Client, vm: V
         await client.add_drive(vm.path, disk(tmp_path, f"p{i}"))
     attached = vm.probe.fdsets()
     assert len(attached) == 4
-    vm.probe("stop")
-    await wait_for(lambda: client.prop(vm.path, "State"), "paused")
-    for i in range(3):
-        with pytest.raises(DBusError) as e:
-            await client.add_drive(vm.path, disk(tmp_path, f"x{i}"))
-        assert e.value.type == E + "NotRunning"
-    assert vm.probe.fdsets() == attached
-    vm.probe("cont")
-    await wait_for(lambda: client.prop(vm.path, "State"), "running")
-    for i in range(3):
-        with pytest.raises(DBusError) as e:
-            await client.add_drive(vm.path, disk(tmp_path, f"y{i}"))
-        assert e.value.type == E + "NoFreePort"
-    assert vm.probe.fdsets() == attached
+    for command, state, error in (("stop", "paused", "NotRunning"), ("cont", "running", "NoFreePort")):
+        vm.probe(command)
+        await wait_for(lambda: client.prop(vm.path, "State"), state)
+        for i in range(3):
+            with pytest.raises(DBusError) as e:
+                await client.add_drive(vm.path, disk(tmp_path, f"{command}{i}"))
+            assert e.value.type == E + error
+        assert vm.probe.fdsets() == attached
 
 
 async def test_20_add_remove_cycles_leave_nothing_behind(client: Client, vm: VM, tmp_path: Path) -> None:
