@@ -585,11 +585,6 @@ class Machine:
     def _notify(self, *properties: str) -> None:
         self._tell(lambda o: o.changed(self, set(properties)))
 
-    def _check_running(self) -> None:
-        if self.state is MachineState.PAUSED:
-            raise NotRunning(f"machine {self.name} is paused; resume it first (Resume, 'vmspawnctl resume')")
-        self._check_live()
-
     def _check_live(self) -> None:
         """Running or paused: QEMU is there and takes commands."""
         if self.state is MachineState.UNMANAGED:
@@ -598,11 +593,12 @@ class Machine:
             raise NotRunning(f"machine {self.name} is {self.state}, not running; start it again with CreateMachine")
 
     @contextlib.asynccontextmanager
-    async def _request(self, what: str, paused_ok: bool = False) -> Any:
+    async def _request(self, what: str) -> Any:
         """One request at a time per machine, each bounded: a QEMU that left
-        a command unanswered refuses the next ones at once."""
-        check = self._check_live if paused_ok else self._check_running
-        check()
+        a command unanswered refuses the next ones at once. A paused machine
+        takes requests too: QEMU plugs and unplugs devices while its vCPUs
+        stand still (the guest sees them when it runs again), as libvirt allows."""
+        self._check_live()
         if self._unresponsive:
             raise QemuUnresponsive(f"machine {self.name}: {self._unresponsive}; {what} refused until it answers")
         try:
@@ -613,7 +609,7 @@ class Machine:
                 f"machine {self.name} is still busy with an earlier request; {what} refused"
             ) from None
         try:
-            check()
+            self._check_live()
             yield
         finally:
             self._lock.release()
@@ -974,13 +970,13 @@ class Machine:
 
     async def pause(self) -> None:
         """Stop the vCPUs (QMP stop): the guest's clock stops too. Pausing a paused machine is a no-op."""
-        async with self._request("Pause", paused_ok=True):
+        async with self._request("Pause"):
             await self._run_command("stop", "Pause")
             self._run_state_changed(MachineState.PAUSED)
 
     async def resume(self) -> None:
         """Run the vCPUs again (QMP cont). Resuming a running machine is a no-op."""
-        async with self._request("Resume", paused_ok=True):
+        async with self._request("Resume"):
             await self._run_command("cont", "Resume")
             self._run_state_changed(MachineState.RUNNING)
 
@@ -988,7 +984,7 @@ class Machine:
         """Reset the guest (QMP system_reset), as the reset button does. The
         machine, its ports and every hotplugged device stay; a paused machine
         stays paused."""
-        async with self._request("Reboot", paused_ok=True):
+        async with self._request("Reboot"):
             await self._run_command("system_reset", "Reboot")
         log.info("machine %s: reset requested", self.name, extra={"MACHINE": self.name})
 
