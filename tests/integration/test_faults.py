@@ -127,6 +127,10 @@ def paused(**extra: Any) -> dict[str, Any]:
     return {"qemu_extra": ["-S"]} | extra
 
 
+# A managed -S machine: its vCPUs never ran, so State is QEMU's own: paused.
+UP = "paused"
+
+
 def disk(directory: Path, name: str) -> str:
     path = directory / name
     with open(path, "wb") as f:
@@ -207,12 +211,12 @@ async def test_a_damaged_state_file_loses_no_vm(site: Site, client: Client, gues
     client = await site.client()
     assert sorted(await client.names()) == ["healthy", "hurt"]
     healthy, hurt = await props(client, "healthy"), await props(client, "hurt")
-    assert (healthy["State"], healthy["Leader"]) == ("running", leaders["healthy"])
+    assert (healthy["State"], healthy["Leader"]) == (UP, leaders["healthy"])
     assert site.pids() == set(leaders.values()), "no QEMU killed, none started"
     assert (site.machines / "hurt" / "qmp.sock").exists(), "the directory of a live QEMU is kept whole"
     if not reason:
         # Its own QEMU is found by its uuid: never the other machine's leader.
-        assert (hurt["State"], hurt["Leader"]) == ("running", leaders["hurt"])
+        assert (hurt["State"], hurt["Leader"]) == (UP, leaders["hurt"])
         assert "state.json names pid" in site.daemon.log.read_text()
     else:
         assert hurt["State"] == "unmanaged"
@@ -223,7 +227,7 @@ async def test_a_damaged_state_file_loses_no_vm(site: Site, client: Client, gues
         state.write_text(original)
 
         async def adopted() -> bool:
-            return (await props(client, "hurt"))["State"] == "running"
+            return (await props(client, "hurt"))["State"] == UP
 
         await until(adopted, 15, f"hurt was not adopted once its state.json was good again; {site.daemon.log}")
         assert (await props(client, "hurt"))["Leader"] == leaders["hurt"]
@@ -380,7 +384,7 @@ async def test_unresponsive_machines_do_not_delay_ready(site: Site, client: Clie
         recovered = re.findall(r"recovered 4 machines in ([0-9.]+) s", site.daemon.log.read_text())
         assert float(recovered[-1]) < 2.0, recovered
         assert ready < baseline + 2.0, (ready, baseline)
-        assert states["fine"]["State"] == "running"
+        assert states["fine"]["State"] == UP
         for n in ("stopped1", "stopped2", "busy"):
             assert states[n]["State"] == "unmanaged", states[n]
             assert "did not answer on its monitor within 1.5 s" in states[n]["StateReason"]
@@ -394,7 +398,7 @@ async def test_unresponsive_machines_do_not_delay_ready(site: Site, client: Clie
             os.kill(leaders[n], signal.SIGCONT)
 
     async def all_running() -> bool:
-        return [(await props(client, n))["State"] for n in names] == ["running"] * len(names)
+        return [(await props(client, n))["State"] for n in names] == [UP] * len(names)
 
     await until(all_running, 20, f"the unmanaged machines were not adopted once they answered; {site.daemon.log}")
     assert {n: (await props(client, n))["Leader"] for n in names} == leaders
@@ -425,7 +429,7 @@ async def test_a_lost_bus_ends_the_daemon_and_a_restart_takes_every_vm_back(
     client = await site.client()
     assert sorted(await client.names()) == ["a", "b"]
     assert time.monotonic() - started < 5
-    assert [(await props(client, n))["State"] for n in ("a", "b")] == ["running", "running"]
+    assert [(await props(client, n))["State"] for n in ("a", "b")] == [UP, UP]
     assert site.pids() == leaders
     assert "lost the bus connection" in site.daemon.log.read_text()
     await client.terminate_all()
@@ -466,7 +470,7 @@ async def test_a_full_disk_gives_no_space_and_loses_no_vm(small_site: Site, gues
 
     client, _ = await restart(site, client)
     assert await client.names() == ["before"]
-    assert (await props(client, "before"))["State"] == "running"
+    assert (await props(client, "before"))["State"] == UP
     filler.unlink()
     await client.terminate_all()
     assert site.pids() == set()
@@ -502,6 +506,6 @@ async def test_a_second_daemon_on_the_same_dir_exits_at_once(
     assert site.daemon.proc is not None
     assert f"another vmspawnd (pid {site.daemon.proc.pid}) is serving" in second.stderr.decode()
     assert str(site.daemon.runtime_dir) in second.stderr.decode()
-    assert (await props(client, "mine"))["State"] == "running"
+    assert (await props(client, "mine"))["State"] == UP
     assert (site.machines / "mine" / "state.json").exists() and alive(pid)
     await client.terminate_all()
