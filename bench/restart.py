@@ -370,7 +370,8 @@ async def unresponsive_rounds(site: Site, args: argparse.Namespace) -> dict[str,
         for pid in frozen:
             os.kill(pid, signal.SIGCONT)
     t0 = time.monotonic()
-    while (got := await states(site)) != ["running"] * len(site.names):
+    # -S machines: their State is QEMU's own, paused.
+    while (got := await states(site)) != ["paused"] * len(site.names):
         if time.monotonic() - t0 > 30:
             raise RuntimeError(f"{site.label}: stopped machines not adopted 30 s after SIGCONT: {got}")
         await asyncio.sleep(0.1)
