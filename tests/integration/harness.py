@@ -176,6 +176,19 @@ class Client:
         self.bus.disconnect()
 
 
+async def record_states(client: Client, path: str) -> list[str]:
+    """Every State the machine at `path` signals from now on (PropertiesChanged), in order."""
+    states: list[str] = []
+
+    def on_signal(msg: Message) -> None:
+        if msg.member == "PropertiesChanged" and msg.path == path and "State" in msg.body[1]:
+            states.append(msg.body[1]["State"].value)
+
+    await client.subscribe("org.freedesktop.DBus.Properties")
+    client.bus.add_message_handler(on_signal)
+    return states
+
+
 def unwrap(value: Any) -> Any:
     if isinstance(value, Variant):
         return unwrap(value.value)

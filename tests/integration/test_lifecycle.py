@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dbus_fast import DBusError, Message, Variant
+from dbus_fast import DBusError, Variant
 
 from vmspawnd.bus import MACHINE_IFACE
 
-from .harness import Client, guest_options, qemu_pids, wait_console
+from .harness import Client, guest_options, qemu_pids, record_states, wait_console
 from .qmp_probe import Probe
 
 READY = "VMSPAWN-GUEST-READY"
@@ -45,14 +45,7 @@ async def test_pause_stops_the_guest_clock_resume_continues_it_and_qemus_own_sto
     console = Path(await client.prop(path, "ConsoleLog"))
     await wait_console(console, r"VMSPAWN-TICK .*\n.*VMSPAWN-TICK", timeout=150)
 
-    states: list[str] = []
-
-    def on_signal(msg: Message) -> None:
-        if msg.member == "PropertiesChanged" and msg.path == path and "State" in msg.body[1]:
-            states.append(msg.body[1]["State"].value)
-
-    await client.subscribe("org.freedesktop.DBus.Properties")
-    client.bus.add_message_handler(on_signal)
+    states = await record_states(client, path)
     await machine_call(client, path, "Pause")
     assert await client.prop(path, "State") == "paused"
     assert probe("query-status")["status"] == "paused"

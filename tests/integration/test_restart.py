@@ -28,6 +28,7 @@ from .harness import (
     lost_errors,
     qemu_pids,
     qemu_uid,
+    record_states,
     wait_console,
 )
 from .qmp_probe import Probe
@@ -245,14 +246,7 @@ async def test_a_reattached_machine_powered_off_is_stopped_and_keeps_its_console
     site.daemon.stop()
     site.daemon.start()
     client = await site.client()
-    states: list[str] = []
-
-    def watch(msg: Message) -> None:
-        if msg.member == "PropertiesChanged" and msg.path == path and "State" in msg.body[1]:
-            states.append(msg.body[1]["State"].value)
-
-    await client.subscribe("org.freedesktop.DBus.Properties")
-    client.bus.add_message_handler(watch)
+    states = await record_states(client, path)
     await client.call("PowerOff", "t", [20_000_000], path=path, interface=MACHINE)
     assert await client.names() == []
     assert states == ["stopped"]
