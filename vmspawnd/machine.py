@@ -247,9 +247,18 @@ class Machine:
             # The sockets are QEMU's now: were we to keep them open, a dead QEMU
             # would leave our connections hanging in the backlog.
             held.close()
-            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            conn.connect(sock_path)
+            conn: socket.socket | None = None
+            attempt = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                attempt.connect(sock_path)
+                conn = attempt
+            except OSError:
+                # Nobody holds the listener: QEMU (or setpriv before it) is gone already.
+                attempt.close()
         try:
+            if conn is None:
+                await self.process.wait(QUIT_TIMEOUT)
+                raise QemuFailed(f"QEMU exited during start-up: {qemu_errors(self.qemu_log)}")
             await self._await_monitor(conn)
         except QemuFailed as e:
             # QEMU only says "vhost_backend_init failed: Protocol error": virtiofsd's own words say why.
