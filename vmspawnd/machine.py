@@ -228,7 +228,7 @@ class Machine:
             console = self._open_console()
             fs_fds: dict[str, int] = {}
             try:
-                fs_fds = self._start_virtiofsd(shares)
+                fs_fds = await self._start_virtiofsd(shares)
                 rt = cmdline.Runtime(
                     self.id, listener.fileno(), self.console_log, console, vsock_cid, opened, kernel_fd, initrd_fd,
                     fs_fds, tap_fd, chains or {}, serial.fileno(),
@@ -396,8 +396,11 @@ class Machine:
         self.drives = found.drives
         self.ports = PortTable(self.plan.ports, self.name, observed=found.ports)
 
-    def _start_virtiofsd(self, shares: Sequence[share.OpenShare]) -> dict[str, int]:
-        """One virtiofsd per share; returns QEMU's ends of their connections."""
+    async def _start_virtiofsd(self, shares: Sequence[share.OpenShare]) -> dict[str, int]:
+        """One virtiofsd per share; returns QEMU's ends of their connections.
+
+        Async: where systemd is PID 1 starting one waits on the system bus.
+        """
         fs_fds: dict[str, int] = {}
         binary = share.find_virtiofsd() if shares else None
         try:
