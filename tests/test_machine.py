@@ -19,7 +19,7 @@ import pytest
 from tests.devtypes import TYPES
 from vmspawnd import state
 from vmspawnd.chainopen import OpenedChain
-from vmspawnd.errors import NoFreePort, NotRunning, UnplugTimeout
+from vmspawnd.errors import AccessDenied, NoFreePort, NotRunning, UnplugTimeout
 from vmspawnd.imagechain import single
 from vmspawnd.machine import Machine
 from vmspawnd.model import DiskType, Drive, DriveSpec, ImageFormat, MachineSpec, MachineState
@@ -31,7 +31,12 @@ class FakeQemu:
     def __init__(self) -> None:
         self.events: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
         self.devices: dict[str, str] = {}
-        self.nodes: set[str] = set()
+        # node name -> file; a node QEMU opened by name for another sits under its parent's name.
+        self.nodes: dict[str, str] = {}
+        self.children: dict[str, str] = {}
+        # A file the next blockdev-add opens by name (a header changed under the daemon).
+        self.stray = ""
+        self.commands: list[str] = []
         # fdset id -> [opaque, removed]
         self.fdsets: dict[int, list[Any]] = {}
         self.running = True
@@ -51,6 +56,7 @@ class FakeQemu:
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 10) -> Any:
         args = args or {}
+        self.commands.append(cmd)
         if cmd in self.broken:
             raise self.broken.pop(cmd)
         if cmd in self.refuse:
@@ -62,16 +68,21 @@ class FakeQemu:
                 del self.devices[args["id"]]
                 self.emit("DEVICE_DELETED", device=args["id"])
         elif cmd == "blockdev-add":
-            self.nodes.add(args["node-name"])
+            self.nodes[args["node-name"]] = "json:{}"
+            if self.stray:
+                self.children[args["node-name"]] = child = f"#block{len(self.commands)}"
+                self.nodes[child] = self.stray
         elif cmd == "blockdev-del":
-            self.nodes.remove(args["node-name"])
+            del self.nodes[args["node-name"]]
+            if child := self.children.pop(args["node-name"], ""):
+                del self.nodes[child]
         elif cmd == "remove-fd":
             if args["fdset-id"] not in self.fdsets:
                 raise QmpError(f"File descriptor named 'fdset-id:{args['fdset-id']}' not found")
             self.fdsets[args["fdset-id"]][1] = True
             self._cleanup()
         elif cmd == "query-named-block-nodes":
-            return [{"node-name": n, "file": "json:{}"} for n in self.nodes]
+            return [{"node-name": n, "file": f} for n, f in self.nodes.items()]
         elif cmd == "query-fdsets":
             return [{"fdset-id": i, "fds": [{"fd": 100 + i, "opaque": o}]} for i, (o, _) in self.fdsets.items()]
         elif cmd in ("stop", "cont"):
@@ -332,3 +343,45 @@ async def test_state_json_follows_the_drives_and_nothing_lands_after_the_end(
     m.save()
     await end(m)
     assert not (m.dir / state.FILE).exists()
+
+
+async def test_an_add_after_the_first_asks_for_the_block_nodes_once(
+    tmp_path: Path, qemu: FakeQemu, files: list[OpenedChain]
+) -> None:
+    """AddDrive's share of a QMP round trip matters (bench/hotplug.py): the
+    node list from before blockdev-add is the one the last add saw."""
+    m = await machine(tmp_path, qemu)
+    await m.add_drive(spec(), files[0])
+    qemu.commands.clear()
+    await m.add_drive(spec(), files[1])
+    assert qemu.commands.count("query-named-block-nodes") == 1
+    await end(m)
+
+
+async def test_a_node_another_monitor_added_is_not_taken_for_a_stray(
+    tmp_path: Path, qemu: FakeQemu, files: list[OpenedChain]
+) -> None:
+    m = await machine(tmp_path, qemu)
+    await m.add_drive(spec(), files[0])
+    qemu.nodes["theirs"] = "/srv/their.img"
+    drive = await m.add_drive(spec(), files[1])
+    assert drive.id in qemu.devices and "theirs" in qemu.nodes
+    await end(m)
+
+
+@pytest.mark.parametrize("earlier_adds", [0, 1])
+async def test_a_file_qemu_opened_by_name_is_refused_and_leaves_nothing(
+    tmp_path: Path, qemu: FakeQemu, files: list[OpenedChain], earlier_adds: int
+) -> None:
+    """A header changed under the daemon: QEMU opened a file it named. With
+    and without a node list from an earlier add."""
+    m = await machine(tmp_path, qemu)
+    for chain in files[:earlier_adds]:
+        await m.add_drive(spec(), chain)
+    before = (dict(qemu.nodes), dict(qemu.devices), m.ports.free_spares)
+    qemu.stray = "/etc/shadow"
+    with pytest.raises(AccessDenied, match="/etc/shadow"):
+        await m.add_drive(spec(), files[earlier_adds])
+    assert (qemu.nodes, qemu.devices, m.ports.free_spares) == before
+    assert all(removed for _, removed in list(qemu.fdsets.values())[earlier_adds:])
+    await end(m)

@@ -147,6 +147,8 @@ class Machine:
         self._next_drive = len(spec.boot_drives)
         # Drive ids whose block node QEMU would not give back.
         self._stuck_ids: set[str] = set()
+        # The block node names of the last query-named-block-nodes; None before the first.
+        self._nodes: set[str] | None = None
         for i, drive in enumerate(spec.boot_drives):
             dev = drive_id(i)
             controller = plan.scsi_controller if drive.disk_type.is_scsi else ""
@@ -376,6 +378,7 @@ class Machine:
             bus = await execute("qom-get", {"path": f"/machine/peripheral/{dev}", "property": "parent_bus"})
             parents[dev] = reconcile.bus_name(str(bus))
         nodes = reconcile.parse_nodes(await execute("query-named-block-nodes"))
+        self._nodes = set(nodes)
         # Those of the command line (console, boot drives, qemu_extra's) are QEMU's for good.
         fdsets = {
             i: opaques
@@ -733,15 +736,11 @@ class Machine:
                     pending = []
                     fdsets[layer.label] = fdset
                 names = {label: f"/dev/fdset/{i}" for label, i in fdsets.items()}
-                known = {n["node-name"] for n in await self._monitor.execute("query-named-block-nodes")}
                 pending = [("blockdev-del", {"node-name": cmdline.node_name(dev)})]
-                await self._monitor.execute(
-                    "blockdev-add", cmdline.blockdev(dev, chain.top, lambda la: names[la.label])
-                )
+                strays = await self._add_blockdev(dev, chain.top, names)
                 undo += pending
                 pending = []
-                nodes = await self._monitor.execute("query-named-block-nodes")
-                if strays := imagechain.opened_by_name(known, nodes, set(names.values())):
+                if strays:
                     raise AccessDenied(
                         f"QEMU opened {', '.join(map(repr, strays))} by name for {drive.path}: its header changed "
                         "while vmspawnd read it; the drive was not attached"
@@ -775,6 +774,30 @@ class Machine:
         self._notify("Drives", "Ports", "FreeSparePorts")
         self._tell(lambda o: o.drive_added(self, record))
         return record
+
+    async def _add_blockdev(self, dev: str, top: imagechain.Layer, names: dict[str, str]) -> list[str]:
+        """blockdev-add of `top` on the fdsets `names`; returns the files QEMU
+        opened by name for it (see imagechain.opened_by_name).
+
+        New nodes are judged against the last node list seen, which saves a
+        round trip per add; a node another monitor added since then looks new
+        too, so a stray seen that way is judged again against a fresh list.
+        """
+        args = cmdline.blockdev(dev, top, lambda layer: names[layer.label])
+        fd_names = set(names.values())
+        if self._nodes is not None:
+            await self._monitor.execute("blockdev-add", args)
+            if not await self._new_nodes_by_name(self._nodes, fd_names):
+                return []
+            await self._monitor.execute("blockdev-del", {"node-name": cmdline.node_name(dev)})
+        known = {n["node-name"] for n in await self._monitor.execute("query-named-block-nodes")}
+        await self._monitor.execute("blockdev-add", args)
+        return await self._new_nodes_by_name(known, fd_names)
+
+    async def _new_nodes_by_name(self, known: set[str], fd_names: set[str]) -> list[str]:
+        nodes = await self._monitor.execute("query-named-block-nodes")
+        self._nodes = {n["node-name"] for n in nodes}
+        return imagechain.opened_by_name(known, nodes, fd_names)
 
     async def _cancel_late_add(self, late: Drive, undo: list[tuple[str, dict[str, object]]]) -> None:
         """Undo an AddDrive whose caller got QemuUnresponsive, now that QEMU answers."""
