@@ -14,7 +14,18 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tests.devtypes import TYPES
-from vmspawnd.cmdline import BOOT_FDSETS, OVMF, QEMU, Runtime, Share, blockdev, build_argv, escape, shares
+from vmspawnd.cmdline import (
+    BOOT_FDSETS,
+    OVMF,
+    QEMU,
+    Runtime,
+    Share,
+    blockdev,
+    build_argv,
+    escape,
+    shared_memory,
+    shares,
+)
 from vmspawnd.errors import VmspawndError
 from vmspawnd.imagechain import Layer, Role, single
 from vmspawnd.model import (
@@ -425,7 +436,7 @@ def test_runtime_path_keys_are_path_strings() -> None:
 )
 def test_accel(accel: Accel, value: list[str]) -> None:
     argv = argv_for(spec(accel=accel))
-    assert values(argv, "-machine") == ["q35"]
+    assert values(argv, "-machine") == ["q35,memory-backend=mem"]
     assert values(argv, "-accel") == value
 
 
@@ -591,18 +602,22 @@ def test_only_a_directory_is_enough_for_shared_memory() -> None:
     assert device(argv, "rootfs")["tag"] == "root"
 
 
-def test_no_shares_no_memory_backend() -> None:
-    argv = argv_for(spec())
+def test_spare_ports_get_shared_memory_for_a_share_hotplugged_later() -> None:
+    argv = argv_for(spec(hotplug_spares=1))
+    assert values(argv, "-machine") == ["q35,memory-backend=mem"]
+    assert values(argv, "-object") == ["memory-backend-memfd,id=mem,size=512M,share=on"]
+
+
+def test_no_shares_and_no_spares_no_memory_backend() -> None:
+    argv = argv_for(spec(hotplug_spares=0))
     assert values(argv, "-object") == []
     assert "memory-backend" not in values(argv, "-machine")[0]
 
 
-def test_virtiofs_tag_is_escaped() -> None:
+def test_virtiofs_tag_is_carried_intact() -> None:
     s = spec(mounts=(MountSpec(Path("/srv"), "a,b"),))
     argv = argv_for(s, Runtime(MACHINE_ID, 3, RT.console_log, fs_fds={"fs0": 9}))
-    [dev] = [v for v in values(argv, "-device") if v.startswith("vhost-user-fs-pci")]
-    assert "tag=a,,b," in dev
-    assert parse_kv(dev)["tag"] == "a,b"
+    assert device(argv, "fs0")["tag"] == "a,b"
 
 
 # -- properties --------------------------------------------------------------
@@ -720,7 +735,7 @@ def test_any_spec_gives_well_formed_argv(spec: MachineSpec, open_all: bool) -> N
     for share in shares(spec):
         assert device_by_id(devs, share.device)["tag"] == share.tag
         assert device_by_id(devs, share.device)["chardev"] == share.device
-    assert bool(shares(spec)) == bool(values(own, "-object"))
+    assert shared_memory(spec) == bool(values(own, "-object")) == (bool(shares(spec)) or spec.hotplug_spares > 0)
     if spec.kernel is not None:
         assert values(own, "-kernel") == ["/proc/self/fd/98" if open_all else str(spec.kernel)]
     if spec.initrd is not None:

@@ -23,6 +23,7 @@ from vmspawnd.model import (
     DriveState,
     Firmware,
     ImageFormat,
+    MachineShare,
     MachineSpec,
     MiB,
     MountSpec,
@@ -152,6 +153,17 @@ drives = st.builds(
     st.lists(st.integers(0, 2**31), max_size=4).map(tuple),
     texts,
 )
+machine_shares = st.builds(
+    MachineShare,
+    texts,
+    texts,
+    texts,
+    texts,
+    st.booleans(),
+    st.sampled_from(list(DriveState)),
+    st.integers(0, 2**22),
+    st.integers(0, 2**63),
+)
 records = st.builds(
     MachineRecord,
     spec=specs,
@@ -164,6 +176,7 @@ records = st.builds(
     next_controller=st.integers(0, 2**31),
     qemu_uid=st.integers(0, 2**32 - 2),
     qemu_gid=st.integers(0, 2**32 - 2),
+    shares=st.lists(machine_shares, max_size=3).map(tuple),
 )
 
 
@@ -417,6 +430,12 @@ def test_a_wrong_type_is_a_state_error_naming_the_field(where: tuple[Any, ...], 
     parent[where[-1]] = value
     with pytest.raises(StateError, match=message):
         loads(json.dumps(d))
+
+
+def test_files_from_before_share_hotplug_still_load() -> None:
+    d = json.loads(dumps(record()))
+    del d["shares"]
+    assert loads(json.dumps(d)).shares == ()
 
 
 def test_files_without_next_drive_still_load() -> None:

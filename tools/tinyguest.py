@@ -15,6 +15,8 @@ The guest speaks a line protocol on its serial console (ttyS0)::
     VMSPAWN-GUEST-READY                                 # boot snapshot done
     VMSPAWN-BLOCK-ADD <name> serial=<serial>            # hotplugged disk
     VMSPAWN-BLOCK-REMOVE <name>                         # unplugged disk
+    VMSPAWN-SHARE-MOUNT <tag> hello=<line>              # hotplugged share mounted
+    VMSPAWN-SHARE-UMOUNT <tag>                          # ...and unmounted again
     VMSPAWN-POWEROFF                                    # ACPI power button
     VMSPAWN-TICK <uptime>                               # tinyguest.tick: every 0.5 s
 
@@ -25,7 +27,12 @@ spaces (SCSI devices without a unit serial report their model instead).
 Lines come in that order: the boot snapshot (PCI, BLOCK, NVME-COUNT), then
 READY, then hotplug/poweroff events.  A disk appearing while the snapshot is
 taken may be reported both as BLOCK and BLOCK-ADD, so treat BLOCK-ADD as
-idempotent.  Add ``tinyguest.shell`` to the kernel command line for an
+idempotent.  A hotplugged virtiofs share is mounted on /hot/TAG for each
+``tinyguest.hotmount=TAG`` on the kernel command line (Linux 6.1 does not
+tell a device's tag, so the guest tries the tags it was given); the guest
+reports the first line of the share's ``hello`` file, and unmounts the share
+once a file named ``unmount`` appears in it (the host's way to tell it).
+Add ``tinyguest.shell`` to the kernel command line for an
 interactive shell on the console (prompts mix with the lines), and
 ``tinyguest.tick`` for a TICK line with the guest's uptime twice a second.
 
@@ -298,8 +305,13 @@ if [ "$DEVPATH" = /devices/virtual/mem/null ]; then
     : > /run/uevent-alive
     exit 0
 fi
-[ "$SUBSYSTEM" = block ] && [ "$DEVTYPE" = disk ] || exit 0
 [ -e /run/vmspawn-ready ] || exit 0
+if [ "$SUBSYSTEM" = virtio ] && [ "$ACTION" = bind ] && [ "$DRIVER" = virtiofs ]; then
+    . /etc/tinyguest.sh
+    hot_share > /dev/console 2>&1
+    exit 0
+fi
+[ "$SUBSYSTEM" = block ] && [ "$DEVTYPE" = disk ] || exit 0
 n=${DEVNAME:-${DEVPATH##*/}}
 n=${n##*/}
 case $n in ram*|loop*) exit 0 ;; esac
@@ -335,6 +347,26 @@ serial_of() {
 $s
 EOF
     echo "$s"
+}
+
+# hot_share: a virtiofs device was bound; mount each tinyguest.hotmount=TAG
+# not mounted yet (only the new device's tag succeeds), report its hello
+# file, and unmount it once the host creates "unmount" in it.
+hot_share() {
+    for arg in $(cat /proc/cmdline); do
+        case $arg in tinyguest.hotmount=*) ;; *) continue ;; esac
+        tag=${arg#tinyguest.hotmount=}
+        grep -q " /hot/$tag " /proc/mounts && continue
+        mkdir -p "/hot/$tag"
+        mount -t virtiofs "$tag" "/hot/$tag" 2>/dev/null || continue
+        line=
+        [ -r "/hot/$tag/hello" ] && read -r line < "/hot/$tag/hello"
+        echo "VMSPAWN-SHARE-MOUNT $tag hello=$line"
+        (
+            while [ ! -e "/hot/$tag/unmount" ]; do usleep 100000; done
+            umount "/hot/$tag" && echo "VMSPAWN-SHARE-UMOUNT $tag"
+        ) &
+    done
 }
 """
 

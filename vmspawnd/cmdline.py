@@ -194,6 +194,30 @@ def shares(spec: MachineSpec) -> list[Share]:
     return out + [Share(f"fs{i}", m.source, m.tag) for i, m in enumerate(spec.mounts)]
 
 
+def shared_memory(spec: MachineSpec) -> bool:
+    """Guest memory QEMU can share with a vhost-user process (virtiofsd).
+
+    Boot-time shares need it, and so does every machine with spare ports:
+    a share may be hotplugged later, and the backend is chosen at boot. The
+    cost is the memfd's: shmem pages get no transparent huge pages and no
+    KSM merging; a machine created with hotplug_spares=0 and no share keeps
+    plain anonymous memory.
+    """
+    return bool(shares(spec)) or spec.hotplug_spares > 0
+
+
+def fs_device(device: str, chardev: str, tag: str, port: str) -> dict[str, object]:
+    """A vhost-user-fs-pci device (boot-time and hotplugged) on `port`."""
+    return {"driver": "vhost-user-fs-pci", "id": device, "chardev": chardev, "tag": tag, "bus": port, "addr": "0"}
+
+
+def fs_chardev(chardev: str) -> dict[str, object]:
+    """chardev-add of a hotplugged share: QEMU's end of the connection to its
+    virtiofsd, passed with getfd under the chardev's own name."""
+    addr = {"type": "fd", "data": {"str": chardev}}
+    return {"id": chardev, "backend": {"type": "socket", "data": {"addr": addr, "server": False}}}
+
+
 def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
     fs = shares(spec)
     argv = [
@@ -201,8 +225,7 @@ def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
         "-name", opts(f"guest={escape(spec.name)}"),
         "-uuid", str(uuid.UUID(rt.machine_id)),
         "-sandbox", SANDBOX,
-        # virtiofs needs guest memory QEMU can share with virtiofsd.
-        "-machine", opts("q35", memory_backend="mem" if fs else None),
+        "-machine", opts("q35", memory_backend="mem" if shared_memory(spec) else None),
         *(arg for accel in ACCELS[spec.accel] for arg in ("-accel", accel)),
         "-cpu", "max",
         "-smp", str(spec.cpus),
@@ -224,7 +247,7 @@ def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
         ),
         "-serial", "chardev:console",
     ]  # fmt: skip
-    if fs:
+    if shared_memory(spec):
         argv += ["-object", opts("memory-backend-memfd", id="mem", size=f"{spec.memory // MiB}M", share="on")]
     # Ports first: an auto-addressed device placed earlier could take a
     # slot the packed ports claim.
@@ -258,17 +281,7 @@ def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
         ]
     for share in fs:
         argv += ["-chardev", opts("socket", id=share.device, fd=rt.fs_fds[share.device])]
-        argv += [
-            "-device",
-            opts(
-                "vhost-user-fs-pci",
-                id=share.device,
-                chardev=share.device,
-                tag=escape(share.tag),
-                bus=plan.port_carrying(share.device).id,
-                addr="0",
-            ),
-        ]
+        argv += _device_args(fs_device(share.device, share.device, share.tag, plan.port_carrying(share.device).id))
     if spec.vsock:
         vsock_port = plan.port_carrying("vsock0").id
         argv += ["-device", opts("vhost-vsock-pci", id="vsock0", guest_cid=rt.vsock_cid, bus=vsock_port, addr="0")]

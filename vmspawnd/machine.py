@@ -33,7 +33,7 @@ from .errors import (
     VmspawndError,
 )
 from .identity import Identity
-from .model import DiskType, Drive, DriveSpec, DriveState, MachineSpec, MachineState
+from .model import DiskType, Drive, DriveSpec, DriveState, MachineShare, MachineSpec, MachineState
 from .porttable import PortTable
 from .process import Process, confinement_for
 from .qmp import TIMEOUT, Monitor, QmpDisconnected, QmpError
@@ -54,6 +54,8 @@ QUIT_REPLY_TIMEOUT = 2.0
 # The guest cuts longer serials (nvme and virtio-blk: 20 bytes); QEMU's scsi-disk refuses over 36.
 SERIAL_MAX = {DiskType.VIRTIO_BLK: 20, DiskType.NVME: 20, DiskType.VIRTIO_SCSI: 36, DiskType.VIRTIO_SCSI_CDROM: 36}
 DRIVE_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,31}")
+# A hotplugged share's chardev: QEMU's end of its virtiofsd connection.
+SHARE_CHARDEV = "{}-vfs"
 # Ids the daemon gives its own devices.
 CONTROLLER_ID = re.compile(r"scsi\d+")
 RESERVED_ID = re.compile(r"(rp|scsi|implicit|fs|sw)\d+|sw\d+p\d+|net0|vsock0|rootfs")
@@ -78,6 +80,8 @@ class Observer(Protocol):
     def changed(self, machine: Machine, properties: set[str]) -> None: ...
     def drive_added(self, machine: Machine, drive: Drive) -> None: ...
     def drive_removed(self, machine: Machine, drive_id: str) -> None: ...
+    def share_added(self, machine: Machine, added: MachineShare) -> None: ...
+    def share_removed(self, machine: Machine, share_id: str) -> None: ...
 
 
 def qemu_errors(log_path: Path) -> str:
@@ -125,6 +129,15 @@ class Machine:
         self.console = Console(spec.name, self.console_log, lambda: self._notify("ConsoleClients"))
         self.ports = PortTable(plan.ports, spec.name)
         self.drives: dict[str, Drive] = {}
+        # Boot-time shares (on builtin ports, for good) and hotplugged ones.
+        self.shares: dict[str, MachineShare] = {
+            s.device: MachineShare(s.device, s.tag, str(s.source), plan.port_carrying(s.device).id)
+            for s in cmdline.shares(spec)
+        }
+        self._boot_shares = frozenset(self.shares)
+        self._next_share = 0
+        # Whether QEMU's guest memory is shareable (vhost-user needs it); asked once.
+        self._shared_memory: bool | None = None
         # Serialises the requests to this machine; different machines run in parallel.
         self._lock = asyncio.Lock()
         # RemoveDrive calls waiting for their DEVICE_DELETED; each is awaited by its caller.
@@ -187,6 +200,7 @@ class Machine:
             self._next_drive,
             self.identity.uid if self.identity else 0,
             self.identity.gid if self.identity else 0,
+            tuple(s for dev, s in self.shares.items() if dev not in self._boot_shares),
         )
 
     def save(self) -> None:
@@ -653,13 +667,14 @@ class Machine:
             self._unresponsive = ""
             self.save()
         log.info("machine %s: QEMU answers again", self.name, extra={"MACHINE": self.name})
-        self._notify("Drives", "Ports", "FreeSparePorts")
+        self._notify("Drives", "Shares", "Ports", "FreeSparePorts")
 
     # -- hotplug ------------------------------------------------------------
 
     def _known_ids(self) -> set[str]:
         """Ids in use: ours (ports, drives, controllers) and qemu_extra's."""
-        ours = set(self.drives) | self.ports.devices() | {p.id for p in self.plan.ports} | self._stuck_ids
+        ours = set(self.drives) | set(self.shares) | self.ports.devices() | {p.id for p in self.plan.ports}
+        ours |= self._stuck_ids
         return ours | {d.id for d in self.plan.implicit} | self.plan.taken
 
     async def _scsi_controller(self) -> tuple[str, str, bool]:
@@ -685,19 +700,22 @@ class Machine:
             raise QemuFailed(f"QEMU refused the SCSI controller {controller} on {port}: {e}") from e
         return controller, port, True
 
+    def _check_new_id(self, requested_id: str, kind: str) -> None:
+        """A device id a caller asked for (drives, shares: one namespace, QEMU's)."""
+        if not requested_id:
+            return
+        if not DRIVE_ID.fullmatch(requested_id):
+            raise InvalidArgument(
+                f"{kind} id {requested_id!r} is invalid: "
+                "use 1-32 letters, digits, '_', '.', '-', starting with a letter"
+            )
+        if RESERVED_ID.fullmatch(requested_id):
+            raise InvalidArgument(f"{kind} id {requested_id!r} is reserved for vmspawnd's own devices; pick another id")
+        if requested_id in self._known_ids():
+            raise InvalidArgument(f"{kind} id {requested_id!r} is already used on {self.name}; pick another id")
+
     def validate_drive(self, drive: DriveSpec, requested_id: str) -> str:
-        if requested_id:
-            if not DRIVE_ID.fullmatch(requested_id):
-                raise InvalidArgument(
-                    f"drive id {requested_id!r} is invalid: "
-                    "use 1-32 letters, digits, '_', '.', '-', starting with a letter"
-                )
-            if RESERVED_ID.fullmatch(requested_id):
-                raise InvalidArgument(
-                    f"drive id {requested_id!r} is reserved for vmspawnd's own devices; pick another id"
-                )
-            if requested_id in self._known_ids():
-                raise InvalidArgument(f"drive id {requested_id!r} is already used on {self.name}; pick another id")
+        self._check_new_id(requested_id, "drive")
         limit = SERIAL_MAX[drive.disk_type]
         if len(drive.serial) > limit:
             raise InvalidArgument(
@@ -858,17 +876,30 @@ class Machine:
 
     async def remove_drive(self, dev: str, timeout: float) -> None:
         """device_del, then wait for DEVICE_DELETED (freed later if it comes late)."""
-        loop = asyncio.get_running_loop()
-        async with self._request("RemoveDrive"):
-            drive = self.drives.get(dev)
-            if drive is None:
-                raise NoSuchDrive(f"machine {self.name} has no drive {dev!r}; see its Drives property")
-            if drive.state is DriveState.REMOVING:
-                raise UnplugInProgress(f"drive {dev} is already being removed; wait for DriveRemoved")
+
+        def check(_: Drive) -> None:
             if dev in {drive_id(i) for i in range(len(self.spec.boot_drives))}:
                 raise InvalidArgument(f"drive {dev} was attached at boot on a builtin port and cannot be unplugged")
+
+        await self._unplug("RemoveDrive", "drive", self.drives, dev, timeout, check)
+
+    async def _unplug(
+        self, method: str, kind: str, table: dict[str, Any], dev: str, timeout: float, check: Callable[[Any], None]
+    ) -> None:
+        """device_del of the `kind` `table[dev]` (a Drive, a MachineShare), then
+        wait for its DEVICE_DELETED; past `timeout` UnplugTimeout, the entry
+        stays `removing` and goes when the event comes later."""
+        loop = asyncio.get_running_loop()
+        prop = f"{kind.capitalize()}s"
+        async with self._request(method):
+            entry = table.get(dev)
+            if entry is None:
+                raise NoSuchDrive(f"machine {self.name} has no {kind} {dev!r}; see its {prop} property")
+            if entry.state is DriveState.REMOVING:
+                raise UnplugInProgress(f"{kind} {dev} is already being removed; wait for {kind.capitalize()}Removed")
+            check(entry)
             # Listen before asking, so a quick event is not missed.
-            done = self._waiters[dev] = asyncio.get_running_loop().create_future()
+            done = self._waiters[dev] = loop.create_future()
             try:
                 await self._device_del(dev, loop.time() + timeout)
             except QmpError as e:
@@ -876,17 +907,17 @@ class Machine:
                 raise QemuFailed(f"QEMU refused to unplug {dev}: {e}") from e
             except QmpDisconnected as e:
                 del self._waiters[dev]
-                raise NotRunning(f"machine {self.name} stopped during RemoveDrive: {e}") from e
+                raise NotRunning(f"machine {self.name} stopped during {method}: {e}") from e
             except QemuUnresponsive as e:
-                # device_del cannot be taken back: the drive is on its way out
+                # device_del cannot be taken back: the device is on its way out
                 # and goes when the guest lets go, as after UnplugTimeout.
                 del self._waiters[dev]
-                self.drives[dev] = replace(drive, state=DriveState.REMOVING)
+                table[dev] = replace(entry, state=DriveState.REMOVING)
                 self._unanswered(e)
                 raise
-            self.drives[dev] = replace(drive, state=DriveState.REMOVING)
+            table[dev] = replace(entry, state=DriveState.REMOVING)
             self.save()
-        self._notify("Drives")
+        self._notify(prop)
         try:
             await asyncio.wait({done}, timeout=timeout)
         finally:
@@ -940,6 +971,9 @@ class Machine:
             self._shutdown.set()
 
     async def _device_deleted(self, dev: str) -> None:
+        if dev in self.shares:
+            await self._share_deleted(dev)
+            return
         async with self._lock:
             drive = self.drives.pop(dev, None)
             if drive is not None:
@@ -1058,3 +1092,146 @@ class Machine:
         log.info("machine %s ignored the ACPI power button for %g s; stopping QEMU", self.name, timeout)
         await self.terminate()
         return True
+
+    # -- share hotplug --------------------------------------------------------
+
+    def validate_share(self, tag: str, requested_id: str) -> None:
+        """What AddShare can refuse before the directory is opened."""
+        self._check_new_id(requested_id, "share")
+        if taken := next((s for s in self.shares.values() if s.tag == tag), None):
+            raise InvalidArgument(
+                f"tag {tag!r} is already shared on {self.name} (share {taken.id}); "
+                "the guest mounts by tag: pick another"
+            )
+
+    def _new_share_id(self) -> str:
+        """The next shareN, never one a removed share had; a refused request uses none (as drive ids)."""
+        known = self._known_ids()
+        return next(dev for i in itertools.count(self._next_share) if (dev := f"share{i}") not in known)
+
+    async def _check_shared_memory(self) -> None:
+        """vhost-user needs guest memory QEMU can share (cmdline.shared_memory)."""
+        if self._shared_memory is None:
+            memdevs = await self._monitor.execute("query-memdev")
+            self._shared_memory = any(m.get("share") for m in memdevs)
+        if not self._shared_memory:
+            raise InvalidArgument(
+                f"machine {self.name} runs without shareable guest memory (created with hotplug_spares=0 or by an "
+                "older vmspawnd), which virtiofs needs; create it again to hotplug shares"
+            )
+
+    def _virtiofsd_of(self, dev: str) -> Process | None:
+        return next((p for opened, p in self._virtiofsd if opened.share.device == dev), None)
+
+    async def _drop_virtiofsd(self, dev: str) -> None:
+        """A share's virtiofsd ends once QEMU let go of its connection; one that does not is stopped."""
+        process = self._virtiofsd_of(dev)
+        if process is None:
+            return
+        if not await process.wait(QUIT_TIMEOUT):
+            await process.stop(QUIT_TIMEOUT)
+        self._virtiofsd = [(o, p) for o, p in self._virtiofsd if p is not process]
+
+    async def add_share(self, opened: share.OpenShare, requested_id: str = "") -> MachineShare:
+        """virtiofsd for the opened directory, its connection as a chardev
+        (getfd + chardev-add), vhost-user-fs-pci on the first free spare
+        port; undone on failure. `opened.fd` stays the caller's."""
+        async with self._request("AddShare"):
+            self.validate_share(opened.share.tag, requested_id)
+            await self._guarded("AddShare", self._check_shared_memory())
+            dev = requested_id or self._new_share_id()
+            opened = replace(opened, share=replace(opened.share, device=dev))
+            chardev = SHARE_CHARDEV.format(dev)
+            port = self.ports.take(dev)
+            undo: list[tuple[str, dict[str, object]]] = []
+            try:
+                fs_fd = (await self._start_virtiofsd([opened]))[dev]
+                try:
+                    undo.append(("closefd", {"fdname": chardev}))
+                    await self._monitor.get_fd(fs_fd, chardev)
+                finally:
+                    os.close(fs_fd)
+                await self._monitor.execute("chardev-add", cmdline.fs_chardev(chardev))
+                # chardev-add took the fd; removing the chardev closes it.
+                undo[-1] = ("chardev-remove", {"id": chardev})
+                await self._monitor.execute("device_add", cmdline.fs_device(dev, chardev, opened.share.tag, port))
+            except QemuUnresponsive as e:
+                self._unanswered(e, lambda: self._cancel_late_share(dev, undo))
+                raise
+            except QmpDisconnected as e:
+                raise NotRunning(f"machine {self.name} stopped during AddShare: {e}") from e
+            except (QmpError, OSError) as e:
+                # The directory was checked: QEMU or virtiofsd failed (virtiofsd's own words say why).
+                said = share.errors(share.log_path(self.dir, opened.share))
+                await self._undo_share(dev, undo)
+                raise QemuFailed(
+                    f"share {dev} ({opened.share.source}) could not be attached: {e}; virtiofsd: {said}"
+                ) from e
+            except BaseException:
+                await self._undo_share(dev, undo)
+                raise
+            process = self._virtiofsd_of(dev)
+            assert process is not None
+            added = MachineShare(
+                dev, opened.share.tag, str(opened.share.source), port, pid=process.pid, start_time=process.start_time
+            )
+            self.shares[dev] = added
+            if not requested_id:
+                self._next_share = int(dev.removeprefix("share")) + 1
+            self.save()
+        log.info("machine %s: share %s added on %s", self.name, dev, port, extra={"MACHINE": self.name})
+        self._notify("Shares", "Ports", "FreeSparePorts")
+        self._tell(lambda o: o.share_added(self, added))
+        return added
+
+    async def _guarded(self, method: str, call: Awaitable[None]) -> None:
+        try:
+            await call
+        except QmpError as e:
+            raise QemuFailed(f"QEMU refused a query for {method}: {e}") from e
+        except QmpDisconnected as e:
+            raise NotRunning(f"machine {self.name} stopped during {method}: {e}") from e
+
+    async def _undo_share(self, dev: str, undo: list[tuple[str, dict[str, object]]]) -> None:
+        """Back out of an AddShare: QEMU's chardev (or the passed fd), virtiofsd, the port."""
+        for command, args in reversed(undo):
+            try:
+                await self._monitor.execute(command, args)
+            except (QmpError, QmpDisconnected) as e:
+                log.warning("machine %s: rollback %s %s failed: %s", self.name, command, args, e)
+        await self._drop_virtiofsd(dev)
+        (self.dir / state.virtiofsd_log(dev)).unlink(missing_ok=True)
+        self.ports.release(dev)
+
+    async def _cancel_late_share(self, dev: str, undo: list[tuple[str, dict[str, object]]]) -> None:
+        """Undo an AddShare whose caller got QemuUnresponsive, now that QEMU answers."""
+        peripheral = {c["name"] for c in await self._monitor.execute("qom-list", {"path": "/machine/peripheral"})}
+        if dev in peripheral:
+            # device_add was carried out late: unplug it, DEVICE_DELETED cleans up.
+            log.warning("machine %s: unplugging share %s, added after its AddShare timed out", self.name, dev)
+            self.shares[dev] = MachineShare(dev, "", "", self.ports.port_of(dev) or "", state=DriveState.REMOVING)
+            await self._monitor.execute("device_del", {"id": dev})
+        else:
+            log.warning("machine %s: undoing the AddShare of %s that timed out", self.name, dev)
+            await self._undo_share(dev, undo)
+
+    async def remove_share(self, dev: str, timeout: float) -> None:
+        """device_del, then wait for DEVICE_DELETED; virtiofsd and the chardev go with the device."""
+
+        def check(_: MachineShare) -> None:
+            if dev in self._boot_shares:
+                raise InvalidArgument(f"share {dev} was attached at boot on a builtin port and cannot be unplugged")
+
+        await self._unplug("RemoveShare", "share", self.shares, dev, timeout, check)
+
+    async def _share_deleted(self, dev: str) -> None:
+        async with self._lock:
+            gone = self.shares.pop(dev)
+            await self._undo_share(dev, [("chardev-remove", {"id": SHARE_CHARDEV.format(dev)})])
+            waiter = self._waiters.pop(dev, None)
+            self.save()
+        if waiter and not waiter.done():
+            waiter.set_result(None)
+        log.info("machine %s: share %s (%s) removed", self.name, dev, gone.tag, extra={"MACHINE": self.name})
+        self._tell(lambda o: o.share_removed(self, dev))
+        self._notify("Shares", "Ports", "FreeSparePorts")

@@ -101,6 +101,21 @@ class Drive:
 
 
 @dataclass(frozen=True)
+class MachineShare:
+    """A virtiofs share of a running machine (boot-time or hotplugged)."""
+
+    id: str
+    tag: str
+    directory: str
+    port: str
+    read_only: bool = False
+    state: DriveState = DriveState.ATTACHED
+    # The hotplugged share's virtiofsd (pid, start time): a restarted daemon adopts it.
+    pid: int = 0
+    start_time: int = 0
+
+
+@dataclass(frozen=True)
 class MountSpec:
     source: Path
     tag: str

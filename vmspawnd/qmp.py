@@ -67,6 +67,14 @@ class Monitor:
         reply = await self.execute("add-fd", {"fdset-id": fdset_id, "opaque": opaque}, timeout)
         return int(reply["fd"])
 
+    async def get_fd(self, fd: int, name: str, timeout: float = TIMEOUT) -> None:
+        """Hand `fd` to QEMU under `name` (getfd), for a chardev to take."""
+        try:
+            self._client.send_fd_scm(fd)
+        except (QMPError, OSError) as e:
+            raise QmpDisconnected(f"getfd: {e}") from e
+        await self.execute("getfd", {"fdname": name}, timeout)
+
     async def next_event(self) -> tuple[str, dict[str, Any]]:
         event = await self._events.get()
         data = event.get("data")

@@ -50,27 +50,42 @@ def find_virtiofsd() -> Virtiofsd | None:
     return None
 
 
-def check(spec: MachineSpec) -> None:
-    """What can be told before opening anything (PlanMachine too)."""
-    shares = cmdline.shares(spec)
-    if shares and find_virtiofsd() is None:
+def need_virtiofsd() -> Virtiofsd:
+    binary = find_virtiofsd()
+    if binary is None:
         raise InvalidArgument(
             f"virtiofs needs {VIRTIOFSD_RUST} (package virtiofsd) or {VIRTIOFSD_C} (package qemu-system-common)"
         )
-    for share in shares:
-        try:
-            is_dir = share.source.is_absolute() and stat.S_ISDIR(share.source.stat().st_mode)
-        except OSError:
-            is_dir = False
-        if not is_dir:
-            raise InvalidArgument(f"shared directory {str(share.source)[:200]!r} is not an existing directory")
-        if not TAG.fullmatch(share.tag):
-            raise InvalidArgument(f"virtiofs tag {share.tag!r}: use 1-36 characters from A-Z a-z 0-9 _ . : -")
+    return binary
+
+
+def check_share(share: cmdline.Share, read_only: bool = False) -> None:
+    """One share, boot-time or hotplugged, before anything is opened."""
+    try:
+        is_dir = share.source.is_absolute() and stat.S_ISDIR(share.source.stat().st_mode)
+    except OSError:
+        is_dir = False
+    if not is_dir:
+        raise InvalidArgument(f"shared directory {str(share.source)[:200]!r} is not an existing directory")
+    if not TAG.fullmatch(share.tag):
+        raise InvalidArgument(f"virtiofs tag {share.tag[:40]!r}: use 1-36 characters from A-Z a-z 0-9 _ . : -")
+    if read_only:
+        # virtiofsd 7.2 has no read-only mode, and a share the guest could write
+        # though its user asked otherwise is worse than none.
+        raise InvalidArgument("read-only virtiofs mounts are not supported by virtiofsd 7.2; drop read_only")
+
+
+def check(spec: MachineSpec) -> None:
+    """What can be told before opening anything (PlanMachine too)."""
+    shares = cmdline.shares(spec)
+    if shares:
+        need_virtiofsd()
+    read_only = [False] * (len(shares) - len(spec.mounts)) + [m.read_only for m in spec.mounts]
+    for share, ro in zip(shares, read_only, strict=True):
+        check_share(share, ro)
     tags = [s.tag for s in shares]
     if len(set(tags)) != len(tags):
         raise InvalidArgument(f"virtiofs tags must be unique (got {', '.join(tags)}); 'root' is the directory's")
-    if any(m.read_only for m in spec.mounts):
-        raise InvalidArgument("read-only virtiofs mounts are not supported by virtiofsd 7.2; drop read_only")
 
 
 @dataclass(frozen=True)

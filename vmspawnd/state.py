@@ -27,6 +27,7 @@ from .model import (
     DriveState,
     Firmware,
     ImageFormat,
+    MachineShare,
     MachineSpec,
     MountSpec,
     Network,
@@ -51,6 +52,8 @@ class MachineRecord:
     # The uid/gid QEMU runs as; 0 for a QEMU started without one of its own.
     qemu_uid: int = 0
     qemu_gid: int = 0
+    # Hotplugged virtiofs shares (boot-time ones are the spec's).
+    shares: tuple[MachineShare, ...] = ()
 
 
 def _plain(value: Any) -> Any:
@@ -173,6 +176,19 @@ def _drive(d: Any, where: str) -> Drive:
     )
 
 
+def _share(d: Any, where: str) -> MachineShare:
+    return MachineShare(
+        id=_get(d, "id", str, where),
+        tag=_get(d, "tag", str, where),
+        directory=_get(d, "directory", str, where),
+        port=_get(d, "port", str, where),
+        read_only=_get(d, "read_only", bool, where),
+        state=_enum(d, "state", DriveState, where),
+        pid=_get(d, "pid", int, where),
+        start_time=_get(d, "start_time", int, where),
+    )
+
+
 def _v1(d: dict[str, Any]) -> MachineRecord:
     # One line per field: a new field is one more line here (with a default
     # when files without it must still load).
@@ -188,6 +204,7 @@ def _v1(d: dict[str, Any]) -> MachineRecord:
         next_drive=_get(d, "next_drive", int, "", 0),
         qemu_uid=_get(d, "qemu_uid", int, "", 0),
         qemu_gid=_get(d, "qemu_gid", int, "", 0),
+        shares=tuple(_share(x, w) for w, x in _items(d, "shares", "")) if "shares" in d else (),
     )
 
 

@@ -25,7 +25,7 @@ from dbus_fast import BusType, DBusError, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from vmspawnd.bus import BUS_NAME, MACHINE_IFACE, MANAGER_IFACE, MANAGER_PATH
-from vmspawnd.bus.options import ADD_DRIVE_OPTIONS, DRIVE_OPTIONS, MACHINE_OPTIONS, MOUNT_OPTIONS
+from vmspawnd.bus.options import ADD_DRIVE_OPTIONS, ADD_SHARE_OPTIONS, DRIVE_OPTIONS, MACHINE_OPTIONS, MOUNT_OPTIONS
 from vmspawnd.state import is_log
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,6 +154,19 @@ class Client:
             opts = {"timeout_usec": Variant("t", timeout_usec)}
             await self.call("RemoveDriveEx", "sa{sv}", [drive_id, opts], path=path, interface=MACHINE_IFACE)
 
+    async def add_share(self, path: str, directory: str, **options: Any) -> tuple[str, str]:
+        share_id, port = await self.call(
+            "AddShare", "sa{sv}", [directory, variants(options, ADD_SHARE_OPTIONS)], path=path, interface=MACHINE_IFACE
+        )
+        return share_id, port
+
+    async def remove_share(self, path: str, share_id: str, timeout_usec: int | None = None) -> None:
+        if timeout_usec is None:
+            await self.call("RemoveShare", "s", [share_id], path=path, interface=MACHINE_IFACE)
+        else:
+            opts = {"timeout_usec": Variant("t", timeout_usec)}
+            await self.call("RemoveShareEx", "sa{sv}", [share_id, opts], path=path, interface=MACHINE_IFACE)
+
     async def subscribe(self, interface: str) -> None:
         await self.call(
             "AddMatch", "s", [f"type='signal',interface='{interface}'"],
@@ -255,6 +268,18 @@ def qemu_pids(marker: str) -> list[int]:
             continue
         if argv and argv[0].endswith(b"qemu-system-x86_64") and marker.encode() in b" ".join(argv):
             pids.append(int(entry.name))
+    return pids
+
+
+def virtiofsd_pids(parent: int) -> list[int]:
+    """The virtiofsd processes `parent` (a daemon) started."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                if stat.split("(")[1].startswith("virtiofsd)") and int(stat.rpartition(")")[2].split()[1]) == parent:
+                    pids.append(int(entry.name))
     return pids
 
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .harness import guest_options, wait_console
+from .harness import guest_options, virtiofsd_pids, wait_console
 
 # Fixtures of test_system's (the parameters below reuse their names: F811).
 from .test_system import System, gdbus_manager, owned_file, polkit, root, system  # noqa: F401
@@ -61,17 +61,6 @@ def swap_on_open(watched: str, a: Path, b: Path) -> Iterator[threading.Event]:
         stop.set()
         thread.join()
         os.close(fd)
-
-
-def virtiofsd_pids(parent: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                stat = (entry / "stat").read_text()
-                if stat.split("(")[1].startswith("virtiofsd)") and int(stat.rpartition(")")[2].split()[1]) == parent:
-                    pids.append(int(entry.name))
-    return pids
 
 
 def same_file(a: os.stat_result, b: os.stat_result) -> bool:

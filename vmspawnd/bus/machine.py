@@ -10,11 +10,11 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusBool, DBusSignature, DBusStr, DBusUInt32, DBusUInt64, DBusUnixFd
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
-from .. import cmdline
+from .. import cmdline, share
 from ..chainopen import OpenedChain, open_chain
 from ..errors import InvalidArgument
 from ..machine import Machine
-from ..model import Drive, DriveSpec
+from ..model import Drive, DriveSpec, MachineShare
 from ..topology import Port
 from . import MACHINE_IFACE, MANAGER_PATH, caller
 from . import options as parse
@@ -69,6 +69,20 @@ def drives_value(machine: Machine) -> list[dict[str, Variant]]:
     ]
 
 
+def shares_value(machine: Machine) -> list[dict[str, Variant]]:
+    return [
+        {
+            "id": Variant("s", s.id),
+            "tag": Variant("s", s.tag),
+            "directory": Variant("s", s.directory),
+            "port": Variant("s", s.port),
+            "read_only": Variant("b", s.read_only),
+            "state": Variant("s", str(s.state)),
+        }
+        for s in machine.shares.values()
+    ]
+
+
 class MachineInterface(ServiceInterface):
     def __init__(self, machine: Machine, bus: MessageBus, authorize: Any) -> None:
         super().__init__(MACHINE_IFACE)
@@ -85,6 +99,7 @@ class MachineInterface(ServiceInterface):
             "StateReason": lambda: machine.reason,
             "Leader": lambda: machine.leader,
             "Drives": lambda: drives_value(machine),
+            "Shares": lambda: shares_value(machine),
             "Ports": lambda: ports_value(machine),
             "FreeSparePorts": lambda: machine.ports.free_count,
             "ConsoleClients": lambda: list(machine.console.roster.summary),
@@ -96,6 +111,12 @@ class MachineInterface(ServiceInterface):
 
     def drive_removed(self, machine: Machine, drive_id: str) -> None:
         self.DriveRemoved(drive_id)
+
+    def share_added(self, machine: Machine, added: MachineShare) -> None:
+        self.ShareAdded(added.id, added.port)
+
+    def share_removed(self, machine: Machine, share_id: str) -> None:
+        self.ShareRemoved(share_id)
 
     @dbus_property(access=PropertyAccess.READ)
     def Name(self) -> DBusStr:
@@ -130,6 +151,10 @@ class MachineInterface(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def Drives(self) -> DictList:
         return drives_value(self.machine)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Shares(self) -> DictList:
+        return shares_value(self.machine)
 
     @dbus_property(access=PropertyAccess.READ)
     def FreeSparePorts(self) -> DBusUInt32:
@@ -206,6 +231,35 @@ class MachineInterface(ServiceInterface):
     async def RemoveDriveEx(self, drive_id: DBusStr, options: Options) -> None:
         await self._authorize(self.machine)
         await self.machine.remove_drive(drive_id, parse.remove_timeout(options, self.unplug_timeout))
+
+    @dbus_method()
+    @replies_errors
+    async def AddShare(self, directory: DBusStr, options: Options) -> DrivePort:
+        """The directory opened and checked as a boot-time share's, as the caller."""
+        uid = await self._authorize(self.machine)
+        wanted, read_only, share_id = parse.add_share(directory, options)
+        share.need_virtiofsd()
+        share.check_share(wanted, read_only)
+        self.machine.validate_share(wanted.tag, share_id)
+        opened = await share.open_share(uid, wanted)
+        try:
+            added = await self.machine.add_share(opened, share_id)
+        finally:
+            # virtiofsd holds its own copy now.
+            os.close(opened.fd)
+        return [added.id, added.port]
+
+    @dbus_method()
+    @replies_errors
+    async def RemoveShare(self, share_id: DBusStr) -> None:
+        await self._authorize(self.machine)
+        await self.machine.remove_share(share_id, self.unplug_timeout)
+
+    @dbus_method()
+    @replies_errors
+    async def RemoveShareEx(self, share_id: DBusStr, options: Options) -> None:
+        await self._authorize(self.machine)
+        await self.machine.remove_share(share_id, parse.remove_timeout(options, self.unplug_timeout, "RemoveShare"))
 
     @dbus_method()
     @replies_errors
@@ -288,3 +342,11 @@ class MachineInterface(ServiceInterface):
     @dbus_signal()
     def DriveRemoved(self, drive_id: str) -> DBusStr:
         return drive_id
+
+    @dbus_signal()
+    def ShareAdded(self, share_id: str, port: str) -> Annotated[list[str], DBusSignature("ss")]:
+        return [share_id, port]
+
+    @dbus_signal()
+    def ShareRemoved(self, share_id: str) -> DBusStr:
+        return share_id

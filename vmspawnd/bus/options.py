@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from dbus_fast import Variant
 
+from ..cmdline import Share
 from ..errors import InvalidArgument
 from ..model import (
     Accel,
@@ -48,6 +49,7 @@ DRIVE_OPTIONS = {"path": "s", "format": "s", "disk_type": "s", "read_only": "b",
 MOUNT_OPTIONS = {"source": "s", "tag": "s", "read_only": "b"}
 ADD_DRIVE_OPTIONS = {"disk_type": "s", "format": "s", "read_only": "b", "serial": "s", "id": "s"}
 REMOVE_DRIVE_OPTIONS = {"timeout_usec": "t"}
+ADD_SHARE_OPTIONS = {"tag": "s", "read_only": "b", "id": "s"}
 OPEN_CONSOLE_OPTIONS = {"read_only": "b"}
 
 MIN_MEMORY = 32 * MiB
@@ -172,8 +174,16 @@ def add_drive(path_value: str, options: dict[str, Variant]) -> tuple[DriveSpec, 
     return drive({"path": path_value} | v, DiskType.VIRTIO_BLK, "AddDrive"), v.get("id", "")
 
 
-def remove_timeout(options: dict[str, Variant], default: float) -> float:
-    v = unpack(options, REMOVE_DRIVE_OPTIONS, "RemoveDrive")
+def add_share(directory: str, options: dict[str, Variant]) -> tuple[Share, bool, str]:
+    """(the share, read_only, the requested id or "") for AddShare; its device id comes later."""
+    v = unpack(options, ADD_SHARE_OPTIONS, "AddShare")
+    if "tag" not in v:
+        raise InvalidArgument("AddShare needs a 'tag', the name the guest mounts the share by")
+    return Share("", path(directory, "directory"), v["tag"]), v.get("read_only", False), v.get("id", "")
+
+
+def remove_timeout(options: dict[str, Variant], default: float, method: str = "RemoveDrive") -> float:
+    v = unpack(options, REMOVE_DRIVE_OPTIONS, method)
     timeout_usec = v.get("timeout_usec", int(default * 1_000_000))
     if not 0 < timeout_usec <= 3600 * 1_000_000:
         raise InvalidArgument(f"timeout_usec {timeout_usec} is out of range; give 1 to 3600000000")
