@@ -22,6 +22,7 @@ from vmspawnd.bus.options import (
     MOUNT_OPTIONS,
     REMOVE_DRIVE_OPTIONS,
     add_drive,
+    add_share,
     machine_spec,
     power_off_timeout,
     remove_timeout,
@@ -634,3 +635,17 @@ def test_any_remove_timeout_parses_or_raises_invalid_argument(options: dict[str,
     except InvalidArgument:
         return
     assert 0 < t <= 3600
+
+
+def test_add_share_needs_a_tag_and_an_absolute_directory() -> None:
+    wanted, read_only, share_id = add_share("/srv/x", {"tag": Variant("s", "t"), "id": Variant("s", "s1")})
+    assert (wanted.source, wanted.tag, read_only, share_id) == (Path("/srv/x"), "t", False, "s1")
+    assert add_share("/srv/x", {"tag": Variant("s", "t"), "read_only": Variant("b", True)})[1] is True
+    with pytest.raises(InvalidArgument, match="needs a 'tag'"):
+        add_share("/srv/x", {})
+    with pytest.raises(InvalidArgument, match="absolute"):
+        add_share("srv", {"tag": Variant("s", "t")})
+    with pytest.raises(InvalidArgument, match="unknown AddShare option"):
+        add_share("/srv", {"tag": Variant("s", "t"), "cache": Variant("s", "auto")})
+    with pytest.raises(InvalidArgument, match="must have type 'b'"):
+        add_share("/srv", {"tag": Variant("s", "t"), "read_only": Variant("s", "yes")})

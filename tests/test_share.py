@@ -69,6 +69,25 @@ def test_share_checks_before_opening() -> None:
         share.check(MachineSpec("m", mounts=(MountSpec(Path("/tmp"), "a"), MountSpec(Path("/"), "a"))))
 
 
+def test_a_hotplugged_share_is_checked_as_a_boot_time_one() -> None:
+    with pytest.raises(InvalidArgument, match="not an existing directory"):
+        share.check_share(Share("", Path("relative"), "t"))
+    with pytest.raises(InvalidArgument, match="not an existing directory"):
+        share.check_share(Share("", Path("/etc/hostname"), "t"))
+    with pytest.raises(InvalidArgument, match="virtiofs tag"):
+        share.check_share(Share("", Path("/tmp"), "x" * 37))
+    with pytest.raises(InvalidArgument, match="read-only"):
+        share.check_share(Share("", Path("/tmp"), "t"), read_only=True)
+    share.check_share(Share("", Path("/tmp"), "t"))
+
+
+def test_read_only_mounts_are_refused_whichever_mount_it_is() -> None:
+    mounts = (MountSpec(Path("/tmp"), "a"), MountSpec(Path("/tmp"), "b", read_only=True))
+    with pytest.raises(InvalidArgument, match="read-only"):
+        share.check(MachineSpec("m", directory=Path("/tmp"), mounts=mounts))
+    share.check(MachineSpec("m", directory=Path("/tmp"), mounts=mounts[:1]))
+
+
 @pytest.fixture
 def world_dir() -> Iterator[Path]:
     """Traversable by other uids (pytest's tmp_path sits under a 0700 directory)."""

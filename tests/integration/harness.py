@@ -148,11 +148,15 @@ class Client:
         return drive_id, port
 
     async def remove_drive(self, path: str, drive_id: str, timeout_usec: int | None = None) -> None:
+        await self._unplug("RemoveDrive", path, drive_id, timeout_usec)
+
+    async def _unplug(self, method: str, path: str, dev: str, timeout_usec: int | None) -> None:
+        """`method` (RemoveDrive, RemoveShare), or its Ex with a timeout."""
         if timeout_usec is None:
-            await self.call("RemoveDrive", "s", [drive_id], path=path, interface=MACHINE_IFACE)
+            await self.call(method, "s", [dev], path=path, interface=MACHINE_IFACE)
         else:
             opts = {"timeout_usec": Variant("t", timeout_usec)}
-            await self.call("RemoveDriveEx", "sa{sv}", [drive_id, opts], path=path, interface=MACHINE_IFACE)
+            await self.call(f"{method}Ex", "sa{sv}", [dev, opts], path=path, interface=MACHINE_IFACE)
 
     async def add_share(self, path: str, directory: str, **options: Any) -> tuple[str, str]:
         share_id, port = await self.call(
@@ -161,11 +165,7 @@ class Client:
         return share_id, port
 
     async def remove_share(self, path: str, share_id: str, timeout_usec: int | None = None) -> None:
-        if timeout_usec is None:
-            await self.call("RemoveShare", "s", [share_id], path=path, interface=MACHINE_IFACE)
-        else:
-            opts = {"timeout_usec": Variant("t", timeout_usec)}
-            await self.call("RemoveShareEx", "sa{sv}", [share_id, opts], path=path, interface=MACHINE_IFACE)
+        await self._unplug("RemoveShare", path, share_id, timeout_usec)
 
     async def subscribe(self, interface: str) -> None:
         await self.call(
