@@ -4,11 +4,12 @@ For two machines, a 4-port one and a 14-port one with 20 `-device nvme` in
 qemu_extra, the benchmark first creates a probe machine through the daemon
 and reads the argv the daemon used ($RUNTIME/machines/NAME/argv, one arg a
 line). The raw series runs that same argv with only what ties it to the
-daemon replaced: the QMP chardev `socket,id=qmp,fd=N,...` becomes
-`socket,id=qmp,path=...,server=on,wait=off`, every `/proc/self/fd/N` (files
+daemon replaced: the listening chardevs `socket,id=X,fd=N,...` (QMP, the
+serial console) become `socket,id=X,path=...,...`, every `/proc/self/fd/N` (files
 the daemon opened for QEMU: kernel, initrd) becomes the real path (readlink
-of /proc/<Leader>/fd/N while the probe runs), and the machine's runtime dir
-(console log) becomes a dir of the benchmark's.
+of /proc/<Leader>/fd/N while the probe runs), the machine's runtime dir
+(console log) becomes a dir of the benchmark's, and the console's `-add-fd`
+gets a file the benchmark opens before each exec, as the daemon does.
 
 Both series use `-S` (in qemu_extra, so in both argvs): the guest CPU stays
 paused, so no booting guest competes for the host CPUs; what is timed is the
@@ -32,6 +33,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -67,9 +69,14 @@ async def raw_argv(env: Env, client: Client, name: str, opts: dict[str, Any], ra
         mdir = env.machine_dir(name)
         argv = (mdir / "argv").read_text().splitlines()
         out = []
-        for arg in argv:
-            if arg.startswith("socket,id=qmp,"):
-                arg = f"socket,id=qmp,path={rawdir / 'qmp.sock'},server=on,wait=off"
+        for prev, arg in zip(["", *argv[:-1]], argv, strict=True):
+            if prev == "-add-fd":
+                # The fd is opened anew for every exec (raw_start); its opaque names the file.
+                fields = dict(field.split("=", 1) for field in arg.split(",", 2))
+                arg = f"fd={{}},set={fields['set']},opaque={fields['opaque']}"
+            elif m := re.match(r"socket,id=(\w+),fd=\d+,", arg):
+                # The daemon's listening sockets (QMP, the serial console) become paths.
+                arg = arg.replace(m[0], f"socket,id={m[1]},path={rawdir / m[1]}.sock,", 1)
             elif arg.startswith("/proc/self/fd/"):
                 arg = os.readlink(f"/proc/{leader}/fd/{arg.rsplit('/', 1)[1]}")
             elif "/proc/self/fd/" in arg:
@@ -88,7 +95,23 @@ def raw_start(argv: list[str], rawdir: Path) -> tuple[subprocess.Popen[bytes], s
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         t0 = time.perf_counter_ns()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        # The console log, as the daemon opens it for QEMU's -add-fd (the only fdset of these machines).
+        fds = [
+            os.open(arg.rsplit("opaque=", 1)[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            for prev, arg in zip(["", *argv[:-1]], argv, strict=True)
+            if prev == "-add-fd"
+        ]
+        it = iter(fds)
+        argv = [
+            arg.format(next(it)) if prev == "-add-fd" else arg for prev, arg in zip(["", *argv[:-1]], argv, strict=True)
+        ]
+        try:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, pass_fds=fds
+            )
+        finally:
+            for fd in fds:
+                os.close(fd)
         while True:
             try:
                 sock.connect(str(sock_path))
