@@ -1,9 +1,10 @@
 import os
+import subprocess
 
 import pytest
 
 from vmspawnd import sealed
-from vmspawnd.process import Confinement, setpriv_argv
+from vmspawnd.process import Confinement, setpriv_argv, uids_in_use
 
 
 def test_setpriv_drops_identity_groups_and_every_capability() -> None:
@@ -57,3 +58,29 @@ def test_sealed_copy_refuses_a_file_over_the_limit(tmp_path) -> None:
     finally:
         os.close(fd)
     assert e.value.size == 1001
+
+
+# Ids no host account uses, far from the daemon's default [identity] range.
+TEST_IDS = range(2_100_000_000, 2_100_000_002)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs a process as another uid")
+def test_a_live_process_keeps_its_uid_taken_and_a_zombie_does_not() -> None:
+    live_uid, zombie_uid = TEST_IDS
+    argv = ["setpriv", "--clear-groups"]
+    live = subprocess.Popen(
+        [*argv, f"--reuid={live_uid}", f"--regid={live_uid}", "sh", "-c", "echo up; exec sleep 60"],
+        stdout=subprocess.PIPE,
+    )
+    zombie = subprocess.Popen([*argv, f"--reuid={zombie_uid}", f"--regid={zombie_uid}", "true"])
+    try:
+        # The zombie's exit, without reaping it: waitid with WNOWAIT leaves it a zombie.
+        os.waitid(os.P_PID, zombie.pid, os.WEXITED | os.WNOWAIT)
+        # The shell speaks once setpriv has given it the uid.
+        assert live.stdout is not None and live.stdout.readline() == b"up\n"
+        assert uids_in_use(TEST_IDS) == {live_uid}
+    finally:
+        live.kill()
+        live.wait()
+        live.stdout.close()
+        zombie.wait()

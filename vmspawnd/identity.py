@@ -30,6 +30,10 @@ class Pool:
         self._taken: set[int] = set()
 
     @property
+    def range(self) -> range:
+        return range(self.base, self.base + self.count)
+
+    @property
     def taken(self) -> frozenset[int]:
         return frozenset(self._taken)
 
@@ -44,7 +48,7 @@ class Pool:
 
     def allocate(self, in_use: Callable[[int], bool]) -> Identity:
         """The lowest id neither taken nor `in_use` by the host, now taken."""
-        for n in range(self.base, self.base + self.count):
+        for n in self.range:
             if n not in self._taken and not in_use(n):
                 self._taken.add(n)
                 return Identity(n, n)

@@ -28,7 +28,7 @@ from .identity import Exhausted, Identity, Pool
 from .machine import Machine
 from .model import Accel, DeviceTypes, MachineSpec, MachineState, NetworkMode
 from .opener import open_as
-from .process import Process, option, qemu_processes, running_uids, start_time
+from .process import Process, option, qemu_processes, start_time, uids_in_use
 from .qmp import QmpDisconnected, QmpError
 from .topology import Plan, drive_id, plan_machine
 
@@ -326,7 +326,7 @@ class Manager:
             return None
         # Besides passwd and group entries: a live process with the id (a
         # QEMU whose state.json was lost) keeps it taken.
-        running = running_uids()
+        running = uids_in_use(self.identities.range)
         try:
             return self.identities.allocate(lambda n: n in running or host_has_id(n))
         except Exhausted as e:
