@@ -9,7 +9,7 @@
 # Needs nothing but bash 4; drive ids are read with jq if it is there,
 # else with python3 (which vmspawnctl needs anyway).
 
-__vmspawnctl_verbs="list status plan create add-drive remove-drive poweroff terminate console pause resume reboot"
+__vmspawnctl_verbs="list status plan create add-drive remove-drive poweroff terminate console pause resume reboot start"
 __vmspawnctl_global_opts="--help --json --user --system --no-pager --no-legend --no-ask-password"
 __vmspawnctl_machine_opts="--kernel --initrd --cmdline --image --image-format --drive --disk-type --network
     --vsock --memory --cpus --spares --accel --firmware --qemu-extra --qemu-extra-string"
@@ -128,7 +128,8 @@ _vmspawnctl() {
 
     local opts=$__vmspawnctl_global_opts
     case $verb in
-        plan | create) opts+=" $__vmspawnctl_machine_opts" ;;
+        plan) opts+=" $__vmspawnctl_machine_opts" ;;
+        create) opts+=" $__vmspawnctl_machine_opts --keep" ;;
         add-drive) opts+=" --disk-type --serial --read-only --format --id" ;;
         remove-drive | poweroff) opts+=" --timeout" ;;
         console) opts+=" --read-only --no-follow" ;;
@@ -145,7 +146,7 @@ _vmspawnctl() {
     fi
 
     case $verb in
-        status | terminate | poweroff | console | pause | resume | reboot | add-drive | remove-drive)
+        status | terminate | poweroff | console | pause | resume | reboot | start | add-drive | remove-drive)
             if ((${#args[@]} == 0)); then
                 __vmspawnctl_reply "$(__vmspawnctl_machines "$ctl")" "$cur"
             elif [[ $verb == remove-drive ]] && ((${#args[@]} == 1)); then

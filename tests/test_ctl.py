@@ -122,7 +122,7 @@ def test_create_options_become_the_documented_a_sv(tmp_path: Path, monkeypatch: 
          "--image-format", "qcow2", "--drive", "/a:nvme:s1", "--drive", "/b", "--disk-type", "virtio-scsi",
          "--network", "user", "--vsock", "--memory", "2G", "--cpus", "4", "--spares", "12", "--accel", "tcg",
          "--firmware", "uefi", "--qemu-extra", "-device", "--qemu-extra", "nvme,serial=a",
-         "--qemu-extra-string", "-device 'nvme,serial=b c' -smbios type=0", "--qemu-extra=-nodefaults"]
+         "--qemu-extra-string", "-device 'nvme,serial=b c' -smbios type=0", "--qemu-extra=-nodefaults", "--keep"]
     )  # fmt: skip
     opts = ctl.machine_options(args)
     # Every key and signature as the daemon's own schema has them.
@@ -134,7 +134,7 @@ def test_create_options_become_the_documented_a_sv(tmp_path: Path, monkeypatch: 
     assert values == {
         "kernel": str(tmp_path / "vmlinuz"), "initrd": "/i", "cmdline": "console=ttyS0", "image": "/r.raw",
         "image_format": "qcow2", "disk_type": "virtio-scsi", "network": "user", "vsock": True, "memory": 2 * GiB,
-        "cpus": 4, "hotplug_spares": 12, "accel": "tcg", "firmware": "uefi",
+        "cpus": 4, "hotplug_spares": 12, "accel": "tcg", "firmware": "uefi", "keep": True,
         # In command-line order, --qemu-extra and --qemu-extra-string mixed.
         "qemu_extra": ["-device", "nvme,serial=a", "-device", "nvme,serial=b c", "-smbios", "type=0", "-nodefaults"],
     }  # fmt: skip
@@ -208,7 +208,7 @@ EXPECTED_EXIT = {
     "NoSuchMachine": 3, "NoSuchDrive": 3,
     "AccessDenied": 4, "QuotaExceeded": 4,
     "NoFreePort": 5, "UnplugInProgress": 5, "MachineExists": 5,
-    "QemuFailed": 1, "UnplugTimeout": 1, "NotRunning": 1,
+    "QemuFailed": 1, "UnplugTimeout": 1, "NotRunning": 1, "AlreadyRunning": 5,
     "QemuUnresponsive": 1, "NoSpace": 1, "OpenTimeout": 1, "ConsoleBusy": 5,
 }  # fmt: skip
 
@@ -491,7 +491,10 @@ def test_completion_of_verbs_and_options() -> None:
     assert complete(["vmspawnctl", ""]) == list(ctl.VERBS)
     assert complete(["vmspawnctl", "re"]) == ["remove-drive", "resume", "reboot"]
     assert complete(["vmspawnctl", "pa"]) == ["pause"]
-    assert complete(["vmspawnctl", "--user", "st"]) == ["status"]
+    assert complete(["vmspawnctl", "sta"]) == ["status", "start"]
+    assert complete(["vmspawnctl", "create", "x", "--kee"]) == ["--keep"]
+    assert complete(["vmspawnctl", "plan", "x", "--kee"]) == []
+    assert complete(["vmspawnctl", "--user", "st"]) == ["status", "start"]
     assert complete(["vmspawnctl", "console", "x", "--no-"]) == [
         "--no-pager", "--no-legend", "--no-ask-password", "--no-follow",
     ]  # fmt: skip
@@ -528,6 +531,7 @@ def test_completion_of_paths(tmp_path: Path) -> None:
 def test_completion_of_machine_names_and_drive_ids(stub_env: dict[str, str]) -> None:
     assert complete(["vmspawnctl", "status", ""], stub_env) == ["alpha", "beta"]
     assert complete(["vmspawnctl", "terminate", "b"], stub_env) == ["beta"]
+    assert complete(["vmspawnctl", "start", "a"], stub_env) == ["alpha"]
     assert complete(["vmspawnctl", "add-drive", "a"], stub_env) == ["alpha"]
     assert complete(["vmspawnctl", "remove-drive", ""], stub_env) == ["alpha", "beta"]
     # Attached drives only: a drive being removed cannot be removed again.

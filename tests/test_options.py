@@ -87,6 +87,7 @@ VALID: dict[str, tuple[Variant, Any]] = {
     "accel": (V("s", "tcg"), lambda s: s.accel is Accel.TCG),
     "qemu_extra": (V("as", ["-smp", "2"]), lambda s: s.qemu_extra == ("-smp", "2")),
     "firmware": (V("s", "uefi"), lambda s: s.firmware is Firmware.UEFI),
+    "keep": (V("b", True), lambda s: s.keep is True),
 }
 
 

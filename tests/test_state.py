@@ -7,6 +7,7 @@ import json
 import os
 import re
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from vmspawnd.model import (
     MountSpec,
     Network,
     NetworkMode,
+    PluggedDrive,
 )
 from vmspawnd.state import (
     FILE,
@@ -94,7 +96,7 @@ def test_round_trip_of_the_smallest_spec() -> None:
 def test_dumps_is_versioned_sorted_json() -> None:
     text = dumps(record())
     d = json.loads(text)
-    assert d["version"] == VERSION == 1
+    assert d["version"] == VERSION == 2
     assert list(d) == sorted(d)
     assert d["spec"]["image"]["path"] == "/img"
     assert d["drives"][1] == {
@@ -105,9 +107,48 @@ def test_dumps_is_versioned_sorted_json() -> None:
         "state": "removing",
         "fdsets": [3, 5],
         "controller": "scsi1",
+        "format": "raw",
+        "read_only": False,
+        "serial": "",
     }
     # Stable: dumping what was loaded gives the same text.
     assert dumps(loads(text)) == text
+
+
+def v1_text(r: MachineRecord) -> str:
+    """`r` as a version 1 daemon wrote it: none of the kept machines' fields."""
+    d = json.loads(dumps(r)) | {"version": 1}
+    del d["stopped"], d["spec"]["keep"], d["spec"]["plugged"]
+    for drive in d["drives"]:
+        del drive["format"], drive["read_only"], drive["serial"]
+    return json.dumps(d)
+
+
+def test_a_version_1_record_still_loads_as_a_machine_that_is_not_kept() -> None:
+    r = record()
+    assert loads(v1_text(r)) == r
+    # Its fields are version 2's: a version 2 record missing one is refused.
+    d = json.loads(v1_text(r)) | {"version": 2}
+    with pytest.raises(StateError, match="missing"):
+        loads(json.dumps(d))
+
+
+def test_a_stopped_kept_machine_round_trips_with_its_plugged_drives() -> None:
+    plugged = (
+        PluggedDrive("disk3", DriveSpec(Path("/x.qcow2"), DiskType.NVME, ImageFormat.QCOW2, True, "S3"), "rp4"),
+        PluggedDrive("data", DriveSpec(Path("/y"), DiskType.VIRTIO_SCSI), "rp5", "scsi1"),
+    )
+    spec = replace(record().spec, keep=True, plugged=plugged)
+    r = record(spec=spec, pid=0, start_time=0, drives=(), stopped=True)
+    assert loads(dumps(r)) == r
+    d = json.loads(dumps(r))
+    assert d["stopped"] is True and d["spec"]["keep"] is True
+    assert d["spec"]["plugged"][1] == {
+        "id": "data",
+        "drive": {"path": "/y", "disk_type": "virtio-scsi", "format": "raw", "read_only": False, "serial": ""},
+        "port": "rp5",
+        "controller": "scsi1",
+    }
 
 
 @pytest.mark.parametrize(("old", "fdsets"), [(3, (3,)), (None, ())])
@@ -142,6 +183,8 @@ specs = st.builds(
     accel=st.sampled_from(list(Accel)),
     qemu_extra=st.lists(texts, max_size=4).map(tuple),
     firmware=st.sampled_from(list(Firmware)),
+    keep=st.booleans(),
+    plugged=st.lists(st.builds(PluggedDrive, texts, drive_specs, texts, texts), max_size=3).map(tuple),
 )
 drives = st.builds(
     Drive,
@@ -151,6 +194,9 @@ drives = st.builds(
     texts,
     st.sampled_from(list(DriveState)),
     st.lists(st.integers(0, 2**31), max_size=4).map(tuple),
+    texts,
+    st.sampled_from(list(ImageFormat)),
+    st.booleans(),
     texts,
 )
 machine_shares = st.builds(
@@ -177,6 +223,7 @@ records = st.builds(
     qemu_uid=st.integers(0, 2**32 - 2),
     qemu_gid=st.integers(0, 2**32 - 2),
     shares=st.lists(machine_shares, max_size=3).map(tuple),
+    stopped=st.booleans(),
 )
 
 
@@ -200,11 +247,13 @@ def test_any_record_round_trips_through_the_file(r: MachineRecord) -> None:
 # -- refusals --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None, 1.5])
+@pytest.mark.parametrize("version", [0, 3, "1", None, 1.5])
 def test_version_mismatch_refused(version: object) -> None:
     d = json.loads(dumps(record()))
     d["version"] = version
-    with pytest.raises(StateError, match=rf"version: {re.escape(repr(version))} is not one this vmspawnd reads \(1\)"):
+    with pytest.raises(
+        StateError, match=rf"version: {re.escape(repr(version))} is not one this vmspawnd reads \(1, 2\)"
+    ):
         loads(json.dumps(d))
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .imagechain import Layer, Role, single
+from .imagechain import Layer, Role, opaque, single
 from .model import Accel, DiskType, DriveSpec, Firmware, ImageFormat, MachineSpec, MiB, NetworkMode, PortKind
 from .topology import Plan, Port, drive_id
 
@@ -40,6 +41,34 @@ class Fdset:
 
 
 @dataclass(frozen=True)
+class PluggedFiles:
+    """A kept machine's hotplugged drive at boot: its chain, each layer in an
+    fdset of the hotplug range with the opaque AddDrive gives it, so RemoveDrive
+    and a daemon restart treat it as the hotplugged drive it was."""
+
+    top: Layer
+    # layer label -> its fdset
+    fdsets: dict[str, Fdset]
+
+    def path(self, layer: Layer) -> str:
+        return f"/dev/fdset/{self.fdsets[layer.label].id}"
+
+
+def plugged_files(
+    chains: dict[str, tuple[Layer, dict[str, int]]], first: int, taken: frozenset[int]
+) -> tuple[dict[str, PluggedFiles], int]:
+    """Number the fdsets of each drive's layers (`chains`: device id -> (top
+    layer, label -> fd)) from `first`, around qemu_extra's; returns them and
+    the next free fdset id."""
+    ids = (i for i in itertools.count(first) if i not in taken)
+    out = {
+        dev: PluggedFiles(top, {la.label: Fdset(next(ids), fds[la.label], opaque(dev, la)) for la in top.walk()})
+        for dev, (top, fds) in chains.items()
+    }
+    return out, next(ids)
+
+
+@dataclass(frozen=True)
 class Runtime:
     """Where this QEMU instance talks to the daemon, and the fds it inherits.
 
@@ -68,19 +97,24 @@ class Runtime:
     chains: dict[str, Layer] = field(default_factory=dict)
     # The listening socket of the serial console (console.py).
     console_sock: int = -1
+    # A kept machine's drives on spare ports at boot, by device id.
+    plugged: dict[str, PluggedFiles] = field(default_factory=dict)
 
     @property
     def console_fdset(self) -> Fdset:
         return Fdset(BOOT_FDSETS, self.console_fd, str(self.console_log))
 
+    def _opened_fdsets(self) -> list[Fdset]:
+        return [Fdset(BOOT_FDSETS + 1 + i, fd, path) for i, (path, fd) in enumerate(self.opened.items())]
+
     def fdsets(self) -> list[Fdset]:
-        """The console's fdset, then one per opened path."""
-        opened = [Fdset(BOOT_FDSETS + 1 + i, fd, path) for i, (path, fd) in enumerate(self.opened.items())]
-        return [self.console_fdset, *opened]
+        """The console's fdset, one per opened path, then the plugged drives' layers."""
+        plugged = [f for p in self.plugged.values() for f in p.fdsets.values()]
+        return [self.console_fdset, *self._opened_fdsets(), *plugged]
 
     def path(self, path: Path) -> str:
         """What QEMU is told for a caller's path: the fdset of the fd the daemon opened."""
-        for fdset in self.fdsets()[1:]:
+        for fdset in self._opened_fdsets():
             if fdset.opaque == str(path):
                 return f"/dev/fdset/{fdset.id}"
         return str(path)
@@ -177,6 +211,20 @@ def port_device(port: Port) -> str:
     )
 
 
+def plugged_args(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
+    """A kept machine's hotplugged drives, on their spare ports (SCSI ones
+    behind their controllers, each on its port) as hotplug put them."""
+    argv: list[str] = []
+    for controller in dict.fromkeys(p.controller for p in spec.plugged if p.controller):
+        argv += _device_args(scsi_controller(controller, plan.port_carrying(controller).id))
+    for p in spec.plugged:
+        files = rt.plugged[p.id]
+        node = blockdev(p.id, files.top, files.path)
+        argv += ["-blockdev", json.dumps(node, separators=(",", ":"))]
+        argv += _device_args(drive_device(p.id, p.drive, p.controller or p.port))
+    return argv
+
+
 def _device_args(props: dict[str, object]) -> list[str]:
     return ["-device", json.dumps(props, separators=(",", ":"))]
 
@@ -265,6 +313,7 @@ def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
         bootindex = 1 if spec.image is not None and i == 0 else None
         argv += ["-blockdev", json.dumps(blockdev(dev, rt.chain(dev, drive), rt.layer_path), separators=(",", ":"))]
         argv += _device_args(drive_device(dev, drive, bus, bootindex))
+    argv += plugged_args(spec, plan, rt)
 
     if spec.network.mode is not NetworkMode.NONE:
         if spec.network.mode is NetworkMode.TAP:

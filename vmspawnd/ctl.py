@@ -180,7 +180,14 @@ ERRORS: dict[str, tuple[Exit, _Hint]] = {
     ),
     "NotRunning": (
         Exit.FAILED,
-        lambda c: f"'{PROG} status {c.name or 'NAME'}' shows its state; a stopped machine has to be created again",
+        lambda c: (
+            f"'{PROG} status {c.name or 'NAME'}' shows its state; a stopped machine created with --keep "
+            f"starts again with '{PROG} start {c.name or 'NAME'}', any other has to be created again"
+        ),
+    ),
+    "AlreadyRunning": (
+        Exit.BUSY,
+        lambda c: f"it runs already; '{PROG} poweroff {c.name or 'NAME'}' stops it, then start it again",
     ),
     "QuotaExceeded": (
         Exit.DENIED,
@@ -419,6 +426,8 @@ def machine_options(args: argparse.Namespace) -> dict[str, Variant]:
         opts["hotplug_spares"] = Variant("u", args.spares)
     if args.qemu_extra:
         opts["qemu_extra"] = Variant("as", list(args.qemu_extra))
+    if getattr(args, "keep", False):
+        opts["keep"] = Variant("b", True)
     return opts
 
 
@@ -923,11 +932,11 @@ async def cmd_terminate(client: Client, args: argparse.Namespace) -> int:
     return Exit.OK
 
 
-RUN_STATE_METHODS = {"pause": "Pause", "resume": "Resume", "reboot": "Reboot"}
+RUN_STATE_METHODS = {"pause": "Pause", "resume": "Resume", "reboot": "Reboot", "start": "Start"}
 
 
 async def cmd_run_state(client: Client, args: argparse.Namespace) -> int:
-    """pause, resume, reboot: one method each, no arguments."""
+    """pause, resume, reboot, start: one method each, no arguments."""
     path = await client.machine_path(args.name)
     await client.call(RUN_STATE_METHODS[args.verb], path=path, interface=MACHINE_IFACE, manage=True)
     if args.json:
@@ -1057,6 +1066,7 @@ VERBS: dict[str, Callable[[Client, argparse.Namespace], Awaitable[int]]] = {
     "pause": cmd_run_state,
     "resume": cmd_run_state,
     "reboot": cmd_run_state,
+    "start": cmd_run_state,
 }
 
 
@@ -1166,7 +1176,8 @@ VERB_HELP: dict[str, VerbHelp] = {
     ),
     "terminate": VerbHelp(
         "stop a machine at once",
-        "Stop QEMU now (quit, then SIGTERM, then SIGKILL), without asking the guest.",
+        "Stop QEMU now (quit, then SIGTERM, then SIGKILL), without asking the guest. A machine created "
+        "with --keep goes for good, running or stopped (its runtime directory too).",
         ("vmspawnctl terminate web",),
     ),
     "console": VerbHelp(
@@ -1199,6 +1210,14 @@ VERB_HELP: dict[str, VerbHelp] = {
         "Reset the guest, as the reset button does (Reboot): the guest boots again, the machine, its ports "
         "and the drives hotplugged into it stay. The guest is not asked to shut down first.",
         ("vmspawnctl reboot web",),
+    ),
+    "start": VerbHelp(
+        "start a stopped machine again",
+        "Boot a machine created with --keep again once it stopped (Start): same name, id, ports and drives; "
+        "the drives hotplugged into it before it stopped are there at boot, on the ports they had. Its files "
+        "are opened again with its creator's rights. A running machine gives AlreadyRunning. 'terminate' "
+        "removes a kept machine for good.",
+        ("vmspawnctl start web", "vmspawnctl start web --json"),
     ),
 }
 
@@ -1301,6 +1320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("create")
     p.add_argument("name", metavar="NAME", help="the new machine's name (A-Z a-z 0-9 . _ -, up to 64)")
     _machine_options(p)
+    p.add_argument(
+        "--keep", action="store_true", help="keep the machine when it stops; 'start' boots it again"
+    )  # fmt: skip
     p = verb("add-drive")
     p.add_argument("name", metavar="NAME", help="the machine")
     p.add_argument("path", metavar="PATH", help="a disk image or block device you can open")

@@ -57,6 +57,10 @@ class NotRunning(VmspawndError):
     pass
 
 
+class AlreadyRunning(VmspawndError):
+    """Start() of a machine that runs (or is starting) already."""
+
+
 class AccessDenied(VmspawndError):
     pass
 
@@ -93,6 +97,7 @@ ALL_ERRORS: tuple[type[VmspawndError], ...] = (
     UnplugTimeout,
     QemuFailed,
     NotRunning,
+    AlreadyRunning,
     AccessDenied,
     QuotaExceeded,
     QemuUnresponsive,

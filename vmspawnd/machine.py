@@ -17,11 +17,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import cmdline, imagechain, reconcile, share, state
+from . import cmdline, imagechain, keep, reconcile, share, state
 from .chainopen import OpenedChain
 from .console import Console
 from .errors import (
     AccessDenied,
+    AlreadyRunning,
     InvalidArgument,
     NoSpace,
     NoSuchDrive,
@@ -151,6 +152,8 @@ class Machine:
         # PowerOff asked the guest to power down: an exit then is a clean one,
         # even when its status is unknown (a re-attached QEMU is not our child).
         self._powering_off = False
+        # Terminate() ends a kept machine for good; any other stop keeps it defined.
+        self._forget = False
         # QEMU's SHUTDOWN event and its reason: how a re-attached QEMU ended.
         self._shutdown = asyncio.Event()
         self._shutdown_reason = ""
@@ -166,7 +169,12 @@ class Machine:
             dev = drive_id(i)
             controller = plan.scsi_controller if drive.disk_type.is_scsi else ""
             port = plan.port_carrying(controller or dev).id
-            self.drives[dev] = Drive(dev, str(drive.path), drive.disk_type, port, controller=controller)
+            self.drives[dev] = Drive(
+                dev, str(drive.path), drive.disk_type, port, controller=controller, format=drive.format,
+                read_only=drive.read_only, serial=drive.serial,
+            )  # fmt: skip
+        for plugged in spec.plugged:
+            self.drives[plugged.id] = keep.plugged_drive(plugged)
 
     @property
     def name(self) -> str:
@@ -182,7 +190,28 @@ class Machine:
 
     @property
     def leader(self) -> int:
-        return self.process.pid if self.process else 0
+        return self.process.pid if self.process and self.state is not MachineState.STOPPED else 0
+
+    @property
+    def defined(self) -> bool:
+        """A kept machine not terminated: it stays listed when it stops."""
+        return self.spec.keep and not self._forget
+
+    def loaded_stopped(self, record: state.MachineRecord) -> None:
+        """A kept, stopped machine read back from its record (daemon start)."""
+        self.state = MachineState.STOPPED
+        self._next_drive = max(self._next_drive, record.next_drive)
+        self._next_controller = record.next_controller
+        self._ended.set()
+
+    def successor(self, spec: MachineSpec, plan: Plan, identity: Identity | None) -> Machine:
+        """The next run of this kept, stopped machine: `spec` (its own, the
+        hotplugged drives folded in), its id, directory and owner; ids it gave
+        out stay used."""
+        after = Machine(spec, plan, self.id, self.dir, self.owner_uid, identity)
+        after._next_drive = max(after._next_drive, self._next_drive)
+        after._next_controller = self._next_controller
+        return after
 
     # -- life cycle ---------------------------------------------------------
 
@@ -203,6 +232,35 @@ class Machine:
             tuple(s for dev, s in self.shares.items() if dev not in self._boot_shares),
         )
 
+    def starting(self) -> None:
+        """Start() took this stopped machine: its next run is on the way."""
+        self.state = MachineState.STARTING
+        self.reason = ""
+        self._notify("State", "StateReason")
+
+    def start_failed(self, why: str) -> None:
+        self.state = MachineState.STOPPED
+        self.reason = f"the last Start() failed: {why}"
+        self._notify("State", "StateReason")
+
+    def stopped_record(self) -> state.MachineRecord:
+        """A kept machine at rest: its spec (drives on spare ports folded in), no process."""
+        return state.MachineRecord(
+            self.spec, self.id, self.owner_uid, 0, 0, (), 1, self._next_controller, self._next_drive, stopped=True
+        )
+
+    async def save_stopped(self) -> None:
+        """Write the stopped record now; a failure is logged: the machine stays
+        listed, but a daemon restart would not find it again."""
+        try:
+            with state.space_of(self.dir):
+                await asyncio.to_thread(state.write, self.dir, self.stopped_record())
+        except (OSError, NoSpace) as e:
+            log.error(
+                "machine %s: cannot write its stopped record (%s); it is lost at the next daemon start",
+                self.name, e, extra={"MACHINE": self.name},
+            )  # fmt: skip
+
     def save(self) -> None:
         """Persist soon, off the request path (see StateWriter)."""
         self._writer.save()
@@ -216,6 +274,7 @@ class Machine:
         chains: dict[str, imagechain.Layer] | None = None,
         kernel_fd: int | None = None,
         initrd_fd: int | None = None,
+        plugged: dict[str, OpenedChain] | None = None,
     ) -> None:
         """Start QEMU; returns once its monitor answered qmp_capabilities.
 
@@ -223,10 +282,17 @@ class Machine:
         handed to QEMU as an fdset (each layer of `chains`, a boot drive's
         id -> its image chain, too); `shares` the opened share directories;
         `tap_fd` the attached tap; kernel and initrd as fds QEMU may reopen
-        (manager.open_for_qemu): all the caller's to close. QEMU opens
-        nothing by name that a caller named.
+        (manager.open_for_qemu); `plugged` a kept machine's hotplugged drives
+        (spec.plugged) by id: all the caller's to close. QEMU opens nothing by
+        name that a caller named.
         """
-        state.make_dir(self.dir)
+        # A kept machine's directory is there already, with its record and logs.
+        state.make_dir(self.dir, exist_ok=self.spec.keep)
+        files, self._next_fdset = cmdline.plugged_files(
+            {dev: (c.top, c.fds) for dev, c in (plugged or {}).items()}, 1, self.plan.taken_fdsets
+        )
+        for dev, f in files.items():
+            self.drives[dev] = replace(self.drives[dev], fdsets=tuple(fs.id for fs in f.fdsets.values()))
         with (
             self._sock_path() as sock_path,
             self._sock_path(CONSOLE_SOCK) as serial_path,
@@ -247,11 +313,12 @@ class Machine:
                 fs_fds = await self._start_virtiofsd(shares)
                 rt = cmdline.Runtime(
                     self.id, listener.fileno(), self.console_log, console, vsock_cid, opened, kernel_fd, initrd_fd,
-                    fs_fds, tap_fd, chains or {}, serial.fileno(),
+                    fs_fds, tap_fd, chains or {}, serial.fileno(), files,
                 )  # fmt: skip
                 argv = cmdline.build_argv(self.spec, self.plan, rt)
                 state.write_private(self.dir / "argv", "\n".join(argv) + "\n")
                 inherited = (listener.fileno(), serial.fileno(), console, *opened.values(), *fs_fds.values())
+                inherited += tuple(fs.fd for f in files.values() for fs in f.fdsets.values())
                 boot = tuple(fd for fd in (kernel_fd, initrd_fd, tap_fd) if fd is not None)
                 self.process = Process.spawn(
                     argv, self.qemu_log, pass_fds=inherited + boot, confinement=confinement_for(self.identity)
@@ -365,7 +432,8 @@ class Machine:
                 self._next_fdset = record.next_fdset
                 self._next_controller = record.next_controller
                 self._next_drive = max(self._next_drive, record.next_drive)
-                await self._reconcile({d.id: d for d in record.drives})
+                # A record written as stopped by a Start cut short: the spec says what QEMU booted with.
+                await self._reconcile(dict(self.drives) if record.stopped else {d.id: d for d in record.drives})
         except TimeoutError:
             await self._monitor.close(QUIT_REPLY_TIMEOUT)
             raise QemuUnresponsive(
@@ -481,14 +549,15 @@ class Machine:
             f"QEMU did not answer on its monitor within {START_TIMEOUT:.0f} s: {qemu_errors(self.qemu_log)}"
         )
 
-    async def discard(self) -> None:
-        """Undo a start that failed: no process, no runtime dir left behind."""
+    async def discard(self, keep_dir: bool = False) -> None:
+        """Undo a start that failed: no process, no runtime dir left behind
+        (`keep_dir`: a kept machine's, its logs stay, its record is rewritten)."""
         if self.process is not None and not self.process.exited.done():
             await self.process.stop(QUIT_TIMEOUT)
         await self._stop_virtiofsd()
         await self._monitor.close()
         await self._writer.stop()
-        if self._kept_logs:
+        if self._kept_logs or keep_dir:
             state.clear_all_but_log(self.dir)
         else:
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -544,18 +613,25 @@ class Machine:
                 await asyncio.wait_for(self._shutdown.wait(), SHUTDOWN_EVENT_TIMEOUT)
         clean = self.state is MachineState.STOPPING or code == 0
         clean = clean or (code is None and (self._powering_off or self._shutdown_reason in CLEAN_SHUTDOWN))
-        self.state = MachineState.STOPPED if clean else MachineState.FAILED
+        why = ""
         if not clean:
             reason = f"exit status {code}" if code is not None else f"shutdown reason {self._shutdown_reason or 'none'}"
-            log.warning(
-                "machine %s: QEMU exited unexpectedly (%s); its log: %s",
-                self.name, reason, self.qemu_log, extra={"MACHINE": self.name},
-            )  # fmt: skip
-        self._notify("State")
+            why = f"QEMU exited unexpectedly ({reason}); its log: {self.qemu_log}"
+            log.warning("machine %s: %s", self.name, why, extra={"MACHINE": self.name})
+        if self.defined:
+            # Stopped once its record is written: a Start may follow at once.
+            self.state = MachineState.STOPPING
+            self.reason = why
+            self._notify("State", "StateReason")
+        else:
+            self.state = MachineState.STOPPED if clean else MachineState.FAILED
+            self._notify("State")
         await self._finish()
 
     async def _finish(self) -> None:
-        """QEMU is gone: release everything; the logs stay (state.is_log)."""
+        """QEMU is gone: release everything; the logs stay (state.is_log).
+        A kept machine stays, stopped, its hotplugged drives folded into its
+        spec (keep.fold) and written down for the next Start or daemon start."""
         self.console.close()
         try:
             for fut in self._waiters.values():
@@ -566,17 +642,38 @@ class Machine:
             # No state write may land in the directory after it is cleaned.
             await self._writer.stop()
             state.clear_all_but_log(self.dir)
+            if self.defined:
+                self.spec = keep.fold(self.spec, self.drives.values())
+                await self.save_stopped()
+                if not self.defined:
+                    # A Terminate() while the record was being written: it goes too.
+                    state.clear_all_but_log(self.dir)
         finally:
+            if self.state is MachineState.STOPPING:
+                self.state = MachineState.STOPPED
             self._ended.set()
         if self.on_ended:
             self.on_ended(self)
+        if self.defined:
+            self._notify("State", "Leader")
         current = asyncio.current_task()
         for task in list(self._tasks):
             if task is not current:
                 task.cancel()
 
-    async def terminate(self) -> None:
-        """quit over QMP, then SIGTERM, then SIGKILL; returns once cleaned up."""
+    async def terminate(self, forget: bool = True) -> None:
+        """quit over QMP, then SIGTERM, then SIGKILL; returns once cleaned up.
+        `forget`: Terminate() asked, a kept machine goes for good, its
+        runtime dir too when it was stopped."""
+        if self.state is MachineState.STARTING and self._ended.is_set():
+            raise NotRunning(f"machine {self.name} is being started; terminate it once Start() returned")
+        self._forget = self._forget or forget
+        if self.spec.keep and self._forget and self.state is MachineState.STOPPED:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            log.info("machine %s terminated, its record removed", self.name, extra={"MACHINE": self.name})
+            if self.on_ended:
+                self.on_ended(self)
+            return
         if self.process is None or self._ended.is_set():
             return
         self.state = MachineState.STOPPING
@@ -619,7 +716,23 @@ class Machine:
         if self.state is MachineState.UNMANAGED:
             raise NotRunning(f"machine {self.name} is unmanaged: {self.reason}")
         if not self.state.is_live:
-            raise NotRunning(f"machine {self.name} is {self.state}, not running; start it again with CreateMachine")
+            again = "Start()" if self.spec.keep else "CreateMachine"
+            raise NotRunning(f"machine {self.name} is {self.state}, not running; start it again with {again}")
+
+    def check_startable(self) -> None:
+        """Only a kept machine that stopped may be started (Start)."""
+        if self.state is MachineState.STOPPED and self.spec.keep:
+            return
+        if self.state is MachineState.UNMANAGED:
+            raise NotRunning(f"machine {self.name} is unmanaged: {self.reason}")
+        if self.state in (MachineState.RUNNING, MachineState.PAUSED, MachineState.STARTING):
+            raise AlreadyRunning(f"machine {self.name} is {self.state} already; Start() boots a stopped machine")
+        raise NotRunning(
+            f"machine {self.name} is {self.state} and was not created with keep: it cannot be started again; "
+            "create it anew with CreateMachine"
+            if not self.spec.keep
+            else f"machine {self.name} is {self.state}; wait until it is stopped, then Start() it"
+        )
 
     @contextlib.asynccontextmanager
     async def _request(self, what: str) -> Any:
@@ -782,8 +895,9 @@ class Machine:
                 await self._undo(undo, dev)
                 raise
             record = Drive(
-                dev, str(drive.path), drive.disk_type, port, fdsets=tuple(fdsets.values()), controller=controller
-            )
+                dev, str(drive.path), drive.disk_type, port, fdsets=tuple(fdsets.values()), controller=controller,
+                format=drive.format, read_only=drive.read_only, serial=drive.serial,
+            )  # fmt: skip
             self.drives[dev] = record
             if not requested_id:
                 self._next_drive = int(dev.removeprefix("disk")) + 1
@@ -1085,12 +1199,12 @@ class Machine:
                     break
         except QemuUnresponsive as e:
             log.warning("machine %s: %s; stopping QEMU", self.name, e, extra={"MACHINE": self.name})
-            await self.terminate()
+            await self.terminate(forget=False)
             return True
         except QmpError as e:
             raise QemuFailed(f"QEMU refused system_powerdown: {e}") from e
         log.info("machine %s ignored the ACPI power button for %g s; stopping QEMU", self.name, timeout)
-        await self.terminate()
+        await self.terminate(forget=False)
         return True
 
     # -- share hotplug --------------------------------------------------------

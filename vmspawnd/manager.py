@@ -14,14 +14,14 @@ import secrets
 import shutil
 import stat
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import cmdline, imagechain, pcitypes, quota, sealed, share, state, tap
+from . import cmdline, imagechain, keep, pcitypes, quota, sealed, share, state, tap
 from .cgroup import Cgroups, limits
-from .chainopen import open_chain
+from .chainopen import OpenedChain, open_chain
 from .config import Config
 from .errors import AccessDenied, InvalidArgument, MachineExists, NoSpace, NoSuchMachine, QemuFailed, VmspawndError
 from .identity import Exhausted, Identity, Pool
@@ -100,6 +100,13 @@ async def open_boot_files(spec: MachineSpec, uid: int, opened: dict[str, int]) -
             add(layer.path, chain.fds[layer.label], layer.read_only)
         chains[drive_id(i)] = chain.top
     return chains
+
+
+async def open_plugged(spec: MachineSpec, uid: int, opened: dict[str, OpenedChain]) -> None:
+    """Open a kept machine's hotplugged drives (spec.plugged) into `opened`
+    (device id -> chain), each on its own as AddDrive opened it, as `uid`."""
+    for p in spec.plugged:
+        opened[p.id] = await open_chain(uid, str(p.drive.path), p.drive.format, cmdline.read_only(p.drive), "drive")
 
 
 def same_process(pid: int, recorded_start: int) -> bool:
@@ -192,6 +199,9 @@ class Manager:
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_new: Callable[[Machine], None] = lambda m: None
         self.on_removed: Callable[[Machine], None] = lambda m: None
+        # A kept machine stopped (it stays listed), or its next run replaced it.
+        self.on_stopped: Callable[[Machine], None] = lambda m: None
+        self.on_replaced: Callable[[Machine, Machine], None] = lambda old, new: None
 
     @property
     def machines_dir(self) -> Path:
@@ -216,10 +226,15 @@ class Manager:
         check_spec(spec)
         return plan_machine(spec, await pcitypes.device_types(cmdline.QEMU))
 
-    def _held(self, uid: int) -> list[quota.Usage]:
-        """What `uid`'s machines take, running or being created."""
-        running = [usage(m.spec) for m in self.machines.values() if m.owner_uid == uid]
-        return running + [u for owner, u in self._creating.values() if owner == uid]
+    def _held(self, uid: int, exclude: str = "") -> list[quota.Usage]:
+        """What `uid`'s machines take, listed (a stopped one its share, see
+        quota.held) or being created or started, but machine `exclude`."""
+        listed = [
+            quota.held(usage(m.spec), m.state is not MachineState.STOPPED)
+            for m in self.machines.values()
+            if m.owner_uid == uid and m.name != exclude and m.name not in self._creating
+        ]
+        return listed + [u for owner, u in self._creating.values() if owner == uid]
 
     def get(self, name: str) -> Machine:
         machine = self.machines.get(name)
@@ -246,12 +261,45 @@ class Manager:
             self._reserved.discard(spec.name)
             del self._creating[spec.name]
 
+    async def start(self, name: str) -> Machine:
+        """Start(): boot a kept, stopped machine again: same name, id, ports and
+        drives (the hotplugged ones at boot on their spare ports), every file
+        opened again as its creator, its owner's quota checked as at create.
+        The next run replaces the stopped one under its name, on its object."""
+        old = self.get(name)
+        old.check_startable()
+        owner = old.owner_uid
+        quota.check(self.config.quota_for(owner), owner, self._held(owner, exclude=name), usage(old.spec))
+        # Taken with no await since the checks, as in create.
+        self._creating[name] = (owner, usage(old.spec))
+        old.starting()
+        try:
+            new = await self._with_fallback(old.spec, lambda spec: self._restart(old, spec))
+        except BaseException as e:
+            old.start_failed(str(e) or type(e).__name__)
+            await asyncio.shield(old.save_stopped())
+            raise
+        finally:
+            del self._creating[name]
+        # Swapped with no await between: the name never leaves the bus.
+        self.machines[name] = new
+        self.on_replaced(old, new)
+        return new
+
+    async def _restart(self, old: Machine, spec: MachineSpec) -> Machine:
+        new = old.successor(spec, await self._plan(spec), self._allocate_identity())
+        await self._launch(new, keep_dir=True)
+        return new
+
     async def _create_with_fallback(self, spec: MachineSpec, owner_uid: int) -> Machine:
+        return await self._with_fallback(spec, lambda s: self._create(s, owner_uid))
+
+    async def _with_fallback(self, spec: MachineSpec, run: Callable[[MachineSpec], Awaitable[Machine]]) -> Machine:
         """ "auto" means KVM where QEMU can use it: a host may have /dev/kvm
         and still fail (a nested KVM that aborts at the first vCPU reset),
         and then the machine starts again with TCG."""
         try:
-            return await self._create(spec, owner_uid)
+            return await run(spec)
         except QemuFailed as e:
             if spec.accel is not Accel.AUTO or not KVM_FAILED.search(str(e)):
                 raise
@@ -259,7 +307,7 @@ class Manager:
                 "machine %s: KVM is present but QEMU cannot use it (%s); starting it with TCG instead",
                 spec.name, e, extra={"MACHINE": spec.name},
             )  # fmt: skip
-        return await self._create(replace(spec, accel=Accel.TCG), owner_uid)
+        return await run(replace(spec, accel=Accel.TCG))
 
     async def _create(self, spec: MachineSpec, owner_uid: int) -> Machine:
         plan = await self._plan(spec)
@@ -273,32 +321,42 @@ class Manager:
                     "or remove the directory once its QEMU is gone"
                 )
         shutil.rmtree(directory, ignore_errors=True)
-        identity = self._allocate_identity()
-        machine = Machine(spec, plan, uuid.uuid4().hex, directory, owner_uid, identity)
+        machine = Machine(spec, plan, uuid.uuid4().hex, directory, owner_uid, self._allocate_identity())
+        await self._launch(machine, keep_dir=False)
+        self.machines[spec.name] = machine
+        self.on_new(machine)
+        return machine
+
+    async def _launch(self, machine: Machine, keep_dir: bool) -> None:
+        """Open everything as the owner, start QEMU, confine it; a failure
+        undoes it all (`keep_dir`: a kept machine's directory stays, with its logs)."""
+        spec, owner_uid = machine.spec, machine.owner_uid
         machine.on_ended = self._ended
         opened: dict[str, int] = {}
+        plugged: dict[str, OpenedChain] = {}
         shares: list[share.OpenShare] = []
         tap_fd = None
         loaded: dict[str, int] = {}
         try:
             chains = await open_boot_files(spec, owner_uid, opened)
+            await open_plugged(spec, owner_uid, plugged)
             shares = await share.open_all(owner_uid, spec)
             if spec.network.mode is NetworkMode.TAP:
                 granted = self.config.taps_by_uid.get(owner_uid, ())
                 tap_fd = tap.open_tap(owner_uid, spec.network.tap, granted)
             for what, file in kernel_files(spec):
                 loaded[what] = await open_for_qemu(owner_uid, what, file, spec.memory)
-            with state.space_of(directory):
+            with state.space_of(machine.dir):
                 self.runtime_dir.mkdir(parents=True, exist_ok=True)
                 state.make_dir(self.machines_dir, exist_ok=True)
                 await machine.start(
                     3 + secrets.randbelow(2**31), opened, shares, tap_fd, chains, loaded.get("kernel"),
-                    loaded.get("initrd"),
+                    loaded.get("initrd"), plugged,
                 )  # fmt: skip
             await machine.query_accel()
             await self._confine(machine)
         except BaseException:
-            await asyncio.shield(machine.discard())
+            await asyncio.shield(machine.discard(keep_dir))
             self._release_identity(machine)
             if self.cgroups:
                 self.cgroups.remove(spec.name)
@@ -307,9 +365,8 @@ class Manager:
             fds = [*opened.values(), *(s.fd for s in shares), *loaded.values()]
             for fd in fds + ([tap_fd] if tap_fd is not None else []):
                 os.close(fd)
-        self.machines[spec.name] = machine
-        self.on_new(machine)
-        return machine
+            for chain in plugged.values():
+                chain.close()
 
     async def _confine(self, machine: Machine) -> None:
         """QEMU into the machine's own cgroup, with its limits."""
@@ -336,13 +393,18 @@ class Manager:
         # Only once its QEMU is gone: a live process keeps its uid.
         if self.identities is not None and machine.identity is not None:
             self.identities.release(machine.identity)
+        # A kept machine's next run gets one of its own.
+        machine.identity = None
 
     def _ended(self, machine: Machine) -> None:
         self._release_identity(machine)
         if self.machines.get(machine.name) is machine:
-            del self.machines[machine.name]
             if self.cgroups:
                 self.cgroups.remove(machine.name)
+            if machine.defined:
+                self.on_stopped(machine)
+                return
+            del self.machines[machine.name]
             self.on_removed(machine)
 
     async def terminate(self, name: str) -> None:
@@ -402,6 +464,8 @@ class Manager:
         candidates = [pid for pid, argv in qemus.items() if is_machine(argv, machine_id, directory)]
         free = [pid for pid in candidates if pid not in claimed]
         if not candidates:
+            if record is not None and record.spec.keep:
+                return await self._stopped(directory, record, machine_id)
             # No QEMU carries this machine's uuid (or, unknown, its paths): nothing alive to lose.
             clear_dead(directory, problem or f"its QEMU (pid {record.pid if record else '?'}) is gone")
             return None
@@ -440,6 +504,26 @@ class Manager:
                 await self._confine(machine)
             except QemuFailed as e:
                 log.error("%s; it runs on without its limits", e, extra={"MACHINE": machine.name})
+        return machine
+
+    async def _stopped(self, directory: Path, record: state.MachineRecord, machine_id: uuid.UUID | None) -> Machine:
+        """A kept machine with no QEMU: stopped, as its record says, or (its
+        QEMU gone while the daemon was down) from now on."""
+        spec = record.spec if record.stopped else keep.fold(record.spec, record.drives)
+        try:
+            plan = plan_machine(spec, await pcitypes.device_types(cmdline.QEMU))
+        except VmspawndError as e:
+            return self._placeholder(directory, f"its recorded spec is refused now ({e})", machine_id, None)
+        machine = Machine(spec, plan, record.id, directory, record.owner_uid)
+        machine.on_ended = self._ended
+        machine.loaded_stopped(record)
+        if not record.stopped:
+            log.warning(
+                "machine %s: its QEMU (pid %d) ended while vmspawnd was down; kept, it is stopped now",
+                directory.name, record.pid, extra={"MACHINE": directory.name},
+            )  # fmt: skip
+            state.clear_all_but_log(directory)
+            await machine.save_stopped()
         return machine
 
     def _install(self, machine: Machine) -> None:

@@ -86,7 +86,8 @@ class DriveSpec:
 
 @dataclass(frozen=True)
 class Drive:
-    """A drive attached to a running machine."""
+    """A drive attached to a running machine (and what it was asked with, so
+    a kept machine boots with it again: format, read_only, serial)."""
 
     id: str
     path: str
@@ -97,6 +98,25 @@ class Drive:
     # The fdsets QEMU holds the drive's layers in (hotplugged drives), one per layer.
     fdsets: tuple[int, ...] = ()
     # Set for SCSI drives: the controller they hang off.
+    controller: str = ""
+    format: ImageFormat = ImageFormat.RAW
+    read_only: bool = False
+    serial: str = ""
+
+    def drive_spec(self) -> DriveSpec:
+        return DriveSpec(Path(self.path), self.disk_type, self.format, self.read_only, self.serial)
+
+
+@dataclass(frozen=True)
+class PluggedDrive:
+    """A drive a kept machine boots with on a spare port: one it had
+    hotplugged, on the port (and SCSI controller) it had, with its id."""
+
+    id: str
+    drive: DriveSpec
+    # The spare port it sits on; a SCSI drive names its controller's port.
+    port: str
+    # Set for SCSI drives: the controller (itself on `port`) they hang off.
     controller: str = ""
 
 
@@ -170,6 +190,10 @@ class MachineSpec:
     accel: Accel = Accel.AUTO
     qemu_extra: tuple[str, ...] = ()
     firmware: Firmware = Firmware.BIOS
+    # Stays defined when it stops; Start() boots it again (Terminate ends it for good).
+    keep: bool = False
+    # A kept machine's hotplugged drives, at boot on the spare ports they had.
+    plugged: tuple[PluggedDrive, ...] = ()
 
     @property
     def boot_drives(self) -> tuple[DriveSpec, ...]:

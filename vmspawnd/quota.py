@@ -19,6 +19,14 @@ class Usage:
     spares: int
 
 
+def held(usage: Usage, running: bool) -> Usage:
+    """What a machine holds of its owner's quota. A kept machine that is
+    stopped still counts toward `machines` (it keeps its name, its record,
+    its object: it is defined), but not toward memory_total, which caps
+    what runs (libvirt: defined domains take no running resources)."""
+    return usage if running else Usage(0, usage.cpus, usage.spares)
+
+
 def check(quota: Quota | None, uid: int, held: Iterable[Usage], new: Usage) -> None:
     """Raise QuotaExceeded if `new` on top of `held` (the uid's machines,
     running or being created) goes over a cap; None (root) has none."""

@@ -32,9 +32,12 @@ from .model import (
     MountSpec,
     Network,
     NetworkMode,
+    PluggedDrive,
 )
 
-VERSION = 1
+# 2: kept machines (spec.keep, spec.plugged, each drive's format, read_only
+# and serial, a record's `stopped`); version 1 is still read.
+VERSION = 2
 FILE = "state.json"
 
 
@@ -54,6 +57,8 @@ class MachineRecord:
     qemu_gid: int = 0
     # Hotplugged virtiofs shares (boot-time ones are the spec's).
     shares: tuple[MachineShare, ...] = ()
+    # A kept machine that is not running: no pid, its drives in spec.plugged.
+    stopped: bool = False
 
 
 def _plain(value: Any) -> Any:
@@ -129,7 +134,16 @@ def _drive_spec(d: Any, where: str) -> DriveSpec:
     )
 
 
-def _spec(d: Any, where: str = "spec") -> MachineSpec:
+def _plugged(d: Any, where: str) -> PluggedDrive:
+    return PluggedDrive(
+        id=_get(d, "id", str, where),
+        drive=_drive_spec(_get(d, "drive", dict, where), f"{where}.drive"),
+        port=_get(d, "port", str, where),
+        controller=_get(d, "controller", str, where),
+    )
+
+
+def _spec(d: Any, where: str = "spec", version: int = VERSION) -> MachineSpec:
     net_where = f"{where}.network"
     network = _get(d, "network", dict, where)
     image = _optional(d, "image", dict, where)
@@ -153,6 +167,8 @@ def _spec(d: Any, where: str = "spec") -> MachineSpec:
         accel=_enum(d, "accel", Accel, where),
         qemu_extra=_strings(d, "qemu_extra", where),
         firmware=_enum(d, "firmware", Firmware, where),
+        keep=_get(d, "keep", bool, where) if version >= 2 else False,
+        plugged=tuple(_plugged(x, w) for w, x in _items(d, "plugged", where)) if version >= 2 else (),
     )
 
 
@@ -164,7 +180,7 @@ def _fdsets(d: Any, where: str) -> tuple[int, ...]:
     return () if fdset is None else (fdset,)
 
 
-def _drive(d: Any, where: str) -> Drive:
+def _drive(d: Any, where: str, version: int) -> Drive:
     return Drive(
         id=_get(d, "id", str, where),
         path=_get(d, "path", str, where),
@@ -173,6 +189,9 @@ def _drive(d: Any, where: str) -> Drive:
         state=_enum(d, "state", DriveState, where),
         fdsets=_fdsets(d, where),
         controller=_get(d, "controller", str, where),
+        format=_enum(d, "format", ImageFormat, where) if version >= 2 else ImageFormat.RAW,
+        read_only=_get(d, "read_only", bool, where) if version >= 2 else False,
+        serial=_get(d, "serial", str, where) if version >= 2 else "",
     )
 
 
@@ -189,27 +208,28 @@ def _share(d: Any, where: str) -> MachineShare:
     )
 
 
-def _v1(d: dict[str, Any]) -> MachineRecord:
-    # One line per field: a new field is one more line here (with a default
-    # when files without it must still load).
+def _record(d: dict[str, Any], version: int) -> MachineRecord:
+    # One line per field: a new field is one more line here (read from the
+    # version that brought it, a default before).
     return MachineRecord(
-        spec=_spec(_get(d, "spec", dict, "")),
+        spec=_spec(_get(d, "spec", dict, ""), version=version),
         id=_get(d, "id", str, ""),
         owner_uid=_get(d, "owner_uid", int, ""),
         pid=_get(d, "pid", int, ""),
         start_time=_get(d, "start_time", int, ""),
-        drives=tuple(_drive(x, w) for w, x in _items(d, "drives", "")),
+        drives=tuple(_drive(x, w, version) for w, x in _items(d, "drives", "")),
         next_fdset=_get(d, "next_fdset", int, ""),
         next_controller=_get(d, "next_controller", int, ""),
         next_drive=_get(d, "next_drive", int, "", 0),
         qemu_uid=_get(d, "qemu_uid", int, "", 0),
         qemu_gid=_get(d, "qemu_gid", int, "", 0),
         shares=tuple(_share(x, w) for w, x in _items(d, "shares", "")) if "shares" in d else (),
+        stopped=_get(d, "stopped", bool, "") if version >= 2 else False,
     )
 
 
 # version -> reader; an older version keeps its reader when the format moves on.
-READERS = {1: _v1}
+READERS = {1: lambda d: _record(d, 1), 2: lambda d: _record(d, 2)}
 
 
 def dumps(record: MachineRecord) -> str:

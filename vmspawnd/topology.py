@@ -21,8 +21,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
-from .errors import InvalidArgument, PcieSlotsExhausted, TooManyPorts
-from .model import DeviceTypes, MachineSpec, NetworkMode, PortKind, PortRole
+from .errors import InvalidArgument, NoFreePort, PcieSlotsExhausted, TooManyPorts
+from .model import DeviceTypes, MachineSpec, NetworkMode, PluggedDrive, PortKind, PortRole
 
 FUNCTIONS_PER_SLOT = 8
 # pcie.0 device numbers 0x01..0x1e: 0x00 is the host bridge, 0x1f the ICH9 LPC.
@@ -454,6 +454,29 @@ def min_port_slots(builtin: int, spares: int) -> int:
     )
 
 
+def place_plugged(ports: list[Port], plugged: Iterable[PluggedDrive], machine: str) -> list[Port]:
+    """Each drive a kept machine boots with on the spare port it had (its
+    SCSI controller there, shared by the controller's drives). The spares
+    are laid out as before (same spec, same plan), so the port is there; one
+    that is not, or is taken twice, is refused (NoFreePort)."""
+    wanted: dict[str, str] = {}
+    placed: dict[str, str] = {}
+    for p in plugged:
+        holder = p.controller or p.id
+        if wanted.setdefault(p.port, holder) != holder or placed.setdefault(holder, p.port) != p.port:
+            raise NoFreePort(
+                f"machine {machine}: drive {p.id} had port {p.port}, which clashes with another of its drives; "
+                "terminate the machine and create it again"
+            )
+    spares = {port.id for port in ports if port.role is PortRole.SPARE}
+    if missing := sorted(set(wanted) - spares):
+        raise NoFreePort(
+            f"machine {machine}: its drives had spare ports {', '.join(missing)}, which its plan no longer has; "
+            "terminate the machine and create it again"
+        )
+    return [replace(port, carries=wanted[port.id]) if port.id in wanted else port for port in ports]
+
+
 def plan_machine(spec: MachineSpec, types: DeviceTypes) -> Plan:
     """Lay out the ports for `spec` and check pcie.0's slot budget.
 
@@ -468,7 +491,9 @@ def plan_machine(spec: MachineSpec, types: DeviceTypes) -> Plan:
     scsi_controller = next(_ids("scsi", taken)) if needs_scsi else ""
     builtin = builtin_devices(spec, scsi_controller)
     fixed = [drive_id(i) for i in range(len(spec.boot_drives))]
+    fixed += [p.id for p in spec.plugged]
     fixed += [f"{d}-node" for d in fixed] + [d for d in builtin if d != scsi_controller] + list(FIXED_IDS)
+    fixed += [p.controller for p in spec.plugged if p.controller]
     if clash := sorted(taken & set(fixed)):
         raise InvalidArgument(
             f"qemu_extra uses id {', '.join(map(repr, clash))}, which vmspawnd gives this machine's own "
@@ -514,7 +539,7 @@ def plan_machine(spec: MachineSpec, types: DeviceTypes) -> Plan:
         )
     layout = shape(len(builtin), spec.hotplug_spares, positions)
     assert layout is not None
-    ports = lay_out(builtin, layout, free, taken, extra_chassis(options))
+    ports = place_plugged(lay_out(builtin, layout, free, taken, extra_chassis(options)), spec.plugged, spec.name)
     port_slots = {p.slot for p in ports if p.bus == PCIE0}
     check_auto_slots(devices, slots, port_slots)
     consumers = [

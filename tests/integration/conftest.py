@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import ROOT, Client, Daemon, lost_errors, not_just_logs, qemu_pids
+from .harness import ROOT, Client, Daemon, Site, lost_errors, not_just_logs, qemu_pids
 
 sys.path.insert(0, str(ROOT / "tools"))
 import testbus
@@ -63,3 +65,28 @@ async def client(daemon: Daemon) -> AsyncIterator[Client]:
     assert qemu_pids(str(daemon.runtime_dir)) == []
     # Only the logs a stopped or failed machine keeps may stay behind.
     assert not_just_logs(daemon.runtime_dir / "machines") == []
+
+
+@pytest.fixture
+def site(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Site]:
+    """A bus and daemon of the test's own, and afterwards what it left checked."""
+    base = workdir / ("site-" + re.sub(r"[^A-Za-z0-9_-]", "_", request.node.name)[:40])
+    proc, address = testbus.start(base / "bus")
+    daemon = Daemon(base / "run", base / "daemon.log", env={"DBUS_SYSTEM_BUS_ADDRESS": address})
+    daemon.start()
+    yield Site(address, daemon, base)
+    if daemon.proc is not None:
+        daemon.stop()
+    assert lost_errors(daemon.log) == [], f"unhandled errors in {daemon.log}"
+    # Whatever a test left running dies with it.
+    for pid in qemu_pids(str(daemon.runtime_dir)):
+        os.kill(pid, signal.SIGKILL)
+    proc.terminate()
+    proc.wait()
+
+
+@pytest.fixture
+async def site_client(site: Site) -> AsyncIterator[Client]:
+    c = await site.client()
+    yield c
+    c.close()

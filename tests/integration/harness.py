@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,18 @@ def unwrap(value: Any) -> Any:
     if isinstance(value, list):
         return [unwrap(v) for v in value]
     return value
+
+
+@dataclass
+class Site:
+    """A bus and a daemon of a test's own (tests that restart or kill the daemon)."""
+
+    address: str
+    daemon: Daemon
+    dir: Path
+
+    async def client(self) -> Client:
+        return await Client.connect(self.address)
 
 
 class Daemon:

@@ -10,8 +10,6 @@ import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +19,10 @@ from dbus_fast import DBusError, Message
 from .harness import (
     ROOT,
     Client,
-    Daemon,
+    Site,
     blank_image,
     guest_options,
     image_options,
-    lost_errors,
     qemu_pids,
     qemu_uid,
     record_states,
@@ -34,44 +31,15 @@ from .harness import (
 from .qmp_probe import Probe
 
 sys.path.insert(0, str(ROOT / "tools"))
-import testbus
 
 MACHINE = "org.vmspawnd1.Machine"
 E = "org.vmspawnd1.Error."
 
 
-@dataclass
-class Site:
-    address: str
-    daemon: Daemon
-    dir: Path
-
-    async def client(self) -> Client:
-        return await Client.connect(self.address)
-
-
 @pytest.fixture
-def site(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Site]:
-    base = workdir / ("site-" + re.sub(r"[^A-Za-z0-9_-]", "_", request.node.name)[:40])
-    proc, address = testbus.start(base / "bus")
-    daemon = Daemon(base / "run", base / "daemon.log", env={"DBUS_SYSTEM_BUS_ADDRESS": address})
-    daemon.start()
-    yield Site(address, daemon, base)
-    if daemon.proc is not None:
-        daemon.stop()
-    assert lost_errors(daemon.log) == [], f"unhandled errors in {daemon.log}"
-    # Whatever a test left running dies with it.
-    for pid in qemu_pids(str(daemon.runtime_dir)):
-        os.kill(pid, signal.SIGKILL)
-    proc.terminate()
-    proc.wait()
-
-
-@pytest.fixture
-async def client(site: Site) -> AsyncIterator[Client]:
-    c = await site.client()
-    yield c
-    c.close()
+def client(site_client: Client) -> Client:
+    """The client of the test's own daemon (conftest's `client` talks to the session's)."""
+    return site_client
 
 
 def disk(directory: Path, name: str) -> str:

@@ -2,7 +2,7 @@
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from dbus_fast import Message, PropertyAccess, Variant
@@ -27,6 +27,8 @@ UsedBudget = Annotated[list[int], DBusSignature("(uu)")]
 CountFlag = Annotated[list[Any], DBusSignature("(ub)")]
 
 DEFAULT_UNPLUG_TIMEOUT = 10.0
+# What a machine's next run changes (Start() of a kept machine).
+RUN_PROPERTIES = ("State", "StateReason", "Leader", "Drives", "Ports", "FreeSparePorts", "ConsoleClients", "Accel")
 PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 
 
@@ -84,12 +86,15 @@ def shares_value(machine: Machine) -> list[dict[str, Variant]]:
 
 
 class MachineInterface(ServiceInterface):
-    def __init__(self, machine: Machine, bus: MessageBus, authorize: Any) -> None:
+    def __init__(
+        self, machine: Machine, bus: MessageBus, authorize: Any, start: Callable[[str], Awaitable[Machine]]
+    ) -> None:
         super().__init__(MACHINE_IFACE)
         self.machine = machine
         self.bus = bus
         self.path = object_path(machine.name)
         self._authorize = authorize
+        self._start = start
         self.unplug_timeout = DEFAULT_UNPLUG_TIMEOUT
 
     # Observer of the machine: PropertiesChanged and signals.
@@ -103,6 +108,7 @@ class MachineInterface(ServiceInterface):
             "Ports": lambda: ports_value(machine),
             "FreeSparePorts": lambda: machine.ports.free_count,
             "ConsoleClients": lambda: list(machine.console.roster.summary),
+            "Accel": lambda: machine.accel,
         }
         self.emit_properties_changed({p: getters[p]() for p in properties if p in getters})
 
@@ -141,6 +147,11 @@ class MachineInterface(ServiceInterface):
         return self.machine.accel
 
     @dbus_property(access=PropertyAccess.READ)
+    def Keep(self) -> DBusBool:
+        """Created with keep: stays defined when it stops, Start() boots it again."""
+        return self.machine.spec.keep
+
+    @dbus_property(access=PropertyAccess.READ)
     def Leader(self) -> DBusUInt32:
         return self.machine.leader
 
@@ -177,6 +188,13 @@ class MachineInterface(ServiceInterface):
     async def Terminate(self) -> None:
         await self._authorize(self.machine)
         await self.machine.terminate()
+
+    @dbus_method()
+    @replies_errors
+    async def Start(self) -> None:
+        """Boot a kept, stopped machine again (AlreadyRunning if it runs)."""
+        await self._authorize(self.machine)
+        await self._start(self.machine.name)
 
     @dbus_method()
     @replies_errors

@@ -44,6 +44,7 @@ MACHINE_OPTIONS = {
     "accel": "s",
     "qemu_extra": "as",
     "firmware": "s",
+    "keep": "b",
 }
 DRIVE_OPTIONS = {"path": "s", "format": "s", "disk_type": "s", "read_only": "b", "serial": "s"}
 MOUNT_OPTIONS = {"source": "s", "tag": "s", "read_only": "b"}
@@ -165,6 +166,7 @@ def machine_spec(name: str, options: dict[str, Variant]) -> MachineSpec:
         accel=choice(Accel, v.get("accel", "auto"), "accel"),
         qemu_extra=tuple(v.get("qemu_extra", [])),
         firmware=choice(Firmware, v.get("firmware", "bios"), "firmware"),
+        keep=v.get("keep", False),
     )
 
 

@@ -13,7 +13,7 @@ from ..machined import Machined
 from ..manager import Manager
 from . import BUS_NAME, MANAGER_PATH, caller
 from .guard import GuardedBus
-from .machine import MachineInterface
+from .machine import RUN_PROPERTIES, MachineInterface
 from .manager import ManagerInterface
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ class BusService:
         self.machined = Machined(bus)
         manager.on_new = self._machine_new
         manager.on_removed = self._machine_removed
+        manager.on_stopped = self.machined.unregister
+        manager.on_replaced = self._machine_replaced
         if manager.cgroups is not None:
             manager.cgroups.bus = bus
 
@@ -66,13 +68,25 @@ class BusService:
         return await self._authorize(auth.Action.MANAGE, machine)
 
     def _machine_new(self, machine: Machine) -> None:
-        iface = MachineInterface(machine, self.bus, self.may_manage)
+        iface = MachineInterface(machine, self.bus, self.may_manage, self.manager.start)
         machine.observer = iface
         self.objects[machine.name] = iface
         self.bus.export(iface.path, iface)
         self.iface.MachineNew(machine.name, iface.path)
         self._count_changed()
         self.machined.register(machine)
+
+    def _machine_replaced(self, old: Machine, new: Machine) -> None:
+        """A kept machine's next run takes over its object: same path, no
+        MachineRemoved/MachineNew, every property changed at once."""
+        iface = self.objects.get(new.name)
+        if iface is None:
+            return
+        old.observer = None
+        iface.machine = new
+        new.observer = iface
+        iface.changed(new, set(RUN_PROPERTIES))
+        self.machined.register(new)
 
     def _machine_removed(self, machine: Machine) -> None:
         iface = self.objects.pop(machine.name, None)
