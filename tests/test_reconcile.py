@@ -7,7 +7,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmspawnd.model import DiskType, Drive, DriveState, PortRole
+from vmspawnd.model import DiskType, Drive, DriveState, MachineShare, PortRole
 from vmspawnd.porttable import PortTable
 from vmspawnd.reconcile import (
     DRIVER_TYPES,
@@ -19,6 +19,8 @@ from vmspawnd.reconcile import (
     parse_nodes,
     parse_peripheral,
     reconcile,
+    reconcile_shares,
+    unrecorded_shares,
     wanted_parents,
 )
 from vmspawnd.topology import Port
@@ -217,3 +219,37 @@ def test_the_rules_hold_for_every_world(world: tuple[Snapshot, dict[str, Drive],
     # A new fdset id collides with none QEMU has.
     assert r.next_fdset >= next_fdset
     assert all(r.next_fdset > i for i in s.fdsets)
+
+
+# -- shares ------------------------------------------------------------------
+
+SHARE0 = MachineShare("share0", "hot", "/srv/a", "rp2", pid=77, start_time=5)
+SHARES_BOOT = BOOT | {"rootfs": ("vhost-user-fs-pci", "rp1")}
+
+
+def test_a_recorded_share_qemu_still_has_is_kept_on_qemus_port() -> None:
+    s = snap(SHARES_BOOT | {"share0": ("vhost-user-fs-pci", "rp3")}, set())
+    found = reconcile_shares(s, {"share0-vfs", "rootfs", "console"}, {"share0": SHARE0}, {})
+    assert found.shares == {"share0": MachineShare("share0", "hot", "/srv/a", "rp3", pid=77, start_time=5)}
+    assert found.orphan_chardevs == ()
+    assert found.messages == ("share share0 is on rp3 in QEMU, state.json said rp2",)
+
+
+def test_a_share_unplugged_while_the_daemon_was_down_is_dropped() -> None:
+    found = reconcile_shares(snap(SHARES_BOOT, set()), set(), {"share0": SHARE0}, {})
+    assert found.shares == {}
+    assert found.messages == ("share share0 went away while vmspawnd was down",)
+
+
+def test_a_crash_after_device_add_adopts_the_share_with_qemus_tag() -> None:
+    s = snap(SHARES_BOOT | {"share4": ("vhost-user-fs-pci", "rp2")}, set())
+    assert unrecorded_shares(s.peripheral, {}, {"rootfs"}) == ["share4"]
+    found = reconcile_shares(s, {"share4-vfs"}, {}, {"share4": "t"})
+    assert found.shares == {"share4": MachineShare("share4", "t", "", "rp2")}
+    assert "not in state.json" in found.messages[0]
+
+
+def test_a_crash_between_chardev_add_and_device_add_leaves_an_orphan_chardev() -> None:
+    found = reconcile_shares(snap(SHARES_BOOT, set()), {"share1-vfs", "rootfs", "user-vfsx"}, {}, {})
+    assert found.orphan_chardevs == ("share1-vfs",)
+    assert found.shares == {}

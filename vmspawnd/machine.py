@@ -37,6 +37,7 @@ from .identity import Identity
 from .model import DiskType, Drive, DriveSpec, DriveState, MachineShare, MachineSpec, MachineState
 from .porttable import PortTable
 from .process import Process, confinement_for
+from .process import start_time as process_start_time
 from .qmp import TIMEOUT, Monitor, QmpDisconnected, QmpError
 from .statewriter import StateWriter
 from .topology import Plan, drive_id
@@ -56,7 +57,7 @@ QUIT_REPLY_TIMEOUT = 2.0
 SERIAL_MAX = {DiskType.VIRTIO_BLK: 20, DiskType.NVME: 20, DiskType.VIRTIO_SCSI: 36, DiskType.VIRTIO_SCSI_CDROM: 36}
 DRIVE_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,31}")
 # A hotplugged share's chardev: QEMU's end of its virtiofsd connection.
-SHARE_CHARDEV = "{}-vfs"
+SHARE_CHARDEV = "{}" + reconcile.CHARDEV_SUFFIX
 # Ids the daemon gives its own devices.
 CONTROLLER_ID = re.compile(r"scsi\d+")
 RESERVED_ID = re.compile(r"(rp|scsi|implicit|fs|sw)\d+|sw\d+p\d+|net0|vsock0|rootfs")
@@ -433,7 +434,10 @@ class Machine:
                 self._next_controller = record.next_controller
                 self._next_drive = max(self._next_drive, record.next_drive)
                 # A record written as stopped by a Start cut short: the spec says what QEMU booted with.
-                await self._reconcile(dict(self.drives) if record.stopped else {d.id: d for d in record.drives})
+                if record.stopped:
+                    await self._reconcile(dict(self.drives), ())
+                else:
+                    await self._reconcile({d.id: d for d in record.drives}, record.shares)
         except TimeoutError:
             await self._monitor.close(QUIT_REPLY_TIMEOUT)
             raise QemuUnresponsive(
@@ -447,12 +451,13 @@ class Machine:
         await self._connect_console()
         await self._sync_run_state()
         log.info(
-            "machine %s re-attached, QEMU pid %d, %d drives", self.name, self.leader, len(self.drives),
+            "machine %s re-attached, QEMU pid %d, %d drives, %d shares", self.name, self.leader, len(self.drives),
+            len(self.shares),
             extra={"MACHINE": self.name},
         )  # fmt: skip
 
-    async def _reconcile(self, recorded: dict[str, Drive]) -> None:
-        """Rebuild drives and ports from QEMU (see reconcile.py); log where state.json disagreed."""
+    async def _reconcile(self, recorded: dict[str, Drive], shares: Sequence[MachineShare]) -> None:
+        """Rebuild drives, shares and ports from QEMU (see reconcile.py); log where state.json disagreed."""
         execute = self._monitor.execute
         peripheral = reconcile.parse_peripheral(await execute("qom-list", {"path": "/machine/peripheral"}))
         parents = {}
@@ -467,9 +472,8 @@ class Machine:
             for i, opaques in reconcile.parse_fdsets(await execute("query-fdsets")).items()
             if i < cmdline.BOOT_FDSETS and i not in self.plan.taken_fdsets
         }
-        found = reconcile.reconcile(
-            reconcile.Snapshot(peripheral, parents, nodes, fdsets), recorded, self.ports.spares, self._next_fdset
-        )
+        snap = reconcile.Snapshot(peripheral, parents, nodes, fdsets)
+        found = reconcile.reconcile(snap, recorded, self.ports.spares, self._next_fdset)
         for message in found.messages:
             log.warning("machine %s: %s", self.name, message, extra={"MACHINE": self.name})
         for node in found.orphan_nodes:
@@ -480,6 +484,51 @@ class Machine:
         self._next_fdset = found.next_fdset
         self.drives = found.drives
         self.ports = PortTable(self.plan.ports, self.name, observed=found.ports)
+        await self._reconcile_shares(snap, {s.id: s for s in shares})
+
+    async def _reconcile_shares(self, snap: reconcile.Snapshot, recorded: dict[str, MachineShare]) -> None:
+        """Hotplugged shares from QEMU; their virtiofsd adopted when it is still the one recorded."""
+        execute = self._monitor.execute
+        tags = {}
+        for dev in reconcile.unrecorded_shares(snap.peripheral, recorded, self._boot_shares):
+            path = f"/machine/peripheral/{dev}/virtio-backend"
+            tags[dev] = str(await execute("qom-get", {"path": path, "property": "tag"}))
+        chardevs = {str(c["label"]) for c in await execute("query-chardev")}
+        found = reconcile.reconcile_shares(snap, chardevs, recorded, tags)
+        messages = list(found.messages)
+        for chardev in found.orphan_chardevs:
+            with contextlib.suppress(QmpError):
+                await execute("chardev-remove", {"id": chardev})
+        for dev, hot in found.shares.items():
+            self.shares[dev] = hot
+            if process := self._adopt_virtiofsd(hot):
+                self._virtiofsd.append(
+                    (share.OpenShare(cmdline.Share(dev, Path(hot.directory), hot.tag), -1, 0, 0), process)
+                )
+            elif hot.pid:
+                messages.append(
+                    f"share {dev}: its virtiofsd (pid {hot.pid}) is gone; the guest's mount of tag "
+                    f"{hot.tag!r} fails until RemoveShare {dev} and AddShare again"
+                )
+            else:
+                messages.append(f"share {dev}: its virtiofsd is not known; it ends when the share is removed")
+        self._next_share = max(
+            [self._next_share, *(int(d[5:]) + 1 for d in found.shares if re.fullmatch(r"share\d+", d))]
+        )
+        for message in messages:
+            log.warning("machine %s: %s", self.name, message, extra={"MACHINE": self.name})
+
+    @staticmethod
+    def _adopt_virtiofsd(hot: MachineShare) -> Process | None:
+        """The recorded virtiofsd, if that very process (pid and start time) still runs."""
+        if not hot.pid:
+            return None
+        try:
+            if process_start_time(hot.pid) != hot.start_time:
+                return None
+            return Process.attach(hot.pid)
+        except (OSError, ValueError, IndexError):
+            return None
 
     async def _start_virtiofsd(self, shares: Sequence[share.OpenShare]) -> dict[str, int]:
         """One virtiofsd per share; returns QEMU's ends of their connections.

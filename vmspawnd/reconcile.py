@@ -16,7 +16,7 @@ from typing import Any
 
 from . import imagechain
 from .cmdline import node_name
-from .model import DiskType, Drive
+from .model import DiskType, Drive, MachineShare
 
 # QOM types of the devices a Drive is made of.
 DRIVER_TYPES = {
@@ -26,6 +26,9 @@ DRIVER_TYPES = {
     "scsi-cd": DiskType.VIRTIO_SCSI_CDROM,
 }
 NODE_SUFFIX = node_name("")
+SHARE_TYPE = "vhost-user-fs-pci"
+# A hotplugged share's chardev is its device id with this suffix (machine.SHARE_CHARDEV).
+CHARDEV_SUFFIX = "-vfs"
 
 
 @dataclass(frozen=True)
@@ -161,3 +164,52 @@ def reconcile(
         next_fdset=max([next_fdset, *(i + 1 for i in snap.fdsets)]),
         messages=tuple(messages),
     )
+
+
+# -- shares ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReconciledShares:
+    # Kept (recorded, still in QEMU) and adopted (in QEMU, not recorded) hotplugged shares.
+    shares: dict[str, MachineShare]
+    # Chardevs of shares whose device_add never happened: to remove (virtiofsd ends with them).
+    orphan_chardevs: tuple[str, ...]
+    messages: tuple[str, ...]
+
+
+def unrecorded_shares(peripheral: Mapping[str, str], recorded: Collection[str], boot: Collection[str]) -> list[str]:
+    """vhost-user-fs devices QEMU has that neither the spec nor state.json knows (their tag is asked)."""
+    return sorted(d for d, t in peripheral.items() if t == SHARE_TYPE and d not in recorded and d not in boot)
+
+
+def reconcile_shares(
+    snap: Snapshot,
+    chardevs: Collection[str],
+    recorded: Mapping[str, MachineShare],
+    tags: Mapping[str, str],
+) -> ReconciledShares:
+    """QEMU is the truth, as for drives; `tags` the tag of each unrecorded_shares() device."""
+    messages: list[str] = []
+    shares: dict[str, MachineShare] = {}
+    for dev, recorded_share in recorded.items():
+        if snap.peripheral.get(dev) != SHARE_TYPE:
+            messages.append(f"share {dev} went away while vmspawnd was down")
+            continue
+        port = snap.parent_bus.get(dev, "")
+        if port and port != recorded_share.port:
+            messages.append(f"share {dev} is on {port} in QEMU, state.json said {recorded_share.port}")
+            recorded_share = replace(recorded_share, port=port)
+        shares[dev] = recorded_share
+    for dev, tag in sorted(tags.items()):
+        port = snap.parent_bus.get(dev, "")
+        # Its directory and virtiofsd are not known: RemoveShare still unplugs it.
+        shares[dev] = MachineShare(dev, tag, "", port)
+        messages.append(f"share {dev} (tag {tag!r}) on {port} was not in state.json; taken from QEMU")
+    orphans = tuple(
+        sorted(
+            c for c in chardevs if c.endswith(CHARDEV_SUFFIX) and c.removesuffix(CHARDEV_SUFFIX) not in snap.peripheral
+        )
+    )
+    messages += [f"removing orphan chardev {c} (an AddShare cut short)" for c in orphans]
+    return ReconciledShares(shares, orphans, tuple(messages))

@@ -284,6 +284,14 @@ def qemu_pids(marker: str) -> list[int]:
     return pids
 
 
+def running(pid: int) -> bool:
+    """Alive: not gone, not a zombie (an orphan of a killed daemon waits for PID 1 to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def virtiofsd_pids(parent: int) -> list[int]:
     """The virtiofsd processes `parent` (a daemon) started."""
     pids = []

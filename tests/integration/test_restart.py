@@ -26,6 +26,9 @@ from .harness import (
     qemu_pids,
     qemu_uid,
     record_states,
+    running,
+    shared_dir,
+    virtiofsd_pids,
     wait_console,
 )
 from .qmp_probe import Probe
@@ -95,6 +98,43 @@ async def test_restart_takes_every_machine_back(site: Site, client: Client, gues
         await client.remove_drive(busy, drive_id)
     assert await client.prop(busy, "Drives") == []
     await client.terminate_all()
+    client.close()
+
+
+async def test_a_hotplugged_share_survives_a_restart_with_its_virtiofsd_adopted(
+    site: Site, client: Client, guest: Any
+) -> None:
+    """Shares, ports and the virtiofsd come back from QEMU and state.json; RemoveShare then stops
+    the adopted virtiofsd, and a share added after the restart gets a fresh id."""
+    with shared_dir("vmspawnd-share-", 0o755) as directory:
+        (directory / "hello").write_text("before the restart\n")
+        options = guest_options(guest, hotplug_spares=3)
+        options["cmdline"] += " tinyguest.hotmount=hot tinyguest.hotmount=later"
+        path = await client.create("sharerestart", **options)
+        console = Path(await client.prop(path, "ConsoleLog"))
+        await wait_console(console, "VMSPAWN-GUEST-READY", timeout=90)
+        share_id, _port = await client.add_share(path, str(directory), tag="hot")
+        await wait_console(console, "VMSPAWN-SHARE-MOUNT hot hello=before the restart")
+        assert site.daemon.proc is not None
+        [virtiofsd] = virtiofsd_pids(site.daemon.proc.pid)
+        before = await snapshot(client)
+
+        site.daemon.stop(signal.SIGKILL)
+        assert running(virtiofsd), "virtiofsd must outlive the daemon"
+        site.daemon.start()
+        client.close()
+        client = await site.client()
+        assert await snapshot(client) == before
+        assert f"share {share_id}: its virtiofsd" not in site.daemon.log.read_text()
+
+        later_id, _ = await client.add_share(path, str(directory), tag="later")
+        assert later_id not in (share_id, "")
+        await client.remove_share(path, share_id)
+        assert not running(virtiofsd), site.daemon.log.read_text()[-3000:]
+        await client.remove_share(path, later_id)
+        assert await client.prop(path, "Shares") == []
+        assert await client.prop(path, "FreeSparePorts") == 3
+        await client.terminate_all()
     client.close()
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from dbus_fast import DBusError
 
-from .harness import Client, Daemon, busctl, guest_options, shared_dir, virtiofsd_pids, wait_console
+from .harness import Client, Daemon, busctl, guest_options, running, shared_dir, virtiofsd_pids, wait_console
 from .qmp_probe import Probe
 from .test_hotplug import wait_for
 
@@ -110,7 +110,7 @@ async def test_a_share_the_guest_cannot_answer_for_times_out_stays_removing_and_
     await wait_for(lambda: client.prop(path, "Shares"), [], timeout=60)
     assert await client.prop(path, "FreeSparePorts") == before
     assert virtiofsd_children(daemon) == []
-    assert not Path(f"/proc/{virtiofsd}").exists()
+    assert not running(virtiofsd)
 
 
 async def test_linux_lets_go_of_a_mounted_share(client: Client, guest: Any, hostdir: Path, daemon: Daemon) -> None:
