@@ -36,12 +36,12 @@ BENCHMARKS = {
     "throughput": 480,
     "versus_libvirt": 460,
     "restart": 240,
-    "hotplug-178": 480,
+    "hotplug-180": 480,
 }
 # Benchmarks that are another one run with other arguments: name -> (script, arguments).
 VARIANTS = {
     # AddDrive/RemoveDrive on a machine whose spares sit behind PCIe switches.
-    "hotplug-178": ("hotplug", ["--spares", "178", "--reps", "10", "--timeout", "400"]),
+    "hotplug-180": ("hotplug", ["--spares", "180", "--reps", "10", "--timeout", "400"]),
 }
 BUDGET_S = 15 * 60
 CURRENT: list[subprocess.Popen[bytes]] = []

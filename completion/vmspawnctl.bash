@@ -15,7 +15,7 @@ __vmspawnctl_machine_opts="--kernel --initrd --cmdline --image --image-format --
     --vsock --memory --cpus --spares --accel --firmware --qemu-extra --qemu-extra-string"
 # Options that take a value in the next word.
 __vmspawnctl_value_opts="--kernel --initrd --cmdline --image --image-format --drive --disk-type --network
-    --memory --cpus --spares --accel --firmware --qemu-extra --qemu-extra-string --serial --format --id --timeout"
+    --memory --cpus --spares --accel --firmware --qemu-extra --qemu-extra-string --serial --format --id --port --timeout"
 
 # The --user/--system flags on the line, so lookups ask the same bus.
 __vmspawnctl_bus_flags() {
@@ -121,7 +121,7 @@ _vmspawnctl() {
             __vmspawnctl_reply "bios uefi" "$cur"
             return 0
             ;;
-        --cmdline | --memory | --cpus | --spares | --qemu-extra | --qemu-extra-string | --serial | --id | --timeout)
+        --cmdline | --memory | --cpus | --spares | --qemu-extra | --qemu-extra-string | --serial | --id | --port | --timeout)
             return 0
             ;;
     esac
@@ -130,7 +130,7 @@ _vmspawnctl() {
     case $verb in
         plan) opts+=" $__vmspawnctl_machine_opts" ;;
         create) opts+=" $__vmspawnctl_machine_opts --keep" ;;
-        add-drive) opts+=" --disk-type --serial --read-only --format --id" ;;
+        add-drive) opts+=" --disk-type --serial --read-only --format --id --port" ;;
         remove-drive | poweroff) opts+=" --timeout" ;;
         console) opts+=" --read-only --no-follow" ;;
         "") opts+=" --version" ;;

@@ -216,6 +216,17 @@ def test_implicit_devices_once_right_after_the_ports() -> None:
         assert (dev["bus"], dev["addr"]) == ("pcie.0", f"0x{slot:x}.0")
 
 
+def test_implicit_devices_take_no_msi_vectors() -> None:
+    """A 1-vCPU Linux guest has about 200 interrupt vectors and every PCIe
+    port of a big plan holds one: rng and serial on INTx (balloon has no
+    MSI-X at all) leave the vectors to hotplugged devices (README "How many
+    hotplug ports")."""
+    s = seed_spec()
+    devs = devices(build_argv(s, plan_machine(s, TYPES), RT))
+    vectors = {d["driver"]: d.get("vectors") for d in devs if d["driver"] in IMPLICIT_DEVICES}
+    assert vectors == {"virtio-rng-pci": "0", "virtio-balloon-pci": None, "virtio-serial-pci": "0"}
+
+
 # -- drives ----------------------------------------------------------------
 
 

@@ -152,7 +152,7 @@ def test_only_given_options_are_sent() -> None:
 
 def test_add_drive_options_match_the_daemon_schema() -> None:
     argv = ["add-drive", "vm", "/d", "--disk-type", "nvme", "--serial", "s", "--read-only"]
-    args = ctl.parse_args([*argv, "--format", "qcow2", "--id", "x"])
+    args = ctl.parse_args([*argv, "--format", "qcow2", "--id", "x", "--port", "sw5p29"])
     opts = ctl.add_drive_options(args)
     assert {k: v.signature for k, v in opts.items()} == ADD_DRIVE_OPTIONS
     assert ctl.add_drive_options(ctl.parse_args(["add-drive", "vm", "/d"])) == {}
@@ -322,7 +322,7 @@ def test_plan_tree_of_the_packed_machine() -> None:
     assert "\n".join(lines[1:18]) == PACKED_TREE
     assert lines[18:] == [
         "",
-        "PCI buses: 14 of 190 used; at most 174 hotplug spares",
+        "PCI buses: 14 of 192 used; at most 176 hotplug spares",
         "pcie.0 slots: 25 of 30 used, 5 available",
         "SLOTS  WHAT",
         "    2  14 PCIe root ports, 8 per slot",
@@ -569,6 +569,6 @@ def test_plan_tree_shows_the_switch_levels() -> None:
         "   │     ├─ 0x0.0 → sw0p0 (downstream-port, spare) → (free)",
         "   │     ├─ 0x1.0 → sw0p1 (downstream-port, spare) → (free)",
     ]
-    assert "PCI buses: 141 of 190 used; at most 177 hotplug spares" in lines
+    assert "PCI buses: 141 of 192 used; at most 179 hotplug spares" in lines
     assert {p["kind"] for p in plan["ports"]} == {"root-port", "switch-upstream", "downstream-port"}
-    assert plan["buses"] == {"used": 141, "budget": 190, "max_spares": 177}
+    assert plan["buses"] == {"used": 141, "budget": 192, "max_spares": 179}

@@ -22,6 +22,7 @@ from vmspawnd.bus.options import (
     MOUNT_OPTIONS,
     REMOVE_DRIVE_OPTIONS,
     add_drive,
+    add_drive_port,
     add_share,
     machine_spec,
     power_off_timeout,
@@ -451,9 +452,22 @@ def test_add_drive_all_options() -> None:
         "read_only": V("b", True),
         "serial": V("s", "S1"),
         "id": V("s", "data"),
+        "port": V("s", "sw5p29"),
     }
     assert set(options) == set(ADD_DRIVE_OPTIONS)
-    assert add_drive("/a", options) == (DriveSpec(Path("/a"), DiskType.NVME, ImageFormat.QCOW2, True, "S1"), "data")
+    drive = DriveSpec(Path("/a"), DiskType.NVME, ImageFormat.QCOW2, True, "S1")
+    assert add_drive("/a", options) == (drive, "data")
+    assert add_drive_port(options, drive) == "sw5p29"
+
+
+def test_add_drive_port_defaults_to_the_lowest_free_spare_and_is_not_for_scsi() -> None:
+    assert add_drive_port({}, DriveSpec(Path("/a"))) == ""
+    with pytest.raises(InvalidArgument) as e:
+        add_drive_port({"port": V("s", "rp3")}, DriveSpec(Path("/a"), DiskType.VIRTIO_SCSI))
+    assert str(e.value) == (
+        "AddDrive option 'port' is for virtio-blk and nvme drives: a SCSI drive sits on its controller, "
+        "which takes the lowest free spare port"
+    )
 
 
 @pytest.mark.parametrize(
@@ -464,7 +478,7 @@ def test_add_drive_all_options() -> None:
         (
             "/a",
             {"path": V("s", "/b")},
-            "unknown AddDrive option 'path'; known options: disk_type, format, id, read_only, serial",
+            "unknown AddDrive option 'path'; known options: disk_type, format, id, port, read_only, serial",
         ),
         ("/a", {"read_only": V("s", "true")}, "AddDrive option 'read_only' must have type 'b', got 's'"),
         (

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.devtypes import TYPES
-from vmspawnd.errors import NoFreePort
+from vmspawnd.errors import InvalidArgument, NoFreePort
 from vmspawnd.model import DiskType, DriveSpec, MachineSpec, PortRole
 from vmspawnd.porttable import PortTable
 from vmspawnd.topology import plan_machine
@@ -66,6 +66,24 @@ def test_no_free_port_names_every_holder() -> None:
     )
     # A refusal changes nothing.
     assert table.holders() == {"rp0": "b0", "rp1": "scsi0", "rp2": "disk3"}
+
+
+def test_take_a_named_spare_port() -> None:
+    """AddDrive's `port` option: the caller picks the spare (the last one of a 180-spare machine, say)."""
+    table = PortTable([*ports(1, 0), P("sw0p0", PortRole.SPARE), P("sw0p1", PortRole.SPARE)], "vm1")
+    assert table.take("d0", "sw0p1") == "sw0p1"
+    # The lowest free one is still the default.
+    assert table.take("d1") == "sw0p0"
+    assert table.release("d0") == "sw0p1"
+    with pytest.raises(NoFreePort) as e:
+        table.take("d2", "sw0p0")
+    assert str(e.value) == "spare port sw0p0 of vm1 holds d1; pick a free one (FreeSparePorts, Ports) or leave port out"
+    for port in ("rp0", "nope"):
+        with pytest.raises(InvalidArgument) as inv:
+            table.check_spare(port)
+        assert f"{port!r} is not a spare port of vm1; its spare ports are sw0p0, sw0p1" in str(inv.value)
+    # A refusal changes nothing.
+    assert table.holders() == {"rp0": "b0", "sw0p0": "d1"}
 
 
 def test_release() -> None:

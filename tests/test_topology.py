@@ -301,11 +301,11 @@ def test_past_120_ports_every_spare_goes_behind_a_switch() -> None:
     assert [x.buses for x in p.ports if x.role is PortRole.SWITCH and x.kind is PortKind.ROOT_PORT] == [32] * 4
 
 
-def test_178_spares_plan_shows_every_level() -> None:
-    p = plan(kernel_spec(spares=178))
-    assert len(p.spares) == 178
+def test_180_spares_plan_shows_every_level() -> None:
+    p = plan(kernel_spec(spares=180))
+    assert len(p.spares) == 180
     ups = [x for x in p.ports if x.kind is PortKind.UPSTREAM]
-    # 6 switches, evenly filled: 30, 30, 30, 30, 29, 29 ports (190 buses).
+    # 6 switches, evenly filled: 30 ports each (192 buses).
     assert len(ups) == 6
     for up in ups:
         rp = next(x for x in p.ports if x.id == up.parent)
@@ -313,15 +313,21 @@ def test_178_spares_plan_shows_every_level() -> None:
         assert rp.kind is PortKind.ROOT_PORT and rp.role is PortRole.SWITCH and rp.hotplug
         downs = [x for x in p.ports if x.parent == up.id]
         assert [d.addr for d in downs] == [f"0x{k:x}.0" for k in range(len(downs))]
-        assert len(downs) in (29, 30)
+        assert len(downs) == 30
         assert all(d.role is PortRole.SPARE and d.hotplug for d in downs)
         assert rp.buses == len(downs) + 2 and up.buses == len(downs) + 1
-    assert p.buses == 178 + 6 * 2 == BUS_LIMIT
+    assert p.buses == 180 + 6 * 2 == BUS_LIMIT == 192
     # Hotplug fills each switch's ports in order, then the next switch.
     assert [x.id for x in p.spares[:3]] == ["sw0p0", "sw0p1", "sw0p2"]
     assert [x.id for x in p.spares[29:31]] == ["sw0p29", "sw1p0"]
-    assert p.spares[-1].id == "sw5p28"
-    assert p.max_spares == 178
+    assert p.spares[-1].id == "sw5p29"
+    assert p.max_spares == 180
+
+
+def test_181_spares_would_need_193_buses() -> None:
+    with pytest.raises(TooManyPorts) as e:
+        plan(kernel_spec(spares=181))
+    assert "(181, max 180 on this machine: 192 PCI buses" in str(e.value)
 
 
 def test_the_maximum_is_the_bus_budget_and_one_more_is_refused() -> None:

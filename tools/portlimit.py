@@ -7,12 +7,20 @@ guest to report it (VMSPAWN-BLOCK-ADD).
     python3 tools/portlimit.py ROOTS PORTS_PER_SWITCH [--timeout S]
 
 Prints one line: roots, ports, buses, boot seconds, hotplug seconds, verdict.
+Variants (README "How many hotplug ports" lists what they showed):
+--implicit transitional|modern adds vmspawnd's three implicit virtio devices
+on pcie.0 (as QEMU makes them, or without their legacy IO BAR),
+--implicit-props ',vectors=0' gives them no MSI-X, --disks N hotplugs N
+disks from the last port back, --append loglevel=7 shows the guest kernel's
+reasons (e.g. "virtio_blk: probe of virtio3 failed with error -28"), --qemu
+passes more QEMU arguments one by one.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -34,7 +42,7 @@ FIRST = os.environ.get("VMSPAWN_PORTLIMIT_FIRST") == "1"
 SLOT_IS_CHASSIS = os.environ.get("VMSPAWN_PORTLIMIT_SLOTS") == "1"
 
 
-def switch_argv(roots: int, per_switch: int) -> list[str]:
+def switch_argv(roots: int, per_switch: int, rp_props: str = "") -> list[str]:
     """Root ports packed 8 per slot, a switch behind each (none if per_switch is 0)."""
     argv: list[str] = []
     chassis = 0
@@ -44,7 +52,7 @@ def switch_argv(roots: int, per_switch: int) -> list[str]:
         mf = ",multifunction=on" if fn == 0 else ""
         argv += [
             "-device",
-            f"pcie-root-port,id=rp{r},bus=pcie.0,addr=0x{slot:x}.{fn}{mf},chassis={chassis},slot={chassis}",
+            f"pcie-root-port,id=rp{r},bus=pcie.0,addr=0x{slot:x}.{fn}{mf},chassis={chassis},slot={chassis}{rp_props}",
         ]
         if not per_switch:
             continue
@@ -59,7 +67,70 @@ def switch_argv(roots: int, per_switch: int) -> list[str]:
     return argv
 
 
-async def probe(roots: int, per_switch: int, timeout: float, keep: Path | None = None) -> str:
+# The implicit devices vmspawnd adds on pcie.0, as --implicit variants.
+IMPLICIT = ("virtio-rng-pci", "virtio-balloon-pci", "virtio-serial-pci")
+
+
+def implicit_argv(how: str, more: str = "") -> list[str]:
+    """none, transitional (vmspawnd's today: legacy IO BAR), modern (disable-legacy=on); `more` props."""
+    if how == "none":
+        return []
+    props = ",disable-legacy=on" if how == "modern" else ""
+    argv = []
+    for i, d in enumerate(IMPLICIT):
+        # virtio-balloon-pci has no vectors= (it never uses MSI-X).
+        own = "" if d == "virtio-balloon-pci" and "vectors" in more else more
+        argv += ["-device", f"{d},id=implicit{i},bus=pcie.0,addr=0x{i + 1:x}{props}{own}"]
+    return argv
+
+
+def read(console: Path) -> str:
+    return console.read_text(errors="replace")
+
+
+async def more_disks(qmp: QMPClient, console: Path, disk: Path, roots: int, per_switch: int, n: int) -> int:
+    """Hotplug n more disks on the ports before the last one; how many the guest sees
+    (it stops at the first one the guest's driver refuses, or that is not seen in 20 s)."""
+    for k in range(1, n + 1):
+        port = f"dp{roots - 1 - k // per_switch}.{per_switch - 1 - k % per_switch}"
+        file = disk.with_name(f"disk{k}.raw")
+        file.write_bytes(b"\0" * 1024 * 1024)
+        await qmp.execute(
+            "blockdev-add", {"driver": "raw", "node-name": f"n{k}", "file": {"driver": "file", "filename": str(file)}}
+        )
+        mark = len(read(console))
+        await qmp.execute(
+            "device_add",
+            {"driver": "virtio-blk-pci", "id": f"d{k}", "drive": f"n{k}", "bus": port, "serial": f"MORE{k}"},
+        )
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 20:
+            text = read(console)[mark:]
+            if f"serial=MORE{k}" in text:
+                break
+            if "failed with error" in text:
+                return k - 1
+            await asyncio.sleep(0.05)
+        else:
+            return k - 1
+    return n
+
+
+async def probe(
+    roots: int,
+    per_switch: int,
+    timeout: float,
+    keep: Path | None = None,
+    *,
+    rp_props: str = "",
+    implicit: str = "none",
+    implicit_props: str = "",
+    dev_props: dict[str, object] | None = None,
+    disks: int = 1,
+    append: str = "",
+    extra: tuple[str, ...] = (),
+) -> str:
+    dev_props = dev_props or {}
     guest = tinyguest.build(tinyguest.default_cache_dir())
     with tempfile.TemporaryDirectory() as tmp:
         console = keep or Path(tmp) / "console.log"
@@ -70,8 +141,8 @@ async def probe(roots: int, per_switch: int, timeout: float, keep: Path | None =
             "qemu-system-x86_64", "-machine", "q35,accel=tcg", "-m", "256M", "-nodefaults", "-display", "none",
             "-chardev", f"socket,id=qmp,fd={b.fileno()}", "-mon", "chardev=qmp,mode=control",
             "-chardev", f"file,id=console,path={console}", "-serial", "chardev:console",
-            *switch_argv(roots, per_switch),
-            "-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", guest.cmdline,
+            *switch_argv(roots, per_switch, rp_props), *implicit_argv(implicit, implicit_props), *extra,
+            "-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", f"{guest.cmdline} {append}",
         ]  # fmt: skip
         start = time.monotonic()
         # Popen, not asyncio's: QEMU must get the QMP socket end as it is.
@@ -98,7 +169,8 @@ async def probe(roots: int, per_switch: int, timeout: float, keep: Path | None =
             )
             t0 = time.monotonic()
             await qmp.execute(
-                "device_add", {"driver": "virtio-blk-pci", "id": "d", "drive": "n", "bus": last, "serial": "LAST"}
+                "device_add",
+                {"driver": "virtio-blk-pci", "id": "d", "drive": "n", "bus": last, "serial": "LAST", **dev_props},
             )
             verdict = "no-hotplug"
             while time.monotonic() - t0 < timeout:
@@ -107,6 +179,9 @@ async def probe(roots: int, per_switch: int, timeout: float, keep: Path | None =
                     verdict = "ok"
                     break
                 await asyncio.sleep(0.05)
+            if verdict == "ok" and disks > 1:
+                seen = 1 + await more_disks(qmp, console, disk, roots, per_switch, disks - 1)
+                verdict = f"ok disks_seen={seen}/{disks}"
         finally:
             proc.kill()
             proc.wait()
@@ -123,8 +198,20 @@ def main() -> int:
     ap.add_argument("per_switch", type=int)
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--console", type=Path, help="keep the guest's console log here")
+    ap.add_argument("--rp", default="", help="extra root-port properties, e.g. ',io-reserve=0'")
+    ap.add_argument("--implicit", choices=("none", "transitional", "modern"), default="none")
+    ap.add_argument("--implicit-props", default="", help="more props for them, e.g. ',vectors=0'")
+    ap.add_argument("--dev-props", default="{}", help="JSON props for the hotplugged disk, e.g. '{\"vectors\": 0}'")
+    ap.add_argument("--disks", type=int, default=1, help="hotplug this many disks, from the last port back")
+    ap.add_argument("--append", default="", help="more kernel command line, e.g. loglevel=7")
+    ap.add_argument("--qemu", action="append", default=[], help="one more QEMU argument (repeatable)")
     args = ap.parse_args()
-    print(asyncio.run(probe(args.roots, args.per_switch, args.timeout, args.console)), flush=True)
+    result = probe(
+        args.roots, args.per_switch, args.timeout, args.console,
+        rp_props=args.rp, implicit=args.implicit, implicit_props=args.implicit_props,
+        dev_props=json.loads(args.dev_props), disks=args.disks, append=args.append, extra=tuple(args.qemu),
+    )  # fmt: skip
+    print(asyncio.run(result), f"implicit={args.implicit}{args.implicit_props} rp={args.rp!r}", flush=True)
     return 0
 
 

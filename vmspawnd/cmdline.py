@@ -23,6 +23,15 @@ TCG = "tcg,split-wx=on"
 ACCELS = {Accel.KVM: ("kvm",), Accel.TCG: (TCG,), Accel.AUTO: ("kvm", TCG)}
 
 
+# vectors=0: no MSI-X, the guest uses INTx. A 1-vCPU Linux guest has about
+# 200 interrupt vectors and every PCIe port holds one (its AER service), so
+# on a 180-spare plan MSI-X here left none for a hotplugged disk; these
+# devices are slow talkers (virtio-balloon-pci has no MSI-X at all).
+IMPLICIT_PROPS: dict[str, dict[str, str | int | None]] = {
+    "virtio-rng-pci": {"vectors": 0},
+    "virtio-serial-pci": {"vectors": 0},
+}
+
 # fdset ids from here on are the command line's (console, boot drives);
 # fdsets passed at run time (hotplug) count from 1.
 BOOT_FDSETS = 1_000_000
@@ -303,7 +312,8 @@ def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
         argv += ["-device", port_device(port)]
     # At the slots the plan gave them: qemu_extra's addr= slots stay free.
     for implicit in plan.implicit:
-        argv += ["-device", opts(implicit.driver, id=implicit.id, bus="pcie.0", addr=implicit.addr)]
+        props = IMPLICIT_PROPS.get(implicit.driver, {})
+        argv += ["-device", opts(implicit.driver, id=implicit.id, bus="pcie.0", addr=implicit.addr, **props)]
 
     if plan.scsi_controller:
         argv += _device_args(scsi_controller(plan.scsi_controller, plan.port_carrying(plan.scsi_controller).id))

@@ -433,7 +433,7 @@ def machine_options(args: argparse.Namespace) -> dict[str, Variant]:
 
 def add_drive_options(args: argparse.Namespace) -> dict[str, Variant]:
     opts: dict[str, Variant] = {}
-    for key in ("disk_type", "format", "serial", "id"):
+    for key in ("disk_type", "format", "serial", "id", "port"):
         if getattr(args, key) is not None:
             opts[key] = Variant("s", getattr(args, key))
     if args.read_only:
@@ -1151,7 +1151,7 @@ VERB_HELP: dict[str, VerbHelp] = {
     "add-drive": VerbHelp(
         "hotplug a drive onto a free spare port",
         "Open PATH yourself (read-write, or read-only with --read-only) and hand the open file to vmspawnd "
-        "(AddDriveFd), which plugs it into the lowest free spare root port. So the drive is whatever you can "
+        "(AddDriveFd), which plugs it into the lowest free spare port (or --port). So the drive is whatever you can "
         "open: vmspawnd never opens a path for you with more rights than you have. Prints the drive id and "
         "its port.",
         (
@@ -1331,6 +1331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-only", action="store_true", help="open the file read-only and attach it read-only")
     p.add_argument("--format", metavar="FORMAT", help=f"{', '.join(IMAGE_FORMATS)} (default raw)")
     p.add_argument("--id", metavar="ID", help="the drive id (default: diskN)")
+    p.add_argument("--port", metavar="PORT", help="this free spare port (see status; default: the lowest free one)")
     p = verb("remove-drive")
     p.add_argument("name", metavar="NAME", help="the machine")
     p.add_argument("id", metavar="ID", help="the drive id (see status)")

@@ -876,7 +876,9 @@ class Machine:
         if requested_id in self._known_ids():
             raise InvalidArgument(f"{kind} id {requested_id!r} is already used on {self.name}; pick another id")
 
-    def validate_drive(self, drive: DriveSpec, requested_id: str) -> str:
+    def validate_drive(self, drive: DriveSpec, requested_id: str, port: str = "") -> str:
+        if port:
+            self.ports.check_spare(port)
         self._check_new_id(requested_id, "drive")
         limit = SERIAL_MAX[drive.disk_type]
         if len(drive.serial) > limit:
@@ -885,11 +887,12 @@ class Machine:
             )
         return requested_id
 
-    async def add_drive(self, drive: DriveSpec, chain: OpenedChain, requested_id: str = "") -> Drive:
+    async def add_drive(self, drive: DriveSpec, chain: OpenedChain, requested_id: str = "", spare: str = "") -> Drive:
         """Each layer of `chain` into its own fdset, blockdev-add + device_add
-        on the lowest free spare port; undone on failure. The fds stay the caller's."""
+        on port `spare` (by default the lowest free spare); undone on failure.
+        The fds stay the caller's."""
         async with self._request("AddDrive"):
-            self.validate_drive(drive, requested_id)
+            self.validate_drive(drive, requested_id, spare)
             dev = requested_id or self._new_drive_id()
             undo: list[tuple[str, dict[str, object]]] = []
             # The undo of the command in flight: one that times out may still be carried out.
@@ -904,7 +907,7 @@ class Machine:
                         undo.append(("device_del", {"id": controller}))
                     bus = controller
                 else:
-                    port = bus = self.ports.take(dev)
+                    port = bus = self.ports.take(dev, spare)
                 # The fds only once there is a port: a request refused for want
                 # of one hands QEMU nothing (a paused QEMU keeps removed fds).
                 for layer in chain.top.walk():

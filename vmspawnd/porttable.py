@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 
-from .errors import NoFreePort
+from .errors import InvalidArgument, NoFreePort
 from .model import PortRole
 
 
@@ -71,10 +71,25 @@ class PortTable:
 
     # -- changes --------------------------------------------------------------
 
-    def take(self, device: str) -> str:
-        """Put `device` on the first free spare port and return that port."""
+    def check_spare(self, port: str) -> None:
+        """A port a caller names must be one of the spares, free or not."""
+        if port not in self.spares:
+            listed = ", ".join(self.spares) or "none"
+            raise InvalidArgument(f"{port!r} is not a spare port of {self.machine}; its spare ports are {listed}")
+
+    def take(self, device: str, port: str = "") -> str:
+        """Put `device` on spare `port` (by default the first free one) and return that port."""
         if device in self._port:
             raise ValueError(f"{device} already holds {self._port[device]}; one port per device")
+        if port:
+            self.check_spare(port)
+            if port in self._holder:
+                raise NoFreePort(
+                    f"spare port {port} of {self.machine} holds {self._holder[port]}; "
+                    "pick a free one (FreeSparePorts, Ports) or leave port out"
+                )
+            self._hold(port, device)
+            return port
         for port in self.spares:
             if port not in self._holder:
                 self._hold(port, device)

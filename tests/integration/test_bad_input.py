@@ -85,7 +85,7 @@ async def test_181_ports_refused_before_qemu(client: Client, daemon: Daemon, gue
     (tmp_path / "d").write_bytes(b"\0" * 4096)
     opts = guest_options(guest, image=str(tmp_path / "d"), hotplug_spares=180)
     msg = await expect_error(
-        client, daemon, "m", opts, "TooManyPorts", "Too many PCIe ports requested (181, max 178 on this machine"
+        client, daemon, "m", opts, "TooManyPorts", "Too many PCIe ports requested (181, max 180 on this machine"
     )
     assert "hotplug_spares" in msg
     assert not (daemon.runtime_dir / "machines" / "m").exists()

@@ -226,7 +226,7 @@ ERROR_CASES: dict[str, tuple[Any, int, str, str]] = {
     ),
     "TooManyPorts": (
         lambda g, f: ["plan", "--kernel", str(g.kernel), "--image", str(f["root"]), "--spares", "180"],
-        2, "Too many PCIe ports requested (181, max 178 on this machine", "fewer --spares",
+        2, "Too many PCIe ports requested (181, max 180 on this machine", "fewer --spares",
     ),
     "PcieSlotsExhausted": (
         lambda g, f: ["plan", "--kernel", str(g.kernel), "--qemu-extra-string", nvme_string(27)],

@@ -201,9 +201,10 @@ class MachineInterface(ServiceInterface):
     async def AddDrive(self, path: DBusStr, options: Options) -> DrivePort:
         uid = await self._authorize(self.machine)
         drive, drive_id = parse.add_drive(path, options)
+        port = parse.add_drive_port(options, drive)
         # Refuse bad options before touching the file.
-        self.machine.validate_drive(drive, drive_id)
-        return await self._attach(drive, drive_id, uid)
+        self.machine.validate_drive(drive, drive_id, port)
+        return await self._attach(drive, drive_id, port, uid)
 
     @dbus_method()
     @replies_errors
@@ -220,19 +221,20 @@ class MachineInterface(ServiceInterface):
             uid = await self._authorize(self.machine)
             # Relative backing names count from the directory the fd's file is in.
             drive, drive_id = parse.add_drive(os.readlink(f"/proc/self/fd/{fd}"), options)
-            self.machine.validate_drive(drive, drive_id)
-            return await self._attach(drive, drive_id, uid, os.dup(fd))
+            port = parse.add_drive_port(options, drive)
+            self.machine.validate_drive(drive, drive_id, port)
+            return await self._attach(drive, drive_id, port, uid, os.dup(fd))
         finally:
             # QEMU holds its own copy now.
             for passed_fd in passed:
                 os.close(passed_fd)
 
-    async def _attach(self, drive: DriveSpec, drive_id: str, uid: int, fd: int | None = None) -> list[str]:
+    async def _attach(self, drive: DriveSpec, drive_id: str, port: str, uid: int, fd: int | None = None) -> list[str]:
         """Every layer of the drive's image opened as `uid` (the image itself
         from `fd` when given, which is then the chain's), handed to QEMU."""
         chain: OpenedChain = await open_chain(uid, str(drive.path), drive.format, cmdline.read_only(drive), fd=fd)
         try:
-            added = await self.machine.add_drive(drive, chain, drive_id)
+            added = await self.machine.add_drive(drive, chain, drive_id, port)
         finally:
             # QEMU holds its own copies now.
             chain.close()

@@ -48,7 +48,7 @@ MACHINE_OPTIONS = {
 }
 DRIVE_OPTIONS = {"path": "s", "format": "s", "disk_type": "s", "read_only": "b", "serial": "s"}
 MOUNT_OPTIONS = {"source": "s", "tag": "s", "read_only": "b"}
-ADD_DRIVE_OPTIONS = {"disk_type": "s", "format": "s", "read_only": "b", "serial": "s", "id": "s"}
+ADD_DRIVE_OPTIONS = {"disk_type": "s", "format": "s", "read_only": "b", "serial": "s", "id": "s", "port": "s"}
 REMOVE_DRIVE_OPTIONS = {"timeout_usec": "t"}
 ADD_SHARE_OPTIONS = {"tag": "s", "read_only": "b", "id": "s"}
 OPEN_CONSOLE_OPTIONS = {"read_only": "b"}
@@ -174,6 +174,17 @@ def add_drive(path_value: str, options: dict[str, Variant]) -> tuple[DriveSpec, 
     """(the drive, the requested id or "") for AddDrive / AddDriveFd."""
     v = unpack(options, ADD_DRIVE_OPTIONS, "AddDrive")
     return drive({"path": path_value} | v, DiskType.VIRTIO_BLK, "AddDrive"), v.get("id", "")
+
+
+def add_drive_port(options: dict[str, Variant], drive: DriveSpec) -> str:
+    """AddDrive's spare port: "" for the lowest free one."""
+    port: str = unpack(options, ADD_DRIVE_OPTIONS, "AddDrive").get("port", "")
+    if port and drive.disk_type.is_scsi:
+        raise InvalidArgument(
+            "AddDrive option 'port' is for virtio-blk and nvme drives: a SCSI drive sits on its controller, "
+            "which takes the lowest free spare port"
+        )
+    return port
 
 
 def add_share(directory: str, options: dict[str, Variant]) -> tuple[Share, bool, str]:
