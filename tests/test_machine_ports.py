@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.devtypes import TYPES
+from vmspawnd.bus.machine import PortsValue, port_entry
 from vmspawnd.errors import InvalidArgument, QemuFailed
 from vmspawnd.machine import Machine
 from vmspawnd.model import DriveSpec, MachineSpec, MachineState
@@ -47,6 +48,22 @@ def test_spares_behind_switches_fill_in_order_and_unplug_frees_exactly_that_port
     assert m.ports.release("d7") == "sw0p7"
     assert m.ports.take("again") == "sw0p7"
     assert m.ports.free_count == 178 - 33
+
+
+def test_the_ports_property_rebuilds_only_the_entries_that_changed() -> None:
+    """On a 180-spare machine building all 192 entries for every hotplug's
+    PropertiesChanged cost ~3.5 ms of the event loop."""
+    m = machine(spares=180)
+    ports = PortsValue(m)
+    first = ports()
+    assert first == [port_entry(p, "") for p in m.plan.ports]
+    m.ports.take("d0", "sw5p29")
+    second = ports()
+    assert second == [port_entry(p, m.ports.holder(p.id)) for p in m.plan.ports]
+    rebuilt = [b for a, b in zip(first, second, strict=True) if a is not b]
+    assert [e["id"].value for e in rebuilt] == ["sw5p29"] and rebuilt[0]["device"].value == "d0"
+    m.ports.release("d0")
+    assert ports() == first
 
 
 async def test_scsi_controller_is_named_around_qemu_extra_and_a_refusal_is_qemu_failed() -> None:

@@ -126,6 +126,27 @@ async def test_full_spares_give_no_free_port_and_removing_one_makes_room(
     assert await client.add_drive(vm.path, disk(tmp_path, "one-more")) == ("disk4", "rp2")
 
 
+async def test_add_drive_on_a_named_spare_and_a_taken_one_is_no_free_port(
+    client: Client, vm: VM, tmp_path: Path
+) -> None:
+    drive_id, port = await client.add_drive(vm.path, disk(tmp_path, "last"), port="rp3", serial="named")
+    assert port == "rp3"
+    assert vm.probe.devices_on("rp3") == [drive_id]
+    await wait_console(vm.console, r"VMSPAWN-BLOCK-ADD vd[a-z]+ serial=named")
+    # The default is still the lowest free spare.
+    assert (await client.add_drive(vm.path, disk(tmp_path, "low")))[1] == "rp0"
+    nodes, fdsets = vm.probe.block_nodes(), vm.probe.fdsets()
+    with pytest.raises(DBusError) as e:
+        await client.add_drive(vm.path, disk(tmp_path, "again"), port="rp3")
+    assert e.value.type == E + "NoFreePort"
+    assert f"spare port rp3 of hp holds {drive_id}" in e.value.text
+    # The refusal handed QEMU nothing.
+    assert (vm.probe.block_nodes(), vm.probe.fdsets()) == (nodes, fdsets)
+    await client.remove_drive(vm.path, drive_id)
+    assert vm.probe.devices_on("rp3") == []
+    assert await client.prop(vm.path, "FreeSparePorts") == 3
+
+
 async def test_no_free_port_on_a_paused_vm_leaves_no_fdset(client: Client, vm: VM, tmp_path: Path) -> None:
     """Finding 12: the fd went to QEMU before the port was taken, and a paused
     QEMU closes no removed fd: every NoFreePort left an fdset behind."""
@@ -208,6 +229,12 @@ async def test_failed_device_add_is_rolled_back(client: Client, vm: VM, tmp_path
         ({"read_only": Variant("s", "yes")}, "InvalidArgument", "must have type 'b'"),
         ({"id": Variant("s", "rp1")}, "InvalidArgument", "reserved for vmspawnd"),
         ({"id": Variant("s", "1bad")}, "InvalidArgument", "drive id '1bad' is invalid"),
+        ({"port": Variant("s", "rp9")}, "InvalidArgument", "'rp9' is not a spare port of hp; its spare ports are rp0,"),
+        (
+            {"port": Variant("s", "rp1"), "disk_type": Variant("s", "virtio-scsi")},
+            "InvalidArgument",
+            "'port' is for virtio-blk and nvme drives",
+        ),
     ],
 )
 async def test_bad_add_drive_options_change_nothing(

@@ -54,8 +54,25 @@ def port_entry(port: Port, device: str) -> dict[str, Variant]:
     }
 
 
-def ports_value(machine: Machine) -> list[dict[str, Variant]]:
-    return [port_entry(p, machine.ports.holder(p.id)) for p in machine.plan.ports]
+class PortsValue:
+    """The Ports property. Each entry is built once and again only when its
+    port's device changes: a 180-spare machine's 192 entries, rebuilt for
+    every hotplug's PropertiesChanged, cost the event loop ~3.5 ms a call."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        # port id -> (the planned port, its device, the entry)
+        self._entries: dict[str, tuple[Port, str, dict[str, Variant]]] = {}
+
+    def __call__(self) -> list[dict[str, Variant]]:
+        out = []
+        for port in self.machine.plan.ports:
+            device = self.machine.ports.holder(port.id)
+            cached = self._entries.get(port.id)
+            if cached is None or cached[0] is not port or cached[1] != device:
+                cached = self._entries[port.id] = (port, device, port_entry(port, device))
+            out.append(cached[2])
+        return out
 
 
 def drives_value(machine: Machine) -> list[dict[str, Variant]]:
@@ -96,6 +113,7 @@ class MachineInterface(ServiceInterface):
         self._authorize = authorize
         self._start = start
         self.unplug_timeout = DEFAULT_UNPLUG_TIMEOUT
+        self._ports = PortsValue(machine)
 
     # Observer of the machine: PropertiesChanged and signals.
     def changed(self, machine: Machine, properties: set[str]) -> None:
@@ -105,7 +123,7 @@ class MachineInterface(ServiceInterface):
             "Leader": lambda: machine.leader,
             "Drives": lambda: drives_value(machine),
             "Shares": lambda: shares_value(machine),
-            "Ports": lambda: ports_value(machine),
+            "Ports": self._ports,
             "FreeSparePorts": lambda: machine.ports.free_count,
             "ConsoleClients": lambda: list(machine.console.roster.summary),
             "Accel": lambda: machine.accel,
@@ -157,7 +175,7 @@ class MachineInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def Ports(self) -> DictList:
-        return ports_value(self.machine)
+        return self._ports()
 
     @dbus_property(access=PropertyAccess.READ)
     def Drives(self) -> DictList:
