@@ -66,8 +66,7 @@ def test_scope_properties() -> None:
     assert cgroup.unit_name("vm1") == "vmspawnd-vm1.scope"
 
 
-def test_place_holds_remove_on_a_stand_in_v1_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cgroup, "SYSTEMD_RUNNING", tmp_path / "no-systemd")
+def test_place_holds_remove_on_a_stand_in_v1_tree(tmp_path: Path) -> None:
     own = own_cgroups(Path("/proc/self/cgroup").read_text())
     for controller in cgroup.V1_CONTROLLERS:
         (tmp_path / controller / own.get(controller, "/").lstrip("/")).mkdir(parents=True)
@@ -87,10 +86,7 @@ def test_place_holds_remove_on_a_stand_in_v1_tree(tmp_path: Path, monkeypatch: p
     assert not any(d.exists() for d in dirs)
 
 
-def test_nothing_usable_is_said_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(cgroup, "SYSTEMD_RUNNING", tmp_path / "no-systemd")
+def test_nothing_usable_is_said_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     groups = Cgroups(Config(), tmp_path)
     assert groups.kind is Kind.NONE
     assert "machines get no cgroup of their own" in caplog.text

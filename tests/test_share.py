@@ -27,12 +27,12 @@ CONFINE = [
 
 
 def test_c_virtiofsd_gets_the_handle_never_the_path() -> None:
-    argv = virtiofsd_argv(Virtiofsd("/usr/lib/qemu/virtiofsd", rust=False), OPENED, 7)
+    argv = virtiofsd_argv(Virtiofsd("/usr/lib/qemu/virtiofsd", rust=False), OPENED)
     assert argv == [
         *CONFINE,
         "/usr/lib/qemu/virtiofsd",
-        "--fd=7",
-        "-o", "source=/proc/self/fd/9/",
+        "--fd=1",
+        "-o", "source=/proc/self/fd/0/",
         "-o", "sandbox=chroot",
         "-o", "cache=auto",
         "-o", "modcaps=-mknod:-setfcap",
@@ -41,12 +41,12 @@ def test_c_virtiofsd_gets_the_handle_never_the_path() -> None:
 
 
 def test_rust_virtiofsd_gets_the_handle_never_the_path() -> None:
-    argv = virtiofsd_argv(Virtiofsd("/usr/libexec/virtiofsd", rust=True), OPENED, 7)
+    argv = virtiofsd_argv(Virtiofsd("/usr/libexec/virtiofsd", rust=True), OPENED)
     assert argv == [
         *CONFINE,
         "/usr/libexec/virtiofsd",
-        "--fd=7",
-        "--shared-dir=/proc/self/fd/9/",
+        "--fd=1",
+        "--shared-dir=/proc/self/fd/0/",
         "--sandbox=chroot",
         "--cache=auto",
         "--modcaps=-mknod:-setfcap",

@@ -13,7 +13,6 @@ writes, which are small and at the end.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import errno
 import logging
@@ -22,20 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dbus_fast import Message, MessageType, Variant
-from dbus_fast.aio import MessageBus
+from dbus_fast import Variant
 
 from .config import Config
+from .units import Systemd
 
 log = logging.getLogger(__name__)
 
 ROOT = Path("/sys/fs/cgroup")
-SYSTEMD_RUNNING = Path("/run/systemd/system")
 V1_CONTROLLERS = ("memory", "pids")
-SYSTEMD = "org.freedesktop.systemd1"
-SYSTEMD_PATH = "/org/freedesktop/systemd1"
-SYSTEMD_MANAGER = "org.freedesktop.systemd1.Manager"
-SCOPE_TIMEOUT = 10.0
 
 
 class Kind(enum.StrEnum):
@@ -136,17 +130,16 @@ def _v1_ready(root: Path, own: dict[str, str]) -> bool:
 class Cgroups:
     """The daemon's machine cgroups; detects once which kind it can make."""
 
-    def __init__(self, config: Config, root: Path = ROOT) -> None:
+    def __init__(self, config: Config, root: Path = ROOT, systemd: Systemd | None = None) -> None:
         self.config = config
         self.root = root
+        # Scopes, where systemd is PID 1.
+        self.systemd = systemd
         self._own = own_cgroups(Path("/proc/self/cgroup").read_text())
         v2 = _v2_ready(root, self._own)
-        self.kind = choose(SYSTEMD_RUNNING.is_dir(), v2, not v2 and _v1_ready(root, self._own))
+        self.kind = choose(systemd is not None, v2, not v2 and _v1_ready(root, self._own))
         if self.kind is Kind.V2 and not (root / "cgroup.controllers").exists():
             self.root = root / "unified"
-        # Set once the daemon is on the bus (scopes only).
-        self.bus: MessageBus | None = None
-        self._subscribed = False
         if self.kind is Kind.NONE:
             log.warning(
                 "machines get no cgroup of their own: systemd is not PID 1, and neither cgroup v2 with the "
@@ -160,8 +153,10 @@ class Cgroups:
 
     async def place(self, machine: str, pid: int, lim: Limits) -> None:
         """Put QEMU's pid into the machine's new cgroup with its limits."""
-        if self.kind is Kind.SCOPE:
-            await self._start_scope(machine, pid, lim)
+        if self.systemd is not None:
+            # Once its job is done the pid is in the scope (machined, told of
+            # the machine next, reads its unit from there).
+            await self.systemd.start(unit_name(machine), scope_properties(pid, lim))
             return
         files = limit_files(self.kind, lim)
         for directory in self.directories(machine):
@@ -190,61 +185,3 @@ class Cgroups:
                 pass
             except OSError as e:
                 log.warning("cannot remove cgroup %s: %s", directory, os.strerror(e.errno or errno.EIO))
-
-    async def _start_scope(self, machine: str, pid: int, lim: Limits) -> None:
-        """StartTransientUnit, then wait for its job: only then is the pid in the
-        scope (machined, told of the machine next, reads its unit from there)."""
-        bus = self.bus
-        if bus is None:
-            raise OSError(errno.ENOTCONN, "not on the system bus yet")
-        unit = unit_name(machine)
-        finished: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-        def on_message(msg: Message) -> None:
-            if (
-                msg.message_type is MessageType.SIGNAL
-                and msg.interface == SYSTEMD_MANAGER
-                and msg.member == "JobRemoved"
-                and msg.signature == "uoss"
-                and msg.body[2] == unit
-                and not finished.done()
-            ):
-                finished.set_result(msg.body[3])
-
-        await self._subscribe(bus)
-        bus.add_message_handler(on_message)
-        try:
-            await _call(bus, SYSTEMD, SYSTEMD_PATH, SYSTEMD_MANAGER, "StartTransientUnit", "ssa(sv)a(sa(sv))",
-                        [unit, "fail", scope_properties(pid, lim), []])  # fmt: skip
-            async with asyncio.timeout(SCOPE_TIMEOUT):
-                result = await finished
-        except TimeoutError:
-            raise OSError(errno.ETIMEDOUT, f"systemd did not start {unit} in {SCOPE_TIMEOUT:.0f} s") from None
-        finally:
-            bus.remove_message_handler(on_message)
-        if result != "done":
-            raise OSError(errno.EIO, f"systemd could not start {unit}: job {result}")
-
-    async def _subscribe(self, bus: MessageBus) -> None:
-        """Once: systemd sends JobRemoved only to subscribed clients."""
-        if self._subscribed:
-            return
-        rule = f"type='signal',sender='{SYSTEMD}',interface='{SYSTEMD_MANAGER}',member='JobRemoved'"
-        await _call(
-            bus, "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s", [rule]
-        )
-        await _call(bus, SYSTEMD, SYSTEMD_PATH, SYSTEMD_MANAGER, "Subscribe", "", [])
-        self._subscribed = True
-
-
-async def _call(bus: MessageBus, destination: str, path: str, interface: str, member: str, signature: str,
-                body: list[Any]) -> Message:  # fmt: skip
-    reply = await asyncio.wait_for(
-        bus.call(Message(destination=destination, path=path, interface=interface, member=member,
-                         signature=signature, body=body)),
-        SCOPE_TIMEOUT,
-    )  # fmt: skip
-    if reply is None or reply.message_type is MessageType.ERROR:
-        why = reply.body[0] if reply is not None and reply.body else "no reply"
-        raise OSError(errno.EIO, f"{member} failed: {reply.error_name if reply else ''} {why}")
-    return reply

@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import __version__, config, systemd
+from . import __version__, config, systemd, units
 from .bus.service import BusService, NameTaken
 from .cgroup import Cgroups
 from .manager import Manager, default_runtime_dir
@@ -93,7 +93,8 @@ async def _serve(args: argparse.Namespace, runtime_dir: Path) -> int:
     except config.ConfigError as e:
         log.error("bad configuration, not starting: %s", e)
         return 1
-    manager = Manager(runtime_dir, conf, Cgroups(conf))
+    sd = units.Systemd() if units.running() else None
+    manager = Manager(runtime_dir, conf, Cgroups(conf, systemd=sd), sd)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -41,6 +41,7 @@ from .process import start_time as process_start_time
 from .qmp import TIMEOUT, Monitor, QmpDisconnected, QmpError
 from .statewriter import StateWriter
 from .topology import Plan, drive_id
+from .units import Service, Systemd
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class Machine:
         directory: Path,
         owner_uid: int,
         identity: Identity | None = None,
+        systemd: Systemd | None = None,
     ) -> None:
         self.spec = spec
         self.plan = plan
@@ -113,6 +115,8 @@ class Machine:
         self.owner_uid = owner_uid
         # The uid/gid its QEMU runs as; None: the daemon's own (not root).
         self.identity = identity
+        # Where systemd is PID 1: each virtiofsd is a transient service.
+        self.systemd = systemd
         self.state = MachineState.STARTING
         # Why the machine is unmanaged (or was refused); "" when all is well.
         self.reason = ""
@@ -124,7 +128,7 @@ class Machine:
         self.observer: Observer | None = None
         self.on_ended: Callable[[Machine], None] | None = None
         self.process: Process | None = None
-        self._virtiofsd: list[tuple[share.OpenShare, Process]] = []
+        self._virtiofsd: list[tuple[share.OpenShare, Process | Service]] = []
         # virtiofsd logs a failed start keeps, for the error that names them.
         self._kept_logs: list[Path] = []
         self._monitor = Monitor(spec.name)
@@ -209,7 +213,7 @@ class Machine:
         """The next run of this kept, stopped machine: `spec` (its own, the
         hotplugged drives folded in), its id, directory and owner; ids it gave
         out stay used."""
-        after = Machine(spec, plan, self.id, self.dir, self.owner_uid, identity)
+        after = Machine(spec, plan, self.id, self.dir, self.owner_uid, identity, self.systemd)
         after._next_drive = max(after._next_drive, self._next_drive)
         after._next_controller = self._next_controller
         return after
@@ -540,8 +544,8 @@ class Machine:
         try:
             for opened in shares:
                 assert binary is not None
-                process, fs_fds[opened.share.device] = share.spawn(
-                    binary, opened, share.log_path(self.dir, opened.share)
+                process, fs_fds[opened.share.device] = await share.start(
+                    binary, opened, share.log_path(self.dir, opened.share), self.systemd, self.name
                 )
                 self._virtiofsd.append((opened, process))
         except BaseException:

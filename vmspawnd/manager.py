@@ -31,6 +31,7 @@ from .opener import open_as
 from .process import Process, option, qemu_processes, start_time, uids_in_use
 from .qmp import QmpDisconnected, QmpError
 from .topology import Plan, drive_id, plan_machine
+from .units import Systemd
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +183,15 @@ async def open_for_qemu(uid: int, what: str, path: Path, limit: int) -> int:
 
 
 class Manager:
-    def __init__(self, runtime_dir: Path, config: Config | None = None, cgroups: Cgroups | None = None) -> None:
+    def __init__(
+        self, runtime_dir: Path, config: Config | None = None, cgroups: Cgroups | None = None,
+        systemd: Systemd | None = None,
+    ) -> None:  # fmt: skip
         self.runtime_dir = runtime_dir
         self.config = config or Config()
         self.cgroups = cgroups
+        # systemd as PID 1, for the transient services machines start.
+        self.systemd = systemd
         # QEMU identities; an unprivileged daemon cannot give any.
         self.identities = Pool(self.config.identity_base, self.config.identity_count) if os.geteuid() == 0 else None
         self.machines: dict[str, Machine] = {}
@@ -321,7 +327,7 @@ class Manager:
                     "or remove the directory once its QEMU is gone"
                 )
         shutil.rmtree(directory, ignore_errors=True)
-        machine = Machine(spec, plan, uuid.uuid4().hex, directory, owner_uid, self._allocate_identity())
+        machine = Machine(spec, plan, uuid.uuid4().hex, directory, owner_uid, self._allocate_identity(), self.systemd)
         await self._launch(machine, keep_dir=False)
         self.machines[spec.name] = machine
         self.on_new(machine)
@@ -489,7 +495,7 @@ class Manager:
         if identity is not None and self.identities is not None:
             # Taken while that QEMU lives, managed or not.
             self.identities.claim(identity)
-        machine = Machine(record.spec, plan, record.id, directory, record.owner_uid, identity)
+        machine = Machine(record.spec, plan, record.id, directory, record.owner_uid, identity, self.systemd)
         machine.on_ended = self._ended
         self._claiming.add(pid)
         try:
@@ -514,7 +520,7 @@ class Manager:
             plan = plan_machine(spec, await pcitypes.device_types(cmdline.QEMU))
         except VmspawndError as e:
             return self._placeholder(directory, f"its recorded spec is refused now ({e})", machine_id, None)
-        machine = Machine(spec, plan, record.id, directory, record.owner_uid)
+        machine = Machine(spec, plan, record.id, directory, record.owner_uid, systemd=self.systemd)
         machine.on_ended = self._ended
         machine.loaded_stopped(record)
         if not record.stopped:

@@ -104,6 +104,11 @@ def _is_zombie(pid: str) -> bool:
 CHILD_UMASK = 0o022
 
 
+def open_log(log: Path) -> int:
+    """A child's log, appended to, private to root."""
+    return os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+
 def start_time(pid: int) -> int:
     """The process start time in clock ticks (/proc/PID/stat field 22).
 
@@ -151,16 +156,17 @@ class Process:
 
     @classmethod
     def spawn(
-        cls, argv: list[str], log: Path, pass_fds: tuple[int, ...], confinement: Confinement | None = None
-    ) -> Process:
-        """Start `argv` (confined, if given); stdout and stderr go to `log`, private to root."""
+        cls, argv: list[str], log: Path, pass_fds: tuple[int, ...], confinement: Confinement | None = None,
+        stdin: int = subprocess.DEVNULL, stdout: int | None = None,
+    ) -> Process:  # fmt: skip
+        """Start `argv` (confined, if given); stderr (and stdout, unless given) go to `log`, private to root."""
         if confinement is not None:
             argv = setpriv_argv(confinement) + argv
-        with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600), "ab") as out:
+        with open(open_log(log), "ab") as out:
             popen = subprocess.Popen(
                 argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
+                stdin=stdin,
+                stdout=out if stdout is None else stdout,
                 stderr=out,
                 pass_fds=pass_fds,
                 # QEMU must outlive a daemon restart or crash.

@@ -14,16 +14,20 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import shutil
 import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from dbus_fast import Variant
+
 from . import cmdline, state
 from .errors import AccessDenied, InvalidArgument
 from .model import MachineSpec
 from .opener import open_dir_as
-from .process import Process
+from .process import Process, open_log
+from .units import Service, Systemd
 
 # The Rust virtiofsd (Debian 13's `virtiofsd` package), then QEMU's own C one (7.2).
 VIRTIOFSD_RUST = Path("/usr/libexec/virtiofsd")
@@ -35,6 +39,12 @@ TAG = re.compile(r"[A-Za-z0-9_.:-]{1,36}")
 # drops what it would keep for them (inside its namespace they mean nothing
 # on the host anyway).
 DROPPED_CAPS = "-mknod:-setfcap"
+# virtiofsd's two fds are its stdin (the share's directory) and stdout (its
+# listening socket): systemd 252 can hand a transient service no other fds
+# (no OpenFile=, ExtraFileDescriptors=); a socketpair and SCM_RIGHTS to a
+# trampoline would be one more program in between. A direct start does the same.
+SOURCE_FD = 0
+LISTEN_FD = 1
 
 
 @dataclass(frozen=True)
@@ -139,15 +149,17 @@ def close(opened: list[OpenShare]) -> None:
         os.close(share.fd)
 
 
-def virtiofsd_argv(binary: Virtiofsd, share: OpenShare, listen_fd: int) -> list[str]:
+def virtiofsd_argv(binary: Virtiofsd, share: OpenShare) -> list[str]:
     """virtiofsd as the guest-root identity, root of a user namespace of its own.
 
     setpriv drops to that uid (no capabilities left, no new privileges),
     unshare makes it root of a new user namespace, where virtiofsd has what
-    its chroot sandbox needs and nothing outside. The trailing slash makes
-    virtiofsd's lstat() follow the /proc magic link to the open directory.
+    its chroot sandbox needs and nothing outside. The share's directory is
+    its stdin, its listening socket its stdout (see SOURCE_FD); the trailing
+    slash makes virtiofsd's lstat() follow the /proc magic link to the open
+    directory.
     """
-    source = f"/proc/self/fd/{share.fd}/"
+    source = f"/proc/self/fd/{SOURCE_FD}/"
     confine = [
         "setpriv",
         f"--reuid={share.uid}",
@@ -165,7 +177,7 @@ def virtiofsd_argv(binary: Virtiofsd, share: OpenShare, listen_fd: int) -> list[
         return [
             *confine,
             binary.path,
-            f"--fd={listen_fd}",
+            f"--fd={LISTEN_FD}",
             f"--shared-dir={source}",
             "--sandbox=chroot",
             "--cache=auto",
@@ -174,7 +186,7 @@ def virtiofsd_argv(binary: Virtiofsd, share: OpenShare, listen_fd: int) -> list[
     return [
         *confine,
         binary.path,
-        f"--fd={listen_fd}",
+        f"--fd={LISTEN_FD}",
         "-o", f"source={source}",
         # chroot works in containers too; QEMU's connection ending ends it.
         "-o", "sandbox=chroot",
@@ -183,25 +195,78 @@ def virtiofsd_argv(binary: Virtiofsd, share: OpenShare, listen_fd: int) -> list[
     ]  # fmt: skip
 
 
+def unit_name(machine: str, device: str) -> str:
+    return f"vmspawnd-virtiofsd-{machine}-{device}.service"
+
+
+# virtiofsd's transient service (where systemd is PID 1). setpriv needs
+# CAP_SETUID/CAP_SETGID to become the share's owner, nothing else: in the user
+# namespace unshare makes, virtiofsd gets a full set of its own (a new user
+# namespace starts with a full bounding set) that reaches no host file but
+# the owner's. It reaches the share only through its stdin, so no host path
+# need be visible: the file system is read-only, home, /tmp and /dev private.
+CAP_SETGID, CAP_SETUID = 6, 7
+SERVICE_HARDENING: tuple[tuple[str, Variant], ...] = (
+    ("CapabilityBoundingSet", Variant("t", 1 << CAP_SETUID | 1 << CAP_SETGID)),
+    ("NoNewPrivileges", Variant("b", True)),
+    ("ProtectSystem", Variant("s", "strict")),
+    ("ProtectHome", Variant("s", "yes")),
+    ("PrivateTmp", Variant("b", True)),
+    ("PrivateDevices", Variant("b", True)),
+    # Its only socket is the inherited one.
+    ("PrivateNetwork", Variant("b", True)),
+    ("RestrictAddressFamilies", Variant("(bas)", [True, ["AF_UNIX"]])),
+    ("ProtectKernelTunables", Variant("b", True)),
+    ("ProtectKernelModules", Variant("b", True)),
+    ("ProtectKernelLogs", Variant("b", True)),
+    ("ProtectControlGroups", Variant("b", True)),
+    ("ProtectClock", Variant("b", True)),
+    ("ProtectHostname", Variant("b", True)),
+    ("LockPersonality", Variant("b", True)),
+    ("RestrictRealtime", Variant("b", True)),
+    ("MemoryDenyWriteExecute", Variant("b", True)),
+    ("SystemCallArchitectures", Variant("as", ["native"])),
+    # SIGTERM, then SIGKILL this much later.
+    ("TimeoutStopUSec", Variant("t", 5_000_000)),
+)
+
+
 def log_path(directory: Path, share: cmdline.Share) -> Path:
     return directory / state.virtiofsd_log(share.device)
 
 
-def spawn(binary: Virtiofsd, share: OpenShare, log: Path) -> tuple[Process, int]:
+async def start(
+    binary: Virtiofsd, share: OpenShare, log: Path, systemd: Systemd | None, machine: str
+) -> tuple[Process | Service, int]:
     """Start virtiofsd; returns it and QEMU's end of its connection.
 
-    virtiofsd gets a listening socket (auto-bound, abstract: no file, no
-    path-length limit) with QEMU's connection already queued.
+    Where systemd is PID 1 it is a transient service: outside the daemon's
+    own sandbox, which then needs neither user namespaces nor chroot(2).
+    Elsewhere the daemon spawns it. Either way virtiofsd gets a listening
+    socket (auto-bound, abstract: no file, no path-length limit) with QEMU's
+    connection already queued, and writes to `log`.
     """
+    argv = virtiofsd_argv(binary, share)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind("")  # autobind: an abstract address of the kernel's choosing
         listener.listen(1)
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             conn.connect(listener.getsockname())
-            process = Process.spawn(
-                virtiofsd_argv(binary, share, listener.fileno()), log, pass_fds=(listener.fileno(), share.fd)
-            )
+            process: Process | Service
+            if systemd is None:
+                process = Process.spawn(argv, log, pass_fds=(), stdin=share.fd, stdout=listener.fileno())
+            else:
+                out = open_log(log)
+                try:
+                    process = await systemd.start_service(
+                        unit_name(machine, share.share.device),
+                        f"virtiofsd of vmspawnd machine {machine}, share {share.share.tag}",
+                        [shutil.which(argv[0]) or argv[0], *argv[1:]],
+                        share.fd, listener.fileno(), out, SERVICE_HARDENING,
+                    )  # fmt: skip
+                finally:
+                    os.close(out)
         except BaseException:
             conn.close()
             raise

@@ -35,8 +35,8 @@ class BusService:
         manager.on_removed = self._machine_removed
         manager.on_stopped = self.machined.unregister
         manager.on_replaced = self._machine_replaced
-        if manager.cgroups is not None:
-            manager.cgroups.bus = bus
+        if manager.systemd is not None:
+            manager.systemd.bus = bus
 
     @classmethod
     async def connect(cls, manager: Manager, user: bool) -> "BusService":

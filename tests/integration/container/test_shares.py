@@ -1,5 +1,5 @@
-"""virtiofs under the real unit (systemd as PID 1): its SystemCallFilter=, RestrictNamespaces=,
-DevicePolicy= and the rest apply, which setpriv cannot show (tests/integration/test_unit_caps.py).
+"""virtiofs under the real unit (systemd as PID 1): each virtiofsd is a transient service of its
+own, outside vmspawnd.service's sandbox (RestrictNamespaces=yes, no chroot there), with its own.
 
 The guest mounts a share, reads it, and as root makes a setuid binary and a
 device node in it: on the host (the container) the file is the share
@@ -11,15 +11,14 @@ from __future__ import annotations
 import os
 import pwd
 import re
-from collections.abc import Callable
 
 import pytest
 from dbus_fast import DBusError
 
 from tests.integration.harness import Client, guest_options, wait_console
 
-from .conftest import bus_address, tinyguest, tool
-from .support import console
+from .conftest import tinyguest, tool
+from .support import console, show
 
 SHARE = "/srv/share"
 DAEMON = pwd.getpwnam("daemon")  # uid 1 on Debian, in the container as on the host
@@ -39,29 +38,34 @@ async def test_a_guest_reads_and_writes_a_share_under_the_real_unit(
     path = await client.create("sharevm", **options)
     log = console(container, await client.prop(path, "ConsoleLog"))
     await wait_console(log, r"VMSPAWN-RUN data rc=\d+", timeout=120)
+    # Its own transient service, outside vmspawnd.service's sandbox and cgroup.
+    unit = "vmspawnd-virtiofsd-sharevm-fs0.service"
+    service = show(container, unit, "ActiveState", "MainPID", "CapabilityBoundingSet", "ProtectSystem")
+    assert (service["ActiveState"], service["ProtectSystem"]) == ("active", "strict"), service
+    assert service["CapabilityBoundingSet"].split() == ["cap_setgid", "cap_setuid"]
+    assert f"/{unit}" in container.run(["cat", f"/proc/{service['MainPID']}/cgroup"]).stdout
     assert "VMSPAWN-MOUNT data files=run.sh" in log.read_text()
     suid = (share / "suid").stat()
     assert (suid.st_uid, suid.st_gid) == (DAEMON.pw_uid, DAEMON.pw_gid)
     assert not (share / "null").exists()
     await client.call("TerminateMachine", "s", ["sharevm"])
+    assert show(container, unit, "LoadState")["LoadState"] == "not-found"
 
 
-async def test_without_user_namespaces_the_error_is_virtiofsds_own(
-    container: tool.Container, dropin: Callable[[str, str], None], guest: tinyguest.Guest
+async def test_a_virtiofsd_that_fails_is_named_in_its_own_words_and_its_unit_is_gone(
+    container: tool.Container, client: Client, guest: tinyguest.Guest
 ) -> None:
-    """The unit's RestrictNamespaces=user is what virtiofsd needs: with `yes` the start fails, and
-    the error carries unshare's own words and names the kept log, not just QEMU's
-    'vhost_backend_init failed: Protocol error'."""
-    container.path(SHARE).mkdir(parents=True, exist_ok=True)
-    dropin("no-userns", "RestrictNamespaces=yes")
-    client = await Client.connect(bus_address(container))
-    try:
-        with pytest.raises(DBusError) as failed:
-            await client.create("nouserns", **guest_options(guest, memory=128 << 20, directory=SHARE))
-    finally:
-        client.close()
+    """A share of root's is squashed to nobody: a 0700 one cannot be opened by the virtiofsd, whose
+    service fails. The error carries virtiofsd's own words and names the kept log, not just QEMU's
+    'vhost_backend_init failed: Protocol error'; the failed unit does not linger."""
+    private = container.path("/srv/private")
+    private.mkdir(parents=True, exist_ok=True)
+    private.chmod(0o700)
+    with pytest.raises(DBusError) as failed:
+        await client.create("nofs", **guest_options(guest, memory=128 << 20, directory="/srv/private"))
     assert failed.value.type == "org.vmspawnd1.Error.QemuFailed"
-    assert "unshare" in failed.value.text and "Operation not permitted" in failed.value.text, failed.value.text
+    assert "virtiofsd for share 'root'" in failed.value.text, failed.value.text
     [log] = re.findall(r"its log: (\S+virtiofsd-rootfs\.log)", failed.value.text)
     # /run is the container's own tmpfs: read through the leader's root.
-    assert "unshare" in console(container, log).read_text()
+    assert console(container, log).read_text().strip()
+    assert show(container, "vmspawnd-virtiofsd-nofs-rootfs.service", "LoadState")["LoadState"] == "not-found"
