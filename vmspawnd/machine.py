@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import cmdline, imagechain, keep, reconcile, share, state
+from . import cmdline, imagechain, keep, qemulog, reconcile, share, state
 from .chainopen import OpenedChain
 from .console import Console
 from .errors import (
@@ -129,6 +129,8 @@ class Machine:
         self.on_ended: Callable[[Machine], None] | None = None
         self.process: Process | None = None
         self._virtiofsd: list[tuple[share.OpenShare, Process | Service]] = []
+        # Where QEMU's stderr goes, for a start that fails (its words are in qemu.log).
+        self._qemu_output: qemulog.QemuLog | None = None
         # virtiofsd logs a failed start keeps, for the error that names them.
         self._kept_logs: list[Path] = []
         self._monitor = Monitor(spec.name)
@@ -314,7 +316,9 @@ class Machine:
             serial.listen()
             console = self._open_console()
             fs_fds: dict[str, int] = {}
+            output: int | None = None
             try:
+                output = await self._open_qemu_log()
                 fs_fds = await self._start_virtiofsd(shares)
                 rt = cmdline.Runtime(
                     self.id, listener.fileno(), self.console_log, console, vsock_cid, opened, kernel_fd, initrd_fd,
@@ -326,10 +330,12 @@ class Machine:
                 inherited += tuple(fs.fd for f in files.values() for fs in f.fdsets.values())
                 boot = tuple(fd for fd in (kernel_fd, initrd_fd, tap_fd) if fd is not None)
                 self.process = Process.spawn(
-                    argv, self.qemu_log, pass_fds=inherited + boot, confinement=confinement_for(self.identity)
+                    argv, output, pass_fds=inherited + boot, confinement=confinement_for(self.identity)
                 )
             finally:
                 os.close(console)
+                if output is not None:
+                    os.close(output)
                 for fd in fs_fds.values():
                     os.close(fd)
             # The sockets are QEMU's now: were we to keep them open, a dead QEMU
@@ -346,7 +352,7 @@ class Machine:
         try:
             if conn is None:
                 await self.process.wait(QUIT_TIMEOUT)
-                raise QemuFailed(f"QEMU exited during start-up: {qemu_errors(self.qemu_log)}")
+                raise QemuFailed(f"QEMU exited during start-up: {await self._qemu_errors()}")
             await self._await_monitor(conn)
         except QemuFailed as e:
             # QEMU only says "vhost_backend_init failed: Protocol error": virtiofsd's own words say why.
@@ -357,6 +363,20 @@ class Machine:
         await self._connect_console()
         await self._sync_run_state()
         log.info("machine %s running, QEMU pid %d", self.name, self.leader, extra={"MACHINE": self.name})
+
+    async def _open_qemu_log(self) -> int:
+        """QEMU's stdout and stderr: qemu.log, and the journal where systemd is PID 1 (qemulog.py)."""
+        try:
+            self._qemu_output = await qemulog.open_qemu_log(self.systemd, self.name, self.qemu_log)
+        except OSError as e:
+            raise QemuFailed(f"cannot start the copy of QEMU's stderr to qemu.log and the journal: {e}") from e
+        return self._qemu_output.fd
+
+    async def _qemu_errors(self) -> str:
+        """QEMU's own words, once every line it wrote is in qemu.log."""
+        if self._qemu_output is not None:
+            await self._qemu_output.finished(QUIT_TIMEOUT)
+        return qemu_errors(self.qemu_log)
 
     def _open_console(self) -> int:
         """console.log for QEMU to write; its owner reads it by its path
@@ -594,12 +614,12 @@ class Machine:
         # so its stderr is complete.
         if (connect.done() and not connect.cancelled()) or self.process.exited.done():
             if await self.process.wait(QUIT_TIMEOUT):
-                raise QemuFailed(f"QEMU exited during start-up: {qemu_errors(self.qemu_log)}")
+                raise QemuFailed(f"QEMU exited during start-up: {await self._qemu_errors()}")
             await self.process.stop(QUIT_TIMEOUT)
-            raise QemuFailed(f"QEMU's monitor failed during start-up: {qemu_errors(self.qemu_log)}")
+            raise QemuFailed(f"QEMU's monitor failed during start-up: {await self._qemu_errors()}")
         await self.process.stop(QUIT_TIMEOUT)
         raise QemuFailed(
-            f"QEMU did not answer on its monitor within {START_TIMEOUT:.0f} s: {qemu_errors(self.qemu_log)}"
+            f"QEMU did not answer on its monitor within {START_TIMEOUT:.0f} s: {await self._qemu_errors()}"
         )
 
     async def discard(self, keep_dir: bool = False) -> None:

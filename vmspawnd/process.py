@@ -156,25 +156,24 @@ class Process:
 
     @classmethod
     def spawn(
-        cls, argv: list[str], log: Path, pass_fds: tuple[int, ...], confinement: Confinement | None = None,
+        cls, argv: list[str], output: int, pass_fds: tuple[int, ...], confinement: Confinement | None = None,
         stdin: int = subprocess.DEVNULL, stdout: int | None = None,
     ) -> Process:  # fmt: skip
-        """Start `argv` (confined, if given); stderr (and stdout, unless given) go to `log`, private to root."""
+        """Start `argv` (confined, if given); stderr (and stdout, unless given) go to `output` (its log)."""
         if confinement is not None:
             argv = setpriv_argv(confinement) + argv
-        with open(open_log(log), "ab") as out:
-            popen = subprocess.Popen(
-                argv,
-                stdin=stdin,
-                stdout=out if stdout is None else stdout,
-                stderr=out,
-                pass_fds=pass_fds,
-                # QEMU must outlive a daemon restart or crash.
-                start_new_session=True,
-                # The unit's UMask=0077 is the daemon's own: files virtiofsd
-                # creates for a guest get the usual modes.
-                umask=CHILD_UMASK,
-            )
+        popen = subprocess.Popen(
+            argv,
+            stdin=stdin,
+            stdout=output if stdout is None else stdout,
+            stderr=output,
+            pass_fds=pass_fds,
+            # QEMU must outlive a daemon restart or crash.
+            start_new_session=True,
+            # The unit's UMask=0077 is the daemon's own: files virtiofsd
+            # creates for a guest get the usual modes.
+            umask=CHILD_UMASK,
+        )
         # Popen's own bookkeeping is not needed: the pidfd watches, waitpid reaps.
         popen.returncode = 0
         return cls(popen.pid, os.pidfd_open(popen.pid))

@@ -206,6 +206,7 @@ def unit_name(machine: str, device: str) -> str:
 # the owner's. It reaches the share only through its stdin, so no host path
 # need be visible: the file system is read-only, home, /tmp and /dev private.
 CAP_SETGID, CAP_SETUID = 6, 7
+CLONE_NEWUSER = 0x10000000
 SERVICE_HARDENING: tuple[tuple[str, Variant], ...] = (
     ("CapabilityBoundingSet", Variant("t", 1 << CAP_SETUID | 1 << CAP_SETGID)),
     ("NoNewPrivileges", Variant("b", True)),
@@ -226,6 +227,8 @@ SERVICE_HARDENING: tuple[tuple[str, Variant], ...] = (
     ("RestrictRealtime", Variant("b", True)),
     ("MemoryDenyWriteExecute", Variant("b", True)),
     ("SystemCallArchitectures", Variant("as", ["native"])),
+    # unshare's user namespace, no other kind.
+    ("RestrictNamespaces", Variant("t", CLONE_NEWUSER)),
     # SIGTERM, then SIGKILL this much later.
     ("TimeoutStopUSec", Variant("t", 5_000_000)),
 )
@@ -254,19 +257,19 @@ async def start(
         try:
             conn.connect(listener.getsockname())
             process: Process | Service
-            if systemd is None:
-                process = Process.spawn(argv, log, pass_fds=(), stdin=share.fd, stdout=listener.fileno())
-            else:
-                out = open_log(log)
-                try:
+            out = open_log(log)
+            try:
+                if systemd is None:
+                    process = Process.spawn(argv, out, pass_fds=(), stdin=share.fd, stdout=listener.fileno())
+                else:
                     process = await systemd.start_service(
                         unit_name(machine, share.share.device),
                         f"virtiofsd of vmspawnd machine {machine}, share {share.share.tag}",
                         [shutil.which(argv[0]) or argv[0], *argv[1:]],
                         share.fd, listener.fileno(), out, SERVICE_HARDENING,
                     )  # fmt: skip
-                finally:
-                    os.close(out)
+            finally:
+                os.close(out)
         except BaseException:
             conn.close()
             raise

@@ -13,13 +13,14 @@ import importlib.util
 import re
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.integration.harness import Client
 
 from .conftest import tinyguest, tool
-from .support import UNIT, boot, journal, show, show_machine, wait_until
+from .support import UNIT, boot, console, journal, show, show_machine, wait_until
 
 
 def test_installed_unit_verifies_clean(container: tool.Container) -> None:
@@ -82,6 +83,32 @@ async def test_journal_has_the_machines_lines(
     assert lines and all("jvm" in line for line in lines), lines
     other = journal(container, "MACHINE=nosuchvm")
     assert other.strip() in ("", "-- No entries --")
+
+
+async def test_qemus_stderr_is_in_the_journal_and_qemu_log_across_a_restart(
+    container: tool.Container, client: Client, guest: tinyguest.Guest
+) -> None:
+    """`-d cpu_reset` makes QEMU write each vCPU reset to its stderr: at start, and again at a
+    Reboot after the daemon restarted (what copies stderr is not the daemon: qemulog.py)."""
+    path = await boot(container, client, guest, "qlvm", qemu_extra=["-d", "cpu_reset"])
+    qemu_log = console(container, str(Path(await client.prop(path, "ConsoleLog")).with_name("qemu.log")))
+
+    def resets() -> int:
+        logged = journal(container, "MACHINE=qlvm", "SYSLOG_IDENTIFIER=qemu-system-x86_64")
+        return logged.count("CPU Reset")
+
+    wait_until("QEMU's reset lines in the journal", lambda: resets() > 0)
+    before = resets()
+    container.run(["systemctl", "restart", UNIT])
+    await client.call("Reboot", "", [], path=path, interface="org.vmspawnd1.Machine")
+    wait_until("the reset after the restart in the journal", lambda: resets() > before)
+    wait_until("the same lines in qemu.log", lambda: qemu_log.read_text().count("CPU Reset") >= resets())
+    assert show(container, "vmspawnd-qemulog-qlvm.service", "ActiveState")["ActiveState"] == "active"
+    await client.call("TerminateMachine", "s", ["qlvm"])
+    wait_until(
+        "the copy's end with QEMU's",
+        lambda: show(container, "vmspawnd-qemulog-qlvm.service", "LoadState")["LoadState"] == "not-found",
+    )
 
 
 async def test_stop_with_stop_machines_on_exit_powers_them_off(
