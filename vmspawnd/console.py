@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import acl
 from .errors import ConsoleBusy, NotRunning
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class Roster:
 
 def rotate_log(path: Path, cap: int) -> bool:
     """If `path` is past `cap` bytes: its content to path.1 (replaced
-    whole, same owner), then `path` emptied in place. QEMU appends to it
+    whole, same mode and ACL: the machine's owner reads both), then `path` emptied in place. QEMU appends to it
     (O_APPEND), so it goes on writing at the new end; what it writes
     between the copy and the truncate (microseconds) is the only loss."""
     try:
@@ -131,8 +132,8 @@ def rotate_log(path: Path, cap: int) -> bool:
         tmp_fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.1.", dir=path.parent)
         try:
             with open(tmp_fd, "wb") as out:
-                os.fchown(tmp_fd, st.st_uid, st.st_gid)
                 os.fchmod(tmp_fd, st.st_mode & 0o777)
+                acl.copy(fd, tmp_fd)
                 out.write(data)
             os.rename(tmp, path.with_name(path.name + ".1"))
         except BaseException:

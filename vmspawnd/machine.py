@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import cmdline, imagechain, keep, qemulog, reconcile, share, state
+from . import acl, cmdline, imagechain, keep, qemulog, reconcile, share, state
 from .chainopen import OpenedChain
 from .console import Console
 from .errors import (
@@ -380,11 +380,11 @@ class Machine:
 
     def _open_console(self) -> int:
         """console.log for QEMU to write; its owner reads it by its path
-        (the dirs are 0711), nobody else can."""
+        (the dirs are 0711, an ACL entry lets the owner read), nobody else can."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
         fd = os.open(self.console_log, flags, 0o600)
         try:
-            os.fchown(fd, self.owner_uid, -1)
+            acl.grant_read(fd, self.owner_uid)
         except OSError:
             os.close(fd)
             raise
