@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -30,17 +26,8 @@ def test_reader_acl_keeps_the_mode_and_adds_read_for_one_uid(mode: int, uid: int
     assert by_tag[acl.MASK][0] == (mode >> 3 & 7) | acl.READ
 
 
-@pytest.fixture
-def runtime_dir() -> Iterator[Path]:
-    """A 0711 directory other uids traverse (pytest's tmp_path sits under a 0700 one)."""
-    path = Path(tempfile.mkdtemp(prefix="vmspawnd-acl-", dir="/tmp"))
-    path.chmod(0o711)
-    yield path
-    shutil.rmtree(path)
-
-
-def test_the_uid_reads_a_root_file_others_do_not(runtime_dir: Path) -> None:
-    tmp_path = runtime_dir
+def test_the_uid_reads_a_root_file_others_do_not(world_dir: Path) -> None:
+    tmp_path = world_dir
     log = tmp_path / "console.log"
     fd = os.open(log, os.O_WRONLY | os.O_CREAT, 0o600)
     try:

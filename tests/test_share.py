@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -86,15 +83,6 @@ def test_read_only_mounts_are_refused_whichever_mount_it_is() -> None:
     with pytest.raises(InvalidArgument, match="read-only"):
         share.check(MachineSpec("m", directory=Path("/tmp"), mounts=mounts))
     share.check(MachineSpec("m", directory=Path("/tmp"), mounts=mounts[:1]))
-
-
-@pytest.fixture
-def world_dir() -> Iterator[Path]:
-    """Traversable by other uids (pytest's tmp_path sits under a 0700 directory)."""
-    path = Path(tempfile.mkdtemp(prefix="vmspawnd-share-", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path)
 
 
 def test_open_share_checks_the_owner_on_the_handle(world_dir: Path) -> None:

@@ -142,6 +142,15 @@ def qemu_processes() -> dict[int, list[str]]:
     return found
 
 
+async def done_within(future: asyncio.Future[None], timeout: float) -> bool:
+    """True once `future` is done, False if `timeout` passed first (it is not cancelled)."""
+    try:
+        await asyncio.wait_for(asyncio.shield(future), timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
 class Process:
     """A QEMU process, ours or re-attached; its exit is an awaitable future."""
 
@@ -210,11 +219,7 @@ class Process:
 
     async def wait(self, timeout: float) -> bool:
         """True once the process has exited, False if `timeout` passed first."""
-        try:
-            await asyncio.wait_for(asyncio.shield(self.exited), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await done_within(self.exited, timeout)
 
     async def stop(self, timeout: float) -> None:
         """SIGTERM, then SIGKILL if it has not exited within `timeout`."""

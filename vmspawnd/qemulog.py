@@ -24,28 +24,15 @@ from dbus_fast import Variant
 
 from . import cmdline
 from .process import open_log
-from .units import Service, Systemd
+from .units import SANDBOX, Service, Systemd
 
 TEE = "tee"
-# tee reads a pipe and writes a file it was handed and the journal: nothing else.
+# tee reads a pipe and writes a file it was handed and the journal: no
+# capability, no namespace, besides the common sandbox.
 HARDENING: tuple[tuple[str, Variant], ...] = (
+    *SANDBOX,
     ("CapabilityBoundingSet", Variant("t", 0)),
-    ("NoNewPrivileges", Variant("b", True)),
-    ("ProtectSystem", Variant("s", "strict")),
-    ("ProtectHome", Variant("s", "yes")),
-    ("PrivateTmp", Variant("b", True)),
-    ("PrivateDevices", Variant("b", True)),
-    ("PrivateNetwork", Variant("b", True)),
-    ("RestrictAddressFamilies", Variant("(bas)", [True, ["AF_UNIX"]])),
     ("RestrictNamespaces", Variant("t", 0)),
-    ("ProtectKernelTunables", Variant("b", True)),
-    ("ProtectKernelModules", Variant("b", True)),
-    ("ProtectKernelLogs", Variant("b", True)),
-    ("ProtectControlGroups", Variant("b", True)),
-    ("LockPersonality", Variant("b", True)),
-    ("RestrictRealtime", Variant("b", True)),
-    ("MemoryDenyWriteExecute", Variant("b", True)),
-    ("SystemCallArchitectures", Variant("as", ["native"])),
 )
 
 

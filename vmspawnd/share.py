@@ -27,7 +27,7 @@ from .errors import AccessDenied, InvalidArgument
 from .model import MachineSpec
 from .opener import open_dir_as
 from .process import Process, open_log
-from .units import Service, Systemd
+from .units import SANDBOX, Service, Systemd
 
 # The Rust virtiofsd (Debian 13's `virtiofsd` package), then QEMU's own C one (7.2).
 VIRTIOFSD_RUST = Path("/usr/libexec/virtiofsd")
@@ -199,36 +199,21 @@ def unit_name(machine: str, device: str) -> str:
     return f"vmspawnd-virtiofsd-{machine}-{device}.service"
 
 
-# virtiofsd's transient service (where systemd is PID 1). setpriv needs
-# CAP_SETUID/CAP_SETGID to become the share's owner, nothing else: in the user
-# namespace unshare makes, virtiofsd gets a full set of its own (a new user
-# namespace starts with a full bounding set) that reaches no host file but
-# the owner's. It reaches the share only through its stdin, so no host path
-# need be visible: the file system is read-only, home, /tmp and /dev private.
+# virtiofsd's transient service (where systemd is PID 1), besides the
+# common sandbox (units.SANDBOX: it reaches the share only through its
+# stdin). setpriv needs CAP_SETUID/CAP_SETGID to become the share's owner,
+# nothing else: in the user namespace unshare makes, virtiofsd gets a full
+# set of its own (a new user namespace starts with a full bounding set) that
+# reaches no host file but the owner's.
 CAP_SETGID, CAP_SETUID = 6, 7
 CLONE_NEWUSER = 0x10000000
 SERVICE_HARDENING: tuple[tuple[str, Variant], ...] = (
+    *SANDBOX,
     ("CapabilityBoundingSet", Variant("t", 1 << CAP_SETUID | 1 << CAP_SETGID)),
-    ("NoNewPrivileges", Variant("b", True)),
-    ("ProtectSystem", Variant("s", "strict")),
-    ("ProtectHome", Variant("s", "yes")),
-    ("PrivateTmp", Variant("b", True)),
-    ("PrivateDevices", Variant("b", True)),
-    # Its only socket is the inherited one.
-    ("PrivateNetwork", Variant("b", True)),
-    ("RestrictAddressFamilies", Variant("(bas)", [True, ["AF_UNIX"]])),
-    ("ProtectKernelTunables", Variant("b", True)),
-    ("ProtectKernelModules", Variant("b", True)),
-    ("ProtectKernelLogs", Variant("b", True)),
-    ("ProtectControlGroups", Variant("b", True)),
-    ("ProtectClock", Variant("b", True)),
-    ("ProtectHostname", Variant("b", True)),
-    ("LockPersonality", Variant("b", True)),
-    ("RestrictRealtime", Variant("b", True)),
-    ("MemoryDenyWriteExecute", Variant("b", True)),
-    ("SystemCallArchitectures", Variant("as", ["native"])),
     # unshare's user namespace, no other kind.
     ("RestrictNamespaces", Variant("t", CLONE_NEWUSER)),
+    ("ProtectClock", Variant("b", True)),
+    ("ProtectHostname", Variant("b", True)),
     # SIGTERM, then SIGKILL this much later.
     ("TimeoutStopUSec", Variant("t", 5_000_000)),
 )

@@ -25,7 +25,7 @@ from typing import Any
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from .process import Process
+from .process import Process, done_within
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,28 @@ TIMEOUT = 10.0
 END_TIMEOUT = 5.0
 # siginfo's si_code as systemd reports it in ExecMainCode.
 CLD_EXITED = 1
+
+
+# What every helper service vmspawnd starts has (each adds its capabilities
+# and namespaces): it reaches files only through the fds it is handed, so no
+# host path need be visible or writable, and it has no network of its own.
+SANDBOX: tuple[tuple[str, Variant], ...] = (
+    ("NoNewPrivileges", Variant("b", True)),
+    ("ProtectSystem", Variant("s", "strict")),
+    ("ProtectHome", Variant("s", "yes")),
+    ("PrivateTmp", Variant("b", True)),
+    ("PrivateDevices", Variant("b", True)),
+    ("PrivateNetwork", Variant("b", True)),
+    ("RestrictAddressFamilies", Variant("(bas)", [True, ["AF_UNIX"]])),
+    ("ProtectKernelTunables", Variant("b", True)),
+    ("ProtectKernelModules", Variant("b", True)),
+    ("ProtectKernelLogs", Variant("b", True)),
+    ("ProtectControlGroups", Variant("b", True)),
+    ("LockPersonality", Variant("b", True)),
+    ("RestrictRealtime", Variant("b", True)),
+    ("MemoryDenyWriteExecute", Variant("b", True)),
+    ("SystemCallArchitectures", Variant("as", ["native"])),
+)
 
 
 def running() -> bool:
@@ -257,11 +279,7 @@ class Service:
                 await self.systemd.match(self._rule, add=False)
 
     async def wait(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(asyncio.shield(self.exited), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await done_within(self.exited, timeout)
 
     async def stop(self, timeout: float) -> None:
         """StopUnit (systemd escalates to SIGKILL after TimeoutStopSec=); SIGKILL
