@@ -1310,7 +1310,7 @@ class Machine:
                 "older vmspawnd), which virtiofs needs; create it again to hotplug shares"
             )
 
-    def _virtiofsd_of(self, dev: str) -> Process | None:
+    def _virtiofsd_of(self, dev: str) -> Process | Service | None:
         return next((p for opened, p in self._virtiofsd if opened.share.device == dev), None)
 
     async def _drop_virtiofsd(self, dev: str) -> None:

@@ -225,6 +225,11 @@ class Service:
         # Resolves `exited` once the process is gone and systemd said how; owned here.
         self._watch: asyncio.Task[None] | None = None
 
+    @property
+    def start_time(self) -> int:
+        """Its main process's start time (0 if it was gone before it could be followed)."""
+        return self._process.start_time if self._process is not None else 0
+
     async def follow(self) -> None:
         """Before the start: no change of the unit is missed."""
         assert self.systemd.bus is not None
