@@ -1,0 +1,57 @@
+"""The [vmspawnd] section of nova.conf."""
+
+from oslo_config import cfg
+
+group = cfg.OptGroup("vmspawnd", title="vmspawnd compute driver")
+
+opts = [
+    cfg.StrOpt(
+        "bus_address",
+        default="SYSTEM",
+        help="D-Bus address of the bus vmspawnd serves on: SYSTEM (the system bus) or an address "
+        "such as unix:path=/run/dbus/system_bus_socket.",
+    ),
+    cfg.StrOpt(
+        "kernel",
+        help="Boot every instance from this kernel (direct kernel boot) instead of its Glance image.",
+    ),
+    cfg.StrOpt("initrd", help="The initrd to go with 'kernel'."),
+    cfg.StrOpt("cmdline", default="", help="The kernel command line to go with 'kernel'."),
+    cfg.StrOpt(
+        "image",
+        help="Boot every instance from this local disk image (raw or qcow2, see image_format) "
+        "instead of its Glance image; with 'kernel' it is the instance's disk.",
+    ),
+    cfg.StrOpt("image_format", default="raw", choices=["raw", "qcow2"], help="The format of 'image'."),
+    cfg.StrOpt("accel", default="auto", choices=["auto", "kvm", "tcg"], help="QEMU accelerator."),
+    cfg.IntOpt(
+        "hotplug_spares",
+        default=2,
+        min=0,
+        help="Spare hotplug ports of an instance whose flavor asks for none "
+        "(resources:CUSTOM_VMSPAWND_HOTPLUG_PORT=N in the flavor asks for N).",
+    ),
+    cfg.IntOpt(
+        "hotplug_ports",
+        default=256,
+        min=0,
+        help="Hotplug ports this host offers to the scheduler (the CUSTOM_VMSPAWND_HOTPLUG_PORT inventory).",
+    ),
+    cfg.IntOpt(
+        "max_hotplug_spares",
+        default=100,
+        min=1,
+        help="Most hotplug ports one instance may ask for (vmspawnd packs about 120 per machine).",
+    ),
+    cfg.IntOpt("call_timeout", default=120, min=1, help="Seconds to wait for vmspawnd's answer to one call."),
+    cfg.IntOpt("unplug_timeout", default=10, min=1, help="Seconds to wait for the guest to release a detached volume."),
+]
+
+
+def register(conf: cfg.ConfigOpts) -> None:
+    conf.register_group(group)
+    conf.register_opts(opts, group=group)
+
+
+def list_opts() -> list[tuple[cfg.OptGroup, list[cfg.Opt]]]:
+    return [(group, opts)]

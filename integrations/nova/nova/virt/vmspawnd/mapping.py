@@ -1,0 +1,135 @@
+"""Pure rules between Nova's words and vmspawnd's: names, ids, sizes, inventory.
+
+No I/O and nothing of Nova here, so every rule is tested for all inputs.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+# vmspawnd's own limits (manager.NAME, machine.DRIVE_ID).
+MACHINE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+DRIVE_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,31}")
+# virtio-blk's serial holds 20 bytes.
+SERIAL_BYTES = 20
+MiB = 1024 * 1024
+
+HOTPLUG_RC = "CUSTOM_VMSPAWND_HOTPLUG_PORT"
+HOTPLUG_EXTRA_SPEC = "resources:" + HOTPLUG_RC
+
+# Nova's power states by the daemon's State (nova.compute.power_state names).
+POWER_STATES = {
+    "starting": "RUNNING",
+    "running": "RUNNING",
+    "paused": "PAUSED",
+    "stopping": "RUNNING",
+    "stopped": "SHUTDOWN",
+    "failed": "CRASHED",
+    "unmanaged": "NOSTATE",
+}
+
+
+class NameRefused(ValueError):
+    """Nova's instance name cannot be part of a vmspawnd machine name."""
+
+
+def machine_name(instance_name: str, instance_uuid: str) -> str:
+    """'<instance name>.<uuid>': the name Nova lists, and the uuid it looks up by."""
+    name = f"{instance_name}.{uuid.UUID(instance_uuid)}"
+    if "." in instance_name or not MACHINE_NAME.fullmatch(name):
+        raise NameRefused(
+            f"instance name {instance_name!r} does not fit a vmspawnd machine name (at most 27 characters "
+            "from A-Z a-z 0-9 _ -): set nova.conf's instance_name_template accordingly"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Owned:
+    instance_name: str
+    instance_uuid: str
+
+
+def parse_machine_name(name: str) -> Owned | None:
+    """The instance behind a machine name, or None for a machine Nova did not make."""
+    instance_name, dot, rest = name.partition(".")
+    if not dot or not instance_name:
+        return None
+    try:
+        parsed = uuid.UUID(rest)
+    except ValueError:
+        return None
+    if str(parsed) != rest:
+        return None
+    return Owned(instance_name, rest)
+
+
+def drive_id(volume_id: str) -> str:
+    """The daemon's drive id for a Cinder volume: stable, so detach finds what attach made."""
+    return "v" + "".join(c for c in volume_id if c.isascii() and c.isalnum())[:31]
+
+
+# The drive ids drive_id() makes: a volume's, never one the daemon picks (diskN).
+VOLUME_DRIVE = re.compile(r"v[A-Za-z0-9]{0,31}")
+
+
+def is_volume_drive(drive: str) -> bool:
+    return bool(VOLUME_DRIVE.fullmatch(drive))
+
+
+def volumes_to_change(present: list[str], wanted: dict[str, Any]) -> tuple[list[Any], list[str]]:
+    """(values of `wanted` to plug, drive ids to unplug) so that the machine's
+    volume drives are exactly `wanted` (drive id -> what to plug)."""
+    volumes = {d for d in present if is_volume_drive(d)}
+    return [v for d, v in wanted.items() if d not in volumes], sorted(volumes - wanted.keys())
+
+
+def serial(volume_id: str) -> str:
+    """What the guest sees as the disk's serial (/dev/disk/by-id/virtio-<serial>)."""
+    printable = "".join(c for c in volume_id if "\x21" <= c <= "\x7e")
+    return printable.encode()[:SERIAL_BYTES].decode()
+
+
+def power_state_name(state: str) -> str:
+    return POWER_STATES.get(state, "NOSTATE")
+
+
+def hotplug_spares(requested: int | None, default: int, volumes: int, most: int) -> int:
+    """Spare ports for a new machine: what the flavor asked for (else the
+    default), and never fewer than the volumes to plug in at boot."""
+    wanted = default if requested is None else requested
+    return min(max(wanted, volumes), most)
+
+
+def requested_ports(allocations: dict[str, Any] | None) -> int | None:
+    """The hotplug ports placement allocated to the instance, if its flavor asked."""
+    total = None
+    for allocation in (allocations or {}).values():
+        amount = allocation.get("resources", {}).get(HOTPLUG_RC)
+        if amount is not None:
+            total = (total or 0) + int(amount)
+    return total
+
+
+def inventory(vcpus: int, memory_mb: int, disk_gb: int, hotplug_ports: int, most_ports: int) -> dict[str, Any]:
+    """The resource provider inventory of one host."""
+    inv: dict[str, Any] = {
+        "VCPU": {"total": vcpus, "min_unit": 1, "max_unit": vcpus, "step_size": 1},
+        "MEMORY_MB": {"total": memory_mb, "min_unit": 1, "max_unit": memory_mb, "step_size": 1},
+        "DISK_GB": {"total": disk_gb, "min_unit": 1, "max_unit": max(disk_gb, 1), "step_size": 1},
+    }
+    if disk_gb < 1:
+        del inv["DISK_GB"]
+    if hotplug_ports > 0:
+        inv[HOTPLUG_RC] = {
+            "total": hotplug_ports,
+            "min_unit": 1,
+            "max_unit": min(hotplug_ports, most_ports),
+            "step_size": 1,
+            "reserved": 0,
+            "allocation_ratio": 1.0,
+        }
+    return inv

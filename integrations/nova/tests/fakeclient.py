@@ -1,0 +1,117 @@
+"""An in-memory vmspawnd with client.Client's methods, for Nova's conformance suite.
+
+It keeps the daemon's documented rules (DESIGN §2) that the driver relies on:
+names are unique, a kept machine stays stopped after PowerOff and Start
+boots it with its drives, drives take spare ports, errors carry the
+daemon's names. Tests of the driver against the real daemon live in
+tests/integration.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from nova.virt.vmspawnd.client import VmspawndError
+
+
+@dataclass
+class FakeMachine:
+    options: dict[str, Any]
+    state: str = "running"
+    drives: dict[str, str] = field(default_factory=dict)
+    console: str = ""
+
+
+class FakeClient:
+    def __init__(self, address: str = "SYSTEM", timeout: float = 0) -> None:
+        self.address = address
+        self.machines: dict[str, FakeMachine] = {}
+        self._dir = tempfile.mkdtemp(prefix="fake-vmspawnd-")
+
+    def _get(self, name: str) -> FakeMachine:
+        if name not in self.machines:
+            raise VmspawndError("NoSuchMachine", f"no machine {name!r}")
+        return self.machines[name]
+
+    def list_machines(self) -> list[tuple[str, str]]:
+        return [(name, m.state) for name, m in self.machines.items()]
+
+    def manager_property(self, name: str) -> Any:
+        return {"Version": "0.1.0", "Machines": len(self.machines)}[name]
+
+    def create(self, name: str, options: dict[str, Any], timeout: float | None = None) -> None:
+        if name in self.machines:
+            raise VmspawndError("MachineExists", f"a machine named {name!r} exists")
+        if "kernel" not in options and "image" not in options:
+            raise VmspawndError("InvalidArgument", "no boot source")
+        console = os.path.join(self._dir, f"{name}.log")
+        with open(console, "w") as f:
+            f.write("fake guest booted\n")
+        self.machines[name] = FakeMachine(dict(options), console=console)
+
+    def terminate(self, name: str) -> None:
+        self._get(name)
+        del self.machines[name]
+
+    def properties(self, name: str) -> dict[str, Any]:
+        m = self._get(name)
+        spares = m.options.get("hotplug_spares", 0)
+        return {
+            "Name": name,
+            "State": m.state,
+            "Leader": 0 if m.state == "stopped" else 4242,
+            "Drives": [{"id": i, "path": p, "disk_type": "virtio-blk", "port": "", "state": "attached"}
+                       for i, p in m.drives.items()],
+            "FreeSparePorts": spares - len(m.drives),
+            "ConsoleLog": m.console,
+        }  # fmt: skip
+
+    def _running(self, name: str) -> FakeMachine:
+        m = self._get(name)
+        if m.state not in ("running", "paused"):
+            raise VmspawndError("NotRunning", f"machine {name!r} is {m.state}")
+        return m
+
+    def start(self, name: str, timeout: float | None = None) -> None:
+        m = self._get(name)
+        if m.state != "stopped":
+            raise VmspawndError("InvalidArgument", f"machine {name!r} is {m.state}, not stopped")
+        m.state = "running"
+
+    def power_off(self, name: str, timeout: float) -> None:
+        m = self._running(name)
+        if m.options.get("keep"):
+            m.state = "stopped"
+        else:
+            del self.machines[name]
+
+    def reboot(self, name: str) -> None:
+        self._running(name)
+
+    def pause(self, name: str) -> None:
+        self._running(name).state = "paused"
+
+    def resume(self, name: str) -> None:
+        self._running(name).state = "running"
+
+    def add_drive(self, name: str, path: str, options: dict[str, Any]) -> tuple[str, str]:
+        m = self._get(name)
+        drive_id = options.get("id") or f"drive{len(m.drives)}"
+        if drive_id in m.drives:
+            raise VmspawndError("InvalidArgument", f"drive id {drive_id!r} is taken")
+        if len(m.drives) >= m.options.get("hotplug_spares", 0):
+            raise VmspawndError("NoFreePort", "all spare ports are taken")
+        m.drives[drive_id] = path
+        return drive_id, f"rp{len(m.drives)}"
+
+    def remove_drive(self, name: str, drive_id: str, timeout: float) -> None:
+        m = self._get(name)
+        if drive_id not in m.drives:
+            raise VmspawndError("NoSuchDrive", f"no drive {drive_id!r}")
+        del m.drives[drive_id]
+
+    def close(self) -> None:
+        """Nothing to close in memory."""
