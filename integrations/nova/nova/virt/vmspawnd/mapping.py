@@ -10,9 +10,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-# vmspawnd's own limits (manager.NAME, machine.DRIVE_ID).
+# vmspawnd's own limit on names (manager.NAME).
 MACHINE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-DRIVE_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,31}")
+# vmspawnd takes drive ids of 32 characters, but QEMU's node name (the id and
+# "-node") holds 31: 26 is the longest id a drive can really have.
+DRIVE_ID_LENGTH = 26
 # virtio-blk's serial holds 20 bytes.
 SERIAL_BYTES = 20
 MiB = 1024 * 1024
@@ -39,9 +41,9 @@ class NameRefused(ValueError):
 def machine_name(instance_name: str, instance_uuid: str) -> str:
     """'<instance name>.<uuid>': the name Nova lists, and the uuid it looks up by."""
     name = f"{instance_name}.{uuid.UUID(instance_uuid)}"
-    if "." in instance_name or not MACHINE_NAME.fullmatch(name):
+    if not instance_name or "." in instance_name or not MACHINE_NAME.fullmatch(name):
         raise NameRefused(
-            f"instance name {instance_name!r} does not fit a vmspawnd machine name (at most 27 characters "
+            f"instance name {instance_name!r} does not fit a vmspawnd machine name (1 to 27 characters "
             "from A-Z a-z 0-9 _ -): set nova.conf's instance_name_template accordingly"
         )
     return name
@@ -69,11 +71,11 @@ def parse_machine_name(name: str) -> Owned | None:
 
 def drive_id(volume_id: str) -> str:
     """The daemon's drive id for a Cinder volume: stable, so detach finds what attach made."""
-    return "v" + "".join(c for c in volume_id if c.isascii() and c.isalnum())[:31]
+    return "v" + "".join(c for c in volume_id if c.isascii() and c.isalnum())[: DRIVE_ID_LENGTH - 1]
 
 
 # The drive ids drive_id() makes: a volume's, never one the daemon picks (diskN).
-VOLUME_DRIVE = re.compile(r"v[A-Za-z0-9]{0,31}")
+VOLUME_DRIVE = re.compile(rf"v[A-Za-z0-9]{{0,{DRIVE_ID_LENGTH - 1}}}")
 
 
 def is_volume_drive(drive: str) -> bool:

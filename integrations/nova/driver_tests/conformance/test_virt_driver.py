@@ -16,8 +16,8 @@ from typing import Any
 import fixtures
 from nova.tests.unit.virt import test_virt_drivers as upstream
 
+from driver_tests.fakeclient import FakeClient
 from nova import test
-from tests.fakeclient import FakeClient
 
 # Tests whose driver method raises NotImplementedError, and why.
 NOT_IMPLEMENTED = {

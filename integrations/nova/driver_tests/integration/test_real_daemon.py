@@ -1,0 +1,133 @@
+"""The driver against a real vmspawnd on a private bus, the tiny guest under TCG.
+
+One instance's life as Nova drives it: spawn, a volume attached (the guest
+sees it), power off and on (the volume is still there), reboot, the console
+output, the volume detached, destroy; nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nova.compute import power_state, provider_tree
+from nova.tests.unit import fake_instance
+from tests.integration.harness import Daemon, not_just_logs, qemu_pids, wait_console
+
+from nova import context as nova_context
+from nova import exception, objects
+from nova.virt import fake
+from nova.virt.vmspawnd import VmspawndDriver, mapping
+
+BOOT = 120  # s: the tiny guest boots in a few seconds, but under TCG on a loaded host
+MiB = 1024 * 1024
+
+
+def console_log(driver: VmspawndDriver, instance: Any) -> Path:
+    return Path(driver.client.properties(mapping.machine_name(instance.name, instance.uuid))["ConsoleLog"])
+
+
+def console(driver: VmspawndDriver, instance: Any, pattern: str, start: int = 0) -> re.Match[str]:
+    return asyncio.run(wait_console(console_log(driver, instance), pattern, timeout=BOOT, start=start))
+
+
+def console_size(driver: VmspawndDriver, instance: Any) -> int:
+    """Where the log ends now, counted as wait_console counts (text, not bytes)."""
+    return len(console_log(driver, instance).read_text(errors="replace"))
+
+
+@pytest.fixture
+def driver(nova_conf: Any, guest: Any, daemon: Daemon) -> Any:
+    nova_conf.set_override("kernel", str(guest.kernel), group="vmspawnd")
+    nova_conf.set_override("initrd", str(guest.initrd), group="vmspawnd")
+    nova_conf.set_override("cmdline", guest.cmdline, group="vmspawnd")
+    nova_conf.set_override("accel", "tcg", group="vmspawnd")
+    d = VmspawndDriver(fake.FakeVirtAPI())
+    d.init_host("test-host")
+    yield d
+    # The leak check: none of this daemon's QEMUs, machine dirs or instances left.
+    d.cleanup_host("test-host")
+    assert qemu_pids(str(daemon.runtime_dir)) == []
+    assert not_just_logs(daemon.runtime_dir / "machines") == []
+
+
+def new_instance() -> Any:
+    ctxt = nova_context.get_admin_context()
+    flavor = objects.Flavor(
+        name="tiny", memory_mb=256, vcpus=1, root_gb=0, ephemeral_gb=0, swap=0, extra_specs={}, flavorid="1"
+    )
+    return fake_instance.fake_instance_obj(ctxt, uuid=str(uuid.uuid4()), flavor=flavor)
+
+
+def test_unknown_instance_is_not_found(driver: VmspawndDriver) -> None:
+    with pytest.raises(exception.InstanceNotFound):
+        driver.get_info(new_instance())
+
+
+def test_an_instance_life(driver: VmspawndDriver, workdir: Path) -> None:
+    ctxt = nova_context.get_admin_context()
+    instance = new_instance()
+    driver.spawn(ctxt, instance, objects.ImageMeta.from_dict({}), [], None, {}, network_info=[])
+    try:
+        assert instance.name in driver.list_instances()
+        assert instance.uuid in driver.list_instance_uuids()
+        console(driver, instance, "VMSPAWN-GUEST-READY")
+        assert driver.get_info(instance).state == power_state.RUNNING
+
+        # A local volume on a spare port: the guest sees it, by its serial.
+        volume_id = str(uuid.uuid4())
+        volume = workdir / f"volume-{volume_id}"
+        volume.write_bytes(b"\0" * MiB)
+        info = {"driver_volume_type": "local", "serial": volume_id, "data": {"device_path": str(volume)}}
+        mark = console_size(driver, instance)
+        driver.attach_volume(ctxt, info, instance, "/dev/vdb")
+        serial = re.escape(mapping.serial(volume_id))
+        console(driver, instance, rf"VMSPAWN-BLOCK-ADD \w+ serial={serial}", start=mark)
+
+        # Off and on: the volume comes back with the machine.
+        driver.power_off(instance, timeout=30)
+        assert driver.get_info(instance).state == power_state.SHUTDOWN
+        mark = console_size(driver, instance)
+        bdi = {"block_device_mapping": [{"connection_info": info, "mount_device": "/dev/vdb"}]}
+        driver.power_on(ctxt, instance, [], bdi)
+        console(driver, instance, rf"VMSPAWN-BLOCK(-ADD)? \w+ serial={serial}", start=mark)
+        console(driver, instance, "VMSPAWN-GUEST-READY", start=mark)
+        assert driver.get_info(instance).state == power_state.RUNNING
+
+        # A reboot boots the guest again, volume and all.
+        mark = console_size(driver, instance)
+        driver.reboot(ctxt, instance, [], "SOFT", bdi)
+        console(driver, instance, rf"VMSPAWN-BLOCK \w+ serial={serial}", start=mark)
+        console(driver, instance, "VMSPAWN-GUEST-READY", start=mark)
+        assert "VMSPAWN-GUEST-READY" in driver.get_console_output(ctxt, instance)
+
+        # Pause and unpause.
+        driver.pause(instance)
+        assert driver.get_info(instance).state == power_state.PAUSED
+        driver.unpause(instance)
+        assert driver.get_info(instance).state == power_state.RUNNING
+
+        mark = console_size(driver, instance)
+        driver.detach_volume(ctxt, info, instance, "/dev/vdb")
+        console(driver, instance, r"VMSPAWN-BLOCK-REMOVE \w+", start=mark)
+        drives = driver.client.properties(mapping.machine_name(instance.name, instance.uuid))["Drives"]
+        assert [d for d in drives if d["path"] == str(volume)] == []
+    finally:
+        driver.destroy(ctxt, instance, [])
+    assert instance.name not in driver.list_instances()
+    with pytest.raises(exception.InstanceNotFound):
+        driver.get_info(instance)
+
+
+def test_the_host_offers_its_hotplug_ports(driver: VmspawndDriver, nova_conf: Any) -> None:
+    tree = provider_tree.ProviderTree()
+    tree.new_root("test-host", str(uuid.uuid4()))
+    driver.update_provider_tree(tree, "test-host")
+    inventory = tree.data("test-host").inventory
+    assert inventory[mapping.HOTPLUG_RC]["total"] == nova_conf.vmspawnd.hotplug_ports
+    assert inventory["MEMORY_MB"]["total"] > 0 and inventory["VCPU"]["total"] > 0
+    assert driver.get_available_resource("test-host")["hypervisor_version"] > 0

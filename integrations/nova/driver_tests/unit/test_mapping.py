@@ -1,0 +1,107 @@
+"""The pure rules of mapping.py, for all inputs where a rule holds for all."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nova.virt.vmspawnd import mapping
+
+names = st.from_regex(r"[A-Za-z0-9_-]{1,27}", fullmatch=True)
+uuids = st.uuids().map(str)
+
+
+@given(names, uuids)
+def test_a_machine_name_gives_back_its_instance(name: str, instance_uuid: str) -> None:
+    machine = mapping.machine_name(name, instance_uuid)
+    assert mapping.MACHINE_NAME.fullmatch(machine)
+    assert mapping.parse_machine_name(machine) == mapping.Owned(name, instance_uuid)
+
+
+@pytest.mark.parametrize("name", ["a.b", "x" * 28, "", "sp ace", "ü"])
+def test_an_instance_name_that_cannot_be_a_machine_name_is_refused(name: str) -> None:
+    with pytest.raises(mapping.NameRefused, match="instance_name_template"):
+        mapping.machine_name(name, str(uuid.uuid4()))
+
+
+@given(st.text(max_size=80))
+def test_a_machine_nova_did_not_make_is_not_claimed(name: str) -> None:
+    owned = mapping.parse_machine_name(name)
+    assert owned is None or name == f"{owned.instance_name}.{owned.instance_uuid}"
+
+
+@pytest.mark.parametrize(
+    "name", ["web", "web.", ".0c1d2b6e-3c8f-4c5e-9b1a-2b3c4d5e6f70", "a.0C1D2B6E-3C8F-4C5E-9B1A-2B3C4D5E6F70", "a.x"]
+)
+def test_names_without_an_instance_and_a_canonical_uuid_are_not_nova_s(name: str) -> None:
+    assert mapping.parse_machine_name(name) is None
+
+
+@given(st.text(max_size=100))
+def test_a_volume_drive_id_is_one_the_daemon_and_qemu_take(volume_id: str) -> None:
+    drive = mapping.drive_id(volume_id)
+    assert len(drive) <= mapping.DRIVE_ID_LENGTH
+    assert drive.startswith("v") and mapping.is_volume_drive(drive)
+    assert mapping.drive_id(volume_id) == drive
+
+
+@given(uuids, uuids)
+def test_two_volumes_get_two_drive_ids(a: str, b: str) -> None:
+    assert (mapping.drive_id(a) == mapping.drive_id(b)) == (a == b)
+
+
+def test_the_daemon_s_own_drive_ids_are_not_volumes() -> None:
+    assert not mapping.is_volume_drive("disk0")
+    assert not mapping.is_volume_drive("rootfs")
+
+
+@given(st.text(max_size=60))
+def test_a_serial_fits_virtio_blk(volume_id: str) -> None:
+    serial = mapping.serial(volume_id)
+    assert len(serial.encode()) <= mapping.SERIAL_BYTES
+    assert all("\x21" <= c <= "\x7e" for c in serial)
+
+
+@given(st.lists(st.sampled_from(["disk0", "v1", "v2", "v3", "rootfs"]), unique=True),
+       st.sets(st.sampled_from(["v1", "v2", "v4"])))  # fmt: skip
+def test_volumes_to_change_make_the_machine_hold_exactly_nova_s(present: list[str], wanted: set[str]) -> None:
+    plug, unplug = mapping.volumes_to_change(present, {d: d for d in wanted})
+    after = (set(present) - set(unplug)) | set(plug)
+    assert {d for d in after if mapping.is_volume_drive(d)} == wanted
+    assert set(after) - wanted == {d for d in present if not mapping.is_volume_drive(d)}
+
+
+def test_every_daemon_state_has_a_power_state() -> None:
+    states = ["starting", "running", "paused", "stopping", "stopped", "failed", "unmanaged"]
+    assert [mapping.power_state_name(s) for s in states] == [
+        "RUNNING", "RUNNING", "PAUSED", "RUNNING", "SHUTDOWN", "CRASHED", "NOSTATE",
+    ]  # fmt: skip
+    assert mapping.power_state_name("something new") == "NOSTATE"
+
+
+@given(st.none() | st.integers(0, 300), st.integers(0, 300), st.integers(0, 300), st.integers(1, 300))
+def test_hotplug_spares(requested: int | None, default: int, volumes: int, most: int) -> None:
+    spares = mapping.hotplug_spares(requested, default, volumes, most)
+    assert spares <= most
+    assert spares >= min(volumes, most)
+    assert spares == min(max(default if requested is None else requested, volumes), most)
+
+
+def test_requested_ports_sums_placement_s_allocations() -> None:
+    rc = mapping.HOTPLUG_RC
+    assert mapping.requested_ports(None) is None
+    assert mapping.requested_ports({"rp": {"resources": {"VCPU": 1}}}) is None
+    assert mapping.requested_ports({"a": {"resources": {rc: 2}}, "b": {"resources": {rc: 3, "VCPU": 1}}}) == 5
+
+
+@given(st.integers(1, 512), st.integers(1, 1 << 22), st.integers(0, 1 << 16), st.integers(0, 1024), st.integers(1, 200))
+def test_inventory(vcpus: int, memory_mb: int, disk_gb: int, ports: int, most: int) -> None:
+    inv = mapping.inventory(vcpus, memory_mb, disk_gb, ports, most)
+    assert inv["VCPU"]["total"] == vcpus and inv["MEMORY_MB"]["total"] == memory_mb
+    assert ("DISK_GB" in inv) == (disk_gb > 0)
+    assert (mapping.HOTPLUG_RC in inv) == (ports > 0)
+    for entry in inv.values():
+        assert 1 <= entry["min_unit"] <= entry["max_unit"] <= entry["total"]
