@@ -110,6 +110,13 @@ async def test_a_kept_machine_boots_again_with_its_hotplugged_drive_on_its_port_
     assert await client.prop(path, "Id") == machine_id
     assert await client.prop(path, "Drives") == drives
     await start_and_check()
+    # At boot or not, it is still a hotplugged drive: it unplugs, its port is free again.
+    free = await client.prop(path, "FreeSparePorts")
+    offset = len(console.read_text())
+    await client.remove_drive(path, drive_id, timeout_usec=60_000_000)
+    await wait_console(console, r"VMSPAWN-BLOCK-REMOVE \S+", start=offset)
+    assert await client.prop(path, "FreeSparePorts") == free + 1
+    assert drive_id not in {d["id"] for d in await client.prop(path, "Drives")}
 
     # TerminateMachine: gone for good, nothing left.
     removed: list[str] = []
