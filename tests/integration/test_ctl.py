@@ -419,3 +419,31 @@ async def test_booted_guest_hotplug_console_completion_poweroff(
         assert follow.wait(20) == 0
     assert "VMSPAWN-POWEROFF" in out2.read_text(errors="replace")
     assert booted not in [m["name"] for m in json.loads(ok("list", "--json"))]
+
+
+def test_a_kept_machine_is_listed_stopped_and_started_again(daemon: Daemon, files: dict[str, Path]) -> None:
+    ok(
+        "create",
+        "ctl-kept",
+        "--keep",
+        "--image",
+        str(files["zero"]),
+        "--spares",
+        "1",
+        "--accel",
+        "tcg",
+        "--memory",
+        "64M",
+    )
+    try:
+        # SeaBIOS ignores the power button: forced, and still there.
+        assert json.loads(ok("poweroff", "ctl-kept", "--timeout", "1s", "--json")) == {
+            "machine": "ctl-kept", "forced": True,
+        }  # fmt: skip
+        (row,) = [m for m in json.loads(ok("list", "--json")) if m["name"] == "ctl-kept"]
+        assert (row["state"], row["leader"]) == ("stopped", 0)
+        assert json.loads(ok("start", "ctl-kept", "--json")) == {"machine": "ctl-kept", "state": "running"}
+        expect_error(ctl("start", "ctl-kept"), 5, "running already", "vmspawnctl poweroff ctl-kept")
+    finally:
+        ok("terminate", "ctl-kept")
+    assert "ctl-kept" not in [m["name"] for m in json.loads(ok("list", "--json"))]
