@@ -62,7 +62,8 @@ def test_no_free_port_names_every_holder() -> None:
         table.take("disk4")
     assert str(e.value) == (
         "all 2 spare ports of vm1 are taken (rp1=scsi0, rp2=disk3); "
-        "remove a drive first, or create the machine with more hotplug_spares"
+        "remove a device first (RemoveDrive, RemoveShare, RemoveNetwork), or create the machine with more "
+        "hotplug_spares"
     )
     # A refusal changes nothing.
     assert table.holders() == {"rp0": "b0", "rp1": "scsi0", "rp2": "disk3"}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmspawnd.model import DiskType, Drive, DriveState, MachineShare, PortRole
+from vmspawnd.model import DiskType, Drive, DriveState, MachineShare, Nic, PortRole
 from vmspawnd.porttable import PortTable
 from vmspawnd.reconcile import (
     DRIVER_TYPES,
@@ -21,6 +22,7 @@ from vmspawnd.reconcile import (
     reconcile,
     reconcile_shares,
     unrecorded_shares,
+    wanted_macs,
     wanted_parents,
 )
 from vmspawnd.topology import Port
@@ -253,3 +255,39 @@ def test_a_crash_between_chardev_add_and_device_add_leaves_an_orphan_chardev() -
     found = reconcile_shares(snap(SHARES_BOOT, set()), {"share1-vfs", "rootfs", "user-vfsx"}, {}, {})
     assert found.orphan_chardevs == ("share1-vfs",)
     assert found.shares == {}
+
+
+# -- NICs ------------------------------------------------------------------------
+
+
+def nic_snap(devices: dict[str, tuple[str, str]], macs: dict[str, str]) -> Snapshot:
+    return replace(snap(BOOT | devices, {"disk0-node"}), macs=macs)
+
+
+def test_wanted_macs_are_those_of_nics_on_spare_ports() -> None:
+    s = snap(BOOT | {"nic1": ("virtio-net-pci", "rp2"), "d": ("nvme", "rp3")}, set())
+    assert wanted_macs(s.peripheral, s.parent_bus, SPARES) == ["nic1"]
+
+
+def test_a_recorded_nic_qemu_has_is_kept_with_qemus_port_and_mac() -> None:
+    recorded = Nic("nic1", "tap:t0", "02:00:00:00:00:01", "rp3", DriveState.REMOVING)
+    r = reconcile(
+        nic_snap({"nic1": ("virtio-net-pci", "rp2")}, {"nic1": "02:00:00:00:00:09"}),
+        {"disk0": DISK0}, SPARES, recorded_nics={"nic1": recorded},
+    )  # fmt: skip
+    assert r.nics == {"nic1": Nic("nic1", "tap:t0", "02:00:00:00:00:09", "rp2", DriveState.REMOVING)}
+    assert r.ports == {"rp2": "nic1"}
+    assert r.messages == ("network interface nic1 is on rp2 in QEMU, state.json said rp3",)
+
+
+def test_a_recorded_nic_qemu_lost_is_dropped_and_an_unrecorded_one_adopted() -> None:
+    gone = Nic("nic1", "user", "02:00:00:00:00:01", "rp2")
+    r = reconcile(
+        nic_snap({"nic2": ("virtio-net-pci", "rp4")}, {"nic2": "02:00:00:00:00:02"}),
+        {"disk0": DISK0}, SPARES, recorded_nics={"nic1": gone},
+    )  # fmt: skip
+    assert r.nics == {"nic2": Nic("nic2", "unknown", "02:00:00:00:00:02", "rp4")}
+    assert r.messages == (
+        "network interface nic1 went away while vmspawnd was down",
+        "network interface nic2 on rp4 was not in state.json; taken from QEMU",
+    )

@@ -30,6 +30,7 @@ from vmspawnd.model import (
     MountSpec,
     Network,
     NetworkMode,
+    Nic,
     PluggedDrive,
 )
 from vmspawnd.state import (
@@ -210,6 +211,7 @@ machine_shares = st.builds(
     st.integers(0, 2**22),
     st.integers(0, 2**63),
 )
+nics = st.builds(Nic, texts, texts, texts, texts, st.sampled_from(list(DriveState)))
 records = st.builds(
     MachineRecord,
     spec=specs,
@@ -224,6 +226,7 @@ records = st.builds(
     qemu_gid=st.integers(0, 2**32 - 2),
     shares=st.lists(machine_shares, max_size=3).map(tuple),
     stopped=st.booleans(),
+    nics=st.lists(nics, max_size=3).map(tuple),
 )
 
 
@@ -538,3 +541,14 @@ def test_a_dead_machine_keeps_its_logs_and_nothing_else(tmp_path: Path) -> None:
     assert sorted(p.name for p in removed) == sorted([f".{FILE}.x.tmp", "argv", "qmp.sock", "state.json", "sub"])
     assert sorted(os.listdir(tmp_path)) == ["console.log", "qemu.log"]
     assert clear_all_but_log(tmp_path / "gone") == []
+
+
+def test_a_record_from_before_nic_hotplug_has_no_nics() -> None:
+    d = json.loads(dumps(record()))
+    del d["nics"]
+    assert loads(json.dumps(d)).nics == ()
+
+
+def test_a_recorded_nic_round_trips() -> None:
+    card = Nic("nic1", "tap:tap0", "02:00:00:00:00:01", "rp3", DriveState.REMOVING)
+    assert loads(dumps(record(nics=(card,)))).nics == (card,)

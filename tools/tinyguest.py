@@ -17,11 +17,17 @@ The guest speaks a line protocol on its serial console (ttyS0)::
     VMSPAWN-BLOCK-REMOVE <name>                         # unplugged disk
     VMSPAWN-SHARE-MOUNT <tag> hello=<line>              # hotplugged share mounted
     VMSPAWN-SHARE-UMOUNT <tag>                          # ...and unmounted again
+    VMSPAWN-NET <name> mac=<mac>                        # one per interface at boot (not lo)
+    VMSPAWN-NET-ADD <name> mac=<mac>                    # hotplugged interface
+    VMSPAWN-NET-REMOVE <name> mac=<mac>                 # unplugged interface
+    VMSPAWN-MEDIA <name> size=<bytes> head=<text>       # a cdrom's medium changed (size=0: none)
     VMSPAWN-POWEROFF                                    # ACPI power button
     VMSPAWN-TICK <uptime>                               # tinyguest.tick: every 0.5 s
 
 PCI ids and class are lower-case hex without ``0x`` (``1af4:1042``,
 ``class=010802``); ``<bdf>`` is the sysfs name (``0000:01:00.0``).
+``<mac>`` is lower-case, colon separated. ``<text>`` is the medium's first
+16 bytes, printable ASCII only (a test writes a label there).
 ``<serial>`` is the rest of the line, trimmed, and may be empty or contain
 spaces (SCSI devices without a unit serial report their model instead).
 Lines come in that order: the boot snapshot (PCI, BLOCK, NVME-COUNT), then
@@ -215,7 +221,7 @@ while [ $i -lt 400 ]; do
         read -r t < "$d/type"
         case $t in 0|5) [ -e "$d/block" ] || busy=1 ;; esac
     done
-    set -- /sys/bus/pci/devices/* /sys/block/* /sys/class/nvme/*
+    set -- /sys/bus/pci/devices/* /sys/block/* /sys/class/nvme/* /sys/class/net/*
     cur="$*"
     if [ $busy = 0 ] && [ "$cur" = "$prev" ]; then
         stable=$((stable + 1))
@@ -265,6 +271,17 @@ done
 set -- /sys/class/nvme/*
 [ -e "$1" ] || set --
 echo "VMSPAWN-NVME-COUNT $#"
+for d in /sys/class/net/*; do
+    n=${d##*/}
+    [ "$n" = lo ] && continue
+    read -r mac < "$d/address"
+    echo "$mac" > "/run/net-$n"
+    echo "VMSPAWN-NET $n mac=$mac"
+done
+# cdroms: the kernel polls for a media change only when asked to.
+for d in /sys/block/sr*; do
+    [ -e "$d/events_poll_msecs" ] && echo 250 > "$d/events_poll_msecs"
+done
 # virtiofs shares named on the kernel command line: tinyguest.mount=TAG
 for arg in $(cat /proc/cmdline); do
     case $arg in tinyguest.mount=*) ;; *) continue ;; esac
@@ -311,6 +328,25 @@ if [ "$SUBSYSTEM" = virtio ] && [ "$ACTION" = bind ] && [ "$DRIVER" = virtiofs ]
     hot_share > /dev/console 2>&1
     exit 0
 fi
+if [ "$SUBSYSTEM" = net ]; then
+    n=${INTERFACE:-${DEVPATH##*/}}
+    [ "$n" = lo ] && exit 0
+    case $ACTION in
+    add)
+        read -r mac < "/sys/class/net/$n/address"
+        # Kept for the remove event: sysfs is gone by then.
+        echo "$mac" > "/run/net-$n"
+        echo "VMSPAWN-NET-ADD $n mac=$mac" > /dev/console
+        ;;
+    remove)
+        mac=
+        [ -r "/run/net-$n" ] && read -r mac < "/run/net-$n"
+        rm -f "/run/net-$n"
+        echo "VMSPAWN-NET-REMOVE $n mac=$mac" > /dev/console
+        ;;
+    esac
+    exit 0
+fi
 [ "$SUBSYSTEM" = block ] && [ "$DEVTYPE" = disk ] || exit 0
 n=${DEVNAME:-${DEVPATH##*/}}
 n=${n##*/}
@@ -318,7 +354,15 @@ case $n in ram*|loop*) exit 0 ;; esac
 case $ACTION in
 add)
     . /etc/tinyguest.sh
+    case $n in sr*) echo 250 > "/sys/block/$n/events_poll_msecs" ;; esac
     echo "VMSPAWN-BLOCK-ADD $n serial=$(serial_of "$n")" > /dev/console
+    ;;
+change)
+    [ "$DISK_MEDIA_CHANGE" = 1 ] || exit 0
+    # Reading the medium makes the kernel look at its new size.
+    head=$(dd if="/dev/$n" bs=2048 count=1 2>/dev/null | head -c 16 | tr -d '\000-\037\177-\377')
+    read -r sectors < "/sys/block/$n/size"
+    echo "VMSPAWN-MEDIA $n size=$((sectors * 512)) head=$head" > /dev/console
     ;;
 remove)
     echo "VMSPAWN-BLOCK-REMOVE $n" > /dev/console

@@ -41,6 +41,10 @@ class NoSuchDrive(VmspawndError):
     pass
 
 
+class NoSuchNetwork(VmspawndError):
+    """No network interface of that id on the machine."""
+
+
 class UnplugInProgress(VmspawndError):
     pass
 
@@ -93,6 +97,7 @@ ALL_ERRORS: tuple[type[VmspawndError], ...] = (
     PcieSlotsExhausted,
     NoFreePort,
     NoSuchDrive,
+    NoSuchNetwork,
     UnplugInProgress,
     UnplugTimeout,
     QemuFailed,

@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import acl, cmdline, imagechain, keep, qemulog, reconcile, share, state
+from . import acl, cmdline, imagechain, keep, nic, qemulog, reconcile, share, state
 from .chainopen import OpenedChain
 from .console import Console
 from .errors import (
@@ -26,6 +26,7 @@ from .errors import (
     InvalidArgument,
     NoSpace,
     NoSuchDrive,
+    NoSuchNetwork,
     NotRunning,
     QemuFailed,
     QemuUnresponsive,
@@ -34,7 +35,7 @@ from .errors import (
     VmspawndError,
 )
 from .identity import Identity
-from .model import DiskType, Drive, DriveSpec, DriveState, MachineShare, MachineSpec, MachineState
+from .model import DiskType, Drive, DriveSpec, DriveState, MachineShare, MachineSpec, MachineState, Nic
 from .porttable import PortTable
 from .process import Process, confinement_for
 from .process import start_time as process_start_time
@@ -61,6 +62,7 @@ DRIVE_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,31}")
 SHARE_CHARDEV = "{}" + reconcile.CHARDEV_SUFFIX
 # Ids the daemon gives its own devices.
 CONTROLLER_ID = re.compile(r"scsi\d+")
+BOOT_NIC = "net0"
 RESERVED_ID = re.compile(r"(rp|scsi|implicit|fs|sw)\d+|sw\d+p\d+|net0|vsock0|rootfs")
 # QEMU >= 6.2 refuses device_del while the slot's power indicator blinks
 # (the guest is still handling the last plug); it clears on its own.
@@ -85,6 +87,8 @@ class Observer(Protocol):
     def drive_removed(self, machine: Machine, drive_id: str) -> None: ...
     def share_added(self, machine: Machine, added: MachineShare) -> None: ...
     def share_removed(self, machine: Machine, share_id: str) -> None: ...
+    def network_added(self, machine: Machine, card: Nic) -> None: ...
+    def network_removed(self, machine: Machine, nic_id: str) -> None: ...
 
 
 def qemu_errors(log_path: Path) -> str:
@@ -146,6 +150,9 @@ class Machine:
         self._next_share = 0
         # Whether QEMU's guest memory is shareable (vhost-user needs it); asked once.
         self._shared_memory: bool | None = None
+        # Hotplugged network interfaces (the boot NIC, net0, is the plan's).
+        self.nics: dict[str, Nic] = {}
+        self._next_nic = 1
         # Serialises the requests to this machine; different machines run in parallel.
         self._lock = asyncio.Lock()
         # RemoveDrive calls waiting for their DEVICE_DELETED; each is awaited by its caller.
@@ -237,6 +244,7 @@ class Machine:
             self.identity.uid if self.identity else 0,
             self.identity.gid if self.identity else 0,
             tuple(s for dev, s in self.shares.items() if dev not in self._boot_shares),
+            nics=tuple(self.nics.values()),
         )
 
     def starting(self) -> None:
@@ -459,9 +467,11 @@ class Machine:
                 self._next_drive = max(self._next_drive, record.next_drive)
                 # A record written as stopped by a Start cut short: the spec says what QEMU booted with.
                 if record.stopped:
-                    await self._reconcile(dict(self.drives), ())
+                    await self._reconcile(dict(self.drives), (), {})
                 else:
-                    await self._reconcile({d.id: d for d in record.drives}, record.shares)
+                    await self._reconcile(
+                        {d.id: d for d in record.drives}, record.shares, {n.id: n for n in record.nics}
+                    )
         except TimeoutError:
             await self._monitor.close(QUIT_REPLY_TIMEOUT)
             raise QemuUnresponsive(
@@ -480,14 +490,19 @@ class Machine:
             extra={"MACHINE": self.name},
         )  # fmt: skip
 
-    async def _reconcile(self, recorded: dict[str, Drive], shares: Sequence[MachineShare]) -> None:
-        """Rebuild drives, shares and ports from QEMU (see reconcile.py); log where state.json disagreed."""
+    async def _reconcile(
+        self, recorded: dict[str, Drive], shares: Sequence[MachineShare], recorded_nics: dict[str, Nic]
+    ) -> None:
+        """Rebuild drives, shares, NICs and ports from QEMU (see reconcile.py); log where state.json disagreed."""
         execute = self._monitor.execute
         peripheral = reconcile.parse_peripheral(await execute("qom-list", {"path": "/machine/peripheral"}))
         parents = {}
         for dev in reconcile.wanted_parents(peripheral, {p.id for p in self.plan.ports}):
             bus = await execute("qom-get", {"path": f"/machine/peripheral/{dev}", "property": "parent_bus"})
             parents[dev] = reconcile.bus_name(str(bus))
+        macs = {}
+        for dev in reconcile.wanted_macs(peripheral, parents, self.ports.spares):
+            macs[dev] = str(await execute("qom-get", {"path": f"/machine/peripheral/{dev}", "property": "mac"}))
         nodes = reconcile.parse_nodes(await execute("query-named-block-nodes"))
         self._nodes = set(nodes)
         # Those of the command line (console, boot drives, qemu_extra's) are QEMU's for good.
@@ -496,8 +511,8 @@ class Machine:
             for i, opaques in reconcile.parse_fdsets(await execute("query-fdsets")).items()
             if i < cmdline.BOOT_FDSETS and i not in self.plan.taken_fdsets
         }
-        snap = reconcile.Snapshot(peripheral, parents, nodes, fdsets)
-        found = reconcile.reconcile(snap, recorded, self.ports.spares, self._next_fdset)
+        snap = reconcile.Snapshot(peripheral, parents, nodes, fdsets, macs)
+        found = reconcile.reconcile(snap, recorded, self.ports.spares, self._next_fdset, recorded_nics)
         for message in found.messages:
             log.warning("machine %s: %s", self.name, message, extra={"MACHINE": self.name})
         for node in found.orphan_nodes:
@@ -507,6 +522,7 @@ class Machine:
             await self._remove_fdset(fdset)
         self._next_fdset = found.next_fdset
         self.drives = found.drives
+        self.nics = found.nics
         self.ports = PortTable(self.plan.ports, self.name, observed=found.ports)
         await self._reconcile_shares(snap, {s.id: s for s in shares})
 
@@ -859,7 +875,13 @@ class Machine:
 
     def _known_ids(self) -> set[str]:
         """Ids in use: ours (ports, drives, controllers) and qemu_extra's."""
-        ours = set(self.drives) | set(self.shares) | self.ports.devices() | {p.id for p in self.plan.ports}
+        ours = (
+            set(self.drives)
+            | set(self.shares)
+            | set(self.nics)
+            | self.ports.devices()
+            | {p.id for p in self.plan.ports}
+        )
         ours |= self._stuck_ids
         return ours | {d.id for d in self.plan.implicit} | self.plan.taken
 
@@ -959,7 +981,9 @@ class Machine:
                 late = Drive(
                     dev, str(drive.path), drive.disk_type, port, DriveState.REMOVING, tuple(fdsets.values()), controller
                 )
-                self._unanswered(e, lambda: self._cancel_late_add(late, undo + pending))
+                self._unanswered(
+                    e, lambda: self._cancel_late_add(late.id, lambda: self._keep_drive(late), undo + pending)
+                )
                 raise
             except QmpError as e:
                 await self._undo(undo, dev)
@@ -1007,19 +1031,88 @@ class Machine:
         self._nodes = {n["node-name"] for n in nodes}
         return imagechain.opened_by_name(known, nodes, fd_names)
 
-    async def _cancel_late_add(self, late: Drive, undo: list[tuple[str, dict[str, object]]]) -> None:
-        """Undo an AddDrive whose caller got QemuUnresponsive, now that QEMU answers."""
+    def _keep_drive(self, late: Drive) -> None:
+        self.drives[late.id] = late
+
+    async def _cancel_late_add(
+        self, dev: str, keep: Callable[[], None], undo: list[tuple[str, dict[str, object]]]
+    ) -> None:
+        """Undo an AddDrive or AddNetwork whose caller got QemuUnresponsive, now that QEMU answers."""
         peripheral = {c["name"] for c in await self._monitor.execute("qom-list", {"path": "/machine/peripheral"})}
-        if late.id in peripheral:
-            # device_add was carried out late: unplug it like any drive, the
-            # DEVICE_DELETED handler frees its node, fdset and port.
-            log.warning("machine %s: unplugging %s, added after its AddDrive timed out", self.name, late.id)
-            self.drives[late.id] = late
-            await self._monitor.execute("device_del", {"id": late.id})
+        if dev in peripheral:
+            # device_add was carried out late: `keep` lists it as removing and
+            # it is unplugged like any device; the DEVICE_DELETED handler frees
+            # what it holds and its port.
+            log.warning("machine %s: unplugging %s, added after its request timed out", self.name, dev)
+            keep()
+            await self._monitor.execute("device_del", {"id": dev})
         else:
-            log.warning("machine %s: undoing the AddDrive of %s that timed out", self.name, late.id)
-            await self._undo(undo, late.id)
-        self._stuck_ids.add(late.id)
+            log.warning("machine %s: undoing the request of %s that timed out", self.name, dev)
+            await self._undo(undo, dev)
+        self._stuck_ids.add(dev)
+
+    # -- network interfaces ----------------------------------------------------
+
+    def validate_nic(self, requested_id: str, mac: str) -> None:
+        """Refuse a bad id or a MAC another NIC of this machine has, before a tap is opened."""
+        self._check_new_id(requested_id, "network interface")
+        if mac and (other := next((n.id for n in self.nics.values() if n.mac == mac), "")):
+            raise InvalidArgument(f"mac {mac} is already the address of {other} on {self.name}; give another")
+
+    async def add_network(self, network: str, requested_id: str = "", mac: str = "", tap_fd: int | None = None) -> Nic:
+        """netdev_add (user, or the tap `tap_fd` through getfd) + device_add
+        of a virtio-net-pci on the lowest free spare port; undone on failure.
+        `network` says what it is connected to (Nic.network); `tap_fd` stays the caller's."""
+        async with self._request("AddNetwork"):
+            self.validate_nic(requested_id, mac)
+            dev = requested_id or self._new_nic_id()
+            mac = mac or nic.default_mac(self.id, dev)
+            # Taken first: a request refused for want of a port hands QEMU nothing.
+            port = self.ports.take(dev)
+            undo: list[tuple[str, dict[str, object]]] = []
+            pending: list[tuple[str, dict[str, object]]] = []
+            try:
+                if tap_fd is not None:
+                    fdname = f"{dev}-tap"
+                    pending = [("closefd", {"fdname": fdname})]
+                    await self._monitor.get_fd(tap_fd, fdname)
+                    undo += pending
+                    netdev = nic.netdev_tap(dev, fdname)
+                else:
+                    netdev = nic.netdev_user(dev)
+                # netdev_add takes the named fd (or closes it when it fails): only the netdev is left to undo.
+                pending = [("netdev_del", {"id": dev})]
+                await self._monitor.execute("netdev_add", netdev)
+                undo = pending
+                await self._monitor.execute("device_add", nic.device(dev, mac, port))
+            except QemuUnresponsive as e:
+                late = Nic(dev, network, mac, port, DriveState.REMOVING)
+                self._unanswered(e, lambda: self._cancel_late_add(dev, lambda: self._keep_nic(late), undo + pending))
+                raise
+            except QmpError as e:
+                await self._undo(undo, dev)
+                # Our own arguments on our own port: QEMU's refusal is not the caller's fault.
+                raise QemuFailed(f"QEMU refused network interface {dev} ({network}) on {port}: {e}") from e
+            except QmpDisconnected as e:
+                raise NotRunning(f"machine {self.name} stopped during AddNetwork: {e}") from e
+            card = Nic(dev, network, mac, port)
+            self.nics[dev] = card
+            self.save()
+        log.info("machine %s: network interface %s (%s, %s) added on %s", self.name, dev, network, mac, port)
+        self._notify("Networks", "Ports", "FreeSparePorts")
+        self._tell(lambda o: o.network_added(self, card))
+        return card
+
+    def _keep_nic(self, late: Nic) -> None:
+        self.nics[late.id] = late
+
+    def _new_nic_id(self) -> str:
+        """The next nicN, never one a removed NIC had while this daemon ran
+        (as drive ids)."""
+        known = self._known_ids()
+        n = next(i for i in itertools.count(self._next_nic) if f"nic{i}" not in known)
+        self._next_nic = n + 1
+        return f"nic{n}"
 
     def _new_drive_id(self) -> str:
         """The next diskN: never one a removed drive had (a client holding a
@@ -1073,18 +1166,29 @@ class Machine:
 
         await self._unplug("RemoveDrive", "drive", self.drives, dev, timeout, check)
 
+    async def remove_network(self, dev: str, timeout: float) -> None:
+        """RemoveDrive's rules for a NIC: its netdev and port go with its DEVICE_DELETED."""
+        await self._unplug("RemoveNetwork", "network", self.nics, dev, timeout, lambda _: None, NoSuchNetwork)
+
     async def _unplug(
-        self, method: str, kind: str, table: dict[str, Any], dev: str, timeout: float, check: Callable[[Any], None]
+        self,
+        method: str,
+        kind: str,
+        table: dict[str, Any],
+        dev: str,
+        timeout: float,
+        check: Callable[[Any], None],
+        missing: type[VmspawndError] = NoSuchDrive,
     ) -> None:
-        """device_del of the `kind` `table[dev]` (a Drive, a MachineShare), then
-        wait for its DEVICE_DELETED; past `timeout` UnplugTimeout, the entry
-        stays `removing` and goes when the event comes later."""
+        """device_del of the `kind` `table[dev]` (a Drive, a MachineShare, a
+        Nic), then wait for its DEVICE_DELETED; past `timeout` UnplugTimeout,
+        the entry stays `removing` and goes when the event comes later."""
         loop = asyncio.get_running_loop()
         prop = f"{kind.capitalize()}s"
         async with self._request(method):
             entry = table.get(dev)
             if entry is None:
-                raise NoSuchDrive(f"machine {self.name} has no {kind} {dev!r}; see its {prop} property")
+                raise missing(f"machine {self.name} has no {kind} {dev!r}; see its {prop} property")
             if entry.state is DriveState.REMOVING:
                 raise UnplugInProgress(f"{kind} {dev} is already being removed; wait for {kind.capitalize()}Removed")
             check(entry)
@@ -1166,7 +1270,10 @@ class Machine:
             return
         async with self._lock:
             drive = self.drives.pop(dev, None)
-            if drive is not None:
+            card = self.nics.pop(dev, None)
+            if card is not None:
+                await self._nic_gone(card)
+            elif drive is not None:
                 try:
                     await self._monitor.execute("blockdev-del", {"node-name": cmdline.node_name(dev)})
                 except (QmpError, QmpDisconnected) as e:
@@ -1192,7 +1299,19 @@ class Machine:
         if drive is not None:
             log.info("machine %s: drive %s removed", self.name, dev, extra={"MACHINE": self.name, "DRIVE": dev})
             self._tell(lambda o: o.drive_removed(self, dev))
+        if card is not None:
+            log.info("machine %s: network interface %s removed", self.name, dev, extra={"MACHINE": self.name})
+            self._tell(lambda o: o.network_removed(self, dev))
+            self._notify("Networks")
         self._notify("Drives", "Ports", "FreeSparePorts")
+
+    async def _nic_gone(self, card: Nic) -> None:
+        """The NIC's device is gone: its netdev (and with it the tap fd) and its port go too."""
+        try:
+            await self._monitor.execute("netdev_del", {"id": card.id})
+        except (QmpError, QmpDisconnected) as e:
+            log.warning("machine %s: netdev_del of %s failed: %s", self.name, card.id, e)
+        self.ports.release(card.id)
 
     async def query_accel(self) -> None:
         """Which accelerator QEMU ended up with: for "auto" it is QEMU's choice."""

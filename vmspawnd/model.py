@@ -136,6 +136,18 @@ class MachineShare:
 
 
 @dataclass(frozen=True)
+class Nic:
+    """A network interface of a running machine (virtio-net-pci + its netdev, same id)."""
+
+    id: str
+    # What it is connected to: "user", "tap:NAME", or "fd:NAME" (a tap the caller opened).
+    network: str
+    mac: str
+    port: str
+    state: DriveState = DriveState.ATTACHED
+
+
+@dataclass(frozen=True)
 class MountSpec:
     source: Path
     tag: str

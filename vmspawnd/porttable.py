@@ -97,7 +97,8 @@ class PortTable:
         holders = ", ".join(f"{port}={self._holder[port]}" for port in self.spares)
         raise NoFreePort(
             f"all {len(self.spares)} spare ports of {self.machine} are taken ({holders}); "
-            "remove a drive first, or create the machine with more hotplug_spares"
+            "remove a device first (RemoveDrive, RemoveShare, RemoveNetwork), or create the machine with more "
+            "hotplug_spares"
         )
 
     def release(self, device: str) -> str | None:

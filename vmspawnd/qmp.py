@@ -55,24 +55,26 @@ class Monitor:
         except (QMPError, OSError, EOFError) as e:
             raise QmpDisconnected(f"{cmd}: {e or type(e).__name__}") from e
 
+    def _send_fd(self, fd: int, cmd: str) -> None:
+        """SCM_RIGHTS ahead of `cmd`, which takes the fd."""
+        try:
+            self._client.send_fd_scm(fd)
+        except (QMPError, OSError) as e:
+            raise QmpDisconnected(f"{cmd}: {e}") from e
+
     async def pass_fd(self, fd: int, fdset_id: int, opaque: str, timeout: float = TIMEOUT) -> int:
         """Hand `fd` to QEMU in fdset `fdset_id`; `opaque` is kept with it.
 
         Returns the fd number QEMU holds.
         """
-        try:
-            self._client.send_fd_scm(fd)
-        except (QMPError, OSError) as e:
-            raise QmpDisconnected(f"add-fd: {e}") from e
+        self._send_fd(fd, "add-fd")
         reply = await self.execute("add-fd", {"fdset-id": fdset_id, "opaque": opaque}, timeout)
         return int(reply["fd"])
 
     async def get_fd(self, fd: int, name: str, timeout: float = TIMEOUT) -> None:
-        """Hand `fd` to QEMU under `name` (getfd), for a chardev to take."""
-        try:
-            self._client.send_fd_scm(fd)
-        except (QMPError, OSError) as e:
-            raise QmpDisconnected(f"getfd: {e}") from e
+        """Hand `fd` to QEMU under `name` (getfd), for a command that takes
+        an fd by name (chardev-add, netdev_add's tap) to take."""
+        self._send_fd(fd, "getfd")
         await self.execute("getfd", {"fdname": name}, timeout)
 
     async def next_event(self) -> tuple[str, dict[str, Any]]:

@@ -11,12 +11,12 @@ removed.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import imagechain
+from . import imagechain, nic
 from .cmdline import node_name
-from .model import DiskType, Drive, MachineShare
+from .model import DiskType, Drive, MachineShare, Nic
 
 # QOM types of the devices a Drive is made of.
 DRIVER_TYPES = {
@@ -44,6 +44,8 @@ class Snapshot:
     nodes: frozenset[str]
     # fdset id -> the opaque strings of its fds (imagechain.opaque: "device-id:layer:path").
     fdsets: Mapping[int, tuple[str, ...]]
+    # qdev id -> its mac property, for every NIC on a spare port (wanted_macs()).
+    macs: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class Reconciled:
     # Kept (recorded, still in QEMU) and adopted (in QEMU, not recorded)
     # drives, each with every fdset QEMU holds for it (one per qcow2 layer).
     drives: dict[str, Drive]
+    # Kept and adopted NICs, likewise.
+    nics: dict[str, Nic]
     # Spare port -> the device QEMU has on it (PortTable's `observed`).
     ports: dict[str, str]
     # Block nodes and fdsets of devices QEMU does not have: to remove.
@@ -89,6 +93,13 @@ def wanted_parents(peripheral: Mapping[str, str], port_ids: Collection[str]) -> 
     return sorted(dev for dev in peripheral if dev not in port_ids)
 
 
+def wanted_macs(
+    peripheral: Mapping[str, str], parent_bus: Mapping[str, str], spare_ports: Collection[str]
+) -> list[str]:
+    """The NICs whose mac the snapshot needs: those on spare ports (hotplugged)."""
+    return sorted(d for d, t in peripheral.items() if t == nic.DRIVER and parent_bus.get(d, "") in spare_ports)
+
+
 def fdset_owner(opaques: tuple[str, ...]) -> str:
     """The device an fdset was passed for, "" for one without an opaque."""
     return imagechain.parse_opaque(opaques[0])[0] if opaques else ""
@@ -111,8 +122,31 @@ def _drive_port(dev: str, snap: Snapshot) -> tuple[str, str]:
     return bus, ""
 
 
+def _nics(snap: Snapshot, recorded: Mapping[str, Nic], messages: list[str]) -> dict[str, Nic]:
+    """Recorded NICs QEMU still has (at QEMU's port), then those it has that
+    were not recorded (their network is not known to QEMU's answers)."""
+    nics: dict[str, Nic] = {}
+    for dev, card in recorded.items():
+        if dev not in snap.macs:
+            messages.append(f"network interface {dev} went away while vmspawnd was down")
+            continue
+        port = snap.parent_bus[dev]
+        if port != card.port:
+            messages.append(f"network interface {dev} is on {port} in QEMU, state.json said {card.port}")
+        nics[dev] = replace(card, port=port, mac=snap.macs[dev])
+    for dev, mac in sorted(snap.macs.items()):
+        if dev not in nics:
+            nics[dev] = Nic(dev, "unknown", mac, snap.parent_bus[dev])
+            messages.append(f"network interface {dev} on {nics[dev].port} was not in state.json; taken from QEMU")
+    return nics
+
+
 def reconcile(
-    snap: Snapshot, recorded: Mapping[str, Drive], spare_ports: Collection[str], next_fdset: int = 1
+    snap: Snapshot,
+    recorded: Mapping[str, Drive],
+    spare_ports: Collection[str],
+    next_fdset: int = 1,
+    recorded_nics: Mapping[str, Nic] | None = None,
 ) -> Reconciled:
     messages: list[str] = []
     owned: dict[str, list[int]] = {}
@@ -140,6 +174,8 @@ def reconcile(
         drives[dev] = Drive(dev, path, DRIVER_TYPES[qom_type], port, fdsets=fdsets, controller=controller)
         messages.append(f"drive {dev} on {port} was not in state.json; taken from QEMU")
 
+    nics = _nics(snap, recorded_nics or {}, messages)
+
     ports: dict[str, str] = {}
     for dev in sorted(snap.peripheral):
         port = snap.parent_bus.get(dev, "")
@@ -158,6 +194,7 @@ def reconcile(
     messages += [f"removing orphan fdset {i} (a request cut short)" for i in orphan_fdsets]
     return Reconciled(
         drives=drives,
+        nics=nics,
         ports=ports,
         orphan_nodes=orphan_nodes,
         orphan_fdsets=orphan_fdsets,

@@ -32,6 +32,7 @@ from .model import (
     MountSpec,
     Network,
     NetworkMode,
+    Nic,
     PluggedDrive,
 )
 
@@ -59,6 +60,7 @@ class MachineRecord:
     shares: tuple[MachineShare, ...] = ()
     # A kept machine that is not running: no pid, its drives in spec.plugged.
     stopped: bool = False
+    nics: tuple[Nic, ...] = ()
 
 
 def _plain(value: Any) -> Any:
@@ -208,6 +210,16 @@ def _share(d: Any, where: str) -> MachineShare:
     )
 
 
+def _nic(d: Any, where: str) -> Nic:
+    return Nic(
+        id=_get(d, "id", str, where),
+        network=_get(d, "network", str, where),
+        mac=_get(d, "mac", str, where),
+        port=_get(d, "port", str, where),
+        state=_enum(d, "state", DriveState, where),
+    )
+
+
 def _record(d: dict[str, Any], version: int) -> MachineRecord:
     # One line per field: a new field is one more line here (read from the
     # version that brought it, a default before).
@@ -225,6 +237,7 @@ def _record(d: dict[str, Any], version: int) -> MachineRecord:
         qemu_gid=_get(d, "qemu_gid", int, "", 0),
         shares=tuple(_share(x, w) for w, x in _items(d, "shares", "")) if "shares" in d else (),
         stopped=_get(d, "stopped", bool, "") if version >= 2 else False,
+        nics=tuple(_nic(x, w) for w, x in _items(d, "nics", "")) if "nics" in d else (),
     )
 
 

@@ -103,6 +103,27 @@ def ifreq(name: str, flags: int) -> bytes:
     return struct.pack("16sH22x", name.encode(), flags)
 
 
+def attached(fd: int) -> tuple[str, int]:
+    """(interface name, flags) of the tun/tap device `fd` is attached to (TUNGETIFF)."""
+    name, flags = struct.unpack("16sH22x", fcntl.ioctl(fd, TUNGETIFF, ifreq("", 0)))
+    return name.rstrip(b"\0").decode(errors="replace"), flags
+
+
+def passed_tap(fd: int) -> str:
+    """The name of the tap a caller opened and passed, or InvalidArgument if
+    `fd` is no tap: the kernel let the caller attach, so no rule is asked again."""
+    try:
+        name, flags = attached(fd)
+    except OSError as e:
+        raise InvalidArgument(
+            f"the fd passed is not attached to a tap device (TUNGETIFF: {e.strerror}); "
+            f"open {TUN} and TUNSETIFF a tap (IFF_TAP) first"
+        ) from None
+    if not flags & IFF_TAP:
+        raise InvalidArgument(f"the fd passed is attached to {name!r}, a tun device; pass a tap (IFF_TAP)")
+    return name
+
+
 def open_tap(uid: int, name: str, granted: tuple[str, ...]) -> int:
     """An fd attached to tap `name` for `uid`'s machine, or why not."""
     check(uid, name, granted)
@@ -110,7 +131,7 @@ def open_tap(uid: int, name: str, granted: tuple[str, ...]) -> int:
     try:
         fd = os.open(TUN, os.O_RDWR | os.O_CLOEXEC)
         fcntl.ioctl(fd, TUNSETIFF, ifreq(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
-        flags = struct.unpack("16sH22x", fcntl.ioctl(fd, TUNGETIFF, ifreq("", 0)))[1]
+        flags = attached(fd)[1]
         if uid != 0 and not flags & IFF_PERSIST:
             # Gone between the check and the attach, and made anew by this fd: not the user's tap.
             raise InvalidArgument(f"tap device {name!r} does not exist (it went away); create it first")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import hashlib
 import json
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -79,3 +80,8 @@ class Probe:
         bus = f"/machine/peripheral/{port}/{port}"
         links = [c["name"] for c in self("qom-list", path=bus) if c["name"].startswith("child[")]
         return [str(self("qom-get", path=bus, property=link)).rpartition("/")[2] for link in links]
+
+    def netdevs(self) -> set[str]:
+        """Ids in QEMU's network list (HMP: QMP has no query for netdevs): NICs and netdevs alike."""
+        text = self("human-monitor-command", **{"command-line": "info network"})
+        return {m.group(1) for m in re.finditer(r"^[\s\\]*(\S+): index=", text, re.M)}

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dbus_fast import DBusError, Message
+from dbus_fast import DBusError, Message, Variant
 
 from .harness import (
     ROOT,
@@ -135,6 +135,32 @@ async def test_a_hotplugged_share_survives_a_restart_with_its_virtiofsd_adopted(
         assert await client.prop(path, "Shares") == []
         assert await client.prop(path, "FreeSparePorts") == 3
         await client.terminate_all()
+
+
+async def test_a_restart_rebuilds_hotplugged_nics_from_qemu(site: Site, client: Client, guest: Any) -> None:
+    path = await boot(client, guest, site, "nics", hotplug_spares=3)
+    console = Path(await client.prop(path, "ConsoleLog"))
+    mark = len(console.read_text())
+    user = {"id": Variant("s", "up"), "mac": Variant("s", "02:00:00:00:00:aa")}
+    await client.call("AddNetwork", "a{sv}", [user], path=path, interface=MACHINE)
+    await client.add_drive(path, disk(site.dir, "d.raw"), serial="nicdrive")
+    added = await wait_console(console, r"VMSPAWN-NET-ADD (\S+) mac=02:00:00:00:00:aa", start=mark)
+    before = await snapshot(client)
+    assert [n["id"].value for n in before[path]["Networks"]] == ["up"]
+
+    site.daemon.stop(signal.SIGKILL)
+    site.daemon.start()
+    client.close()
+    client = await site.client()
+    assert await snapshot(client) == before
+    # The NIC from before the restart unplugs as any: the guest sees it go, its port is free.
+    free = await client.prop(path, "FreeSparePorts")
+    mark = len(console.read_text())
+    await client.call("RemoveNetwork", "s", ["up"], path=path, interface=MACHINE)
+    await wait_console(console, rf"VMSPAWN-NET-REMOVE {added.group(1)} mac=02:00:00:00:00:aa", start=mark)
+    assert await client.prop(path, "Networks") == []
+    assert await client.prop(path, "FreeSparePorts") == free + 1
+    await client.terminate_all()
     client.close()
 
 

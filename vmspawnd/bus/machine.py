@@ -10,11 +10,11 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusBool, DBusSignature, DBusStr, DBusUInt32, DBusUInt64, DBusUnixFd
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
-from .. import cmdline, share
+from .. import cmdline, share, tap
 from ..chainopen import OpenedChain, open_chain
 from ..errors import InvalidArgument
 from ..machine import Machine
-from ..model import Drive, DriveSpec, MachineShare
+from ..model import Drive, DriveSpec, MachineShare, NetworkMode, Nic
 from ..topology import Port
 from . import MACHINE_IFACE, MANAGER_PATH, caller
 from . import options as parse
@@ -102,9 +102,37 @@ def shares_value(machine: Machine) -> list[dict[str, Variant]]:
     ]
 
 
+def networks_value(machine: Machine) -> list[dict[str, Variant]]:
+    return [
+        {
+            "id": Variant("s", n.id),
+            "network": Variant("s", n.network),
+            "mac": Variant("s", n.mac),
+            "port": Variant("s", n.port),
+            "state": Variant("s", str(n.state)),
+        }
+        for n in machine.nics.values()
+    ]
+
+
+def check_passed(fd: int, passed: list[int], method: str) -> None:
+    """Without fds in the message dbus-fast hands over the bare index: never
+    take it for one of the daemon's own fds."""
+    if fd not in passed:
+        raise InvalidArgument(
+            f"{method} needs an open file descriptor sent with the call (busctl cannot send one; "
+            "use gdbus call --unix-fd or vmspawnctl)"
+        )
+
+
 class MachineInterface(ServiceInterface):
     def __init__(
-        self, machine: Machine, bus: MessageBus, authorize: Any, start: Callable[[str], Awaitable[Machine]]
+        self,
+        machine: Machine,
+        bus: MessageBus,
+        authorize: Any,
+        start: Callable[[str], Awaitable[Machine]],
+        taps: Callable[[int], tuple[str, ...]] = lambda uid: (),
     ) -> None:
         super().__init__(MACHINE_IFACE)
         self.machine = machine
@@ -112,6 +140,8 @@ class MachineInterface(ServiceInterface):
         self.path = object_path(machine.name)
         self._authorize = authorize
         self._start = start
+        # uid -> the taps vmspawnd.conf's [taps] grants it.
+        self._taps = taps
         self.unplug_timeout = DEFAULT_UNPLUG_TIMEOUT
         self._ports = PortsValue(machine)
 
@@ -123,6 +153,7 @@ class MachineInterface(ServiceInterface):
             "Leader": lambda: machine.leader,
             "Drives": lambda: drives_value(machine),
             "Shares": lambda: shares_value(machine),
+            "Networks": lambda: networks_value(machine),
             "Ports": self._ports,
             "FreeSparePorts": lambda: machine.ports.free_count,
             "ConsoleClients": lambda: list(machine.console.roster.summary),
@@ -141,6 +172,12 @@ class MachineInterface(ServiceInterface):
 
     def share_removed(self, machine: Machine, share_id: str) -> None:
         self.ShareRemoved(share_id)
+
+    def network_added(self, machine: Machine, card: Nic) -> None:
+        self.NetworkAdded(card.id, card.port)
+
+    def network_removed(self, machine: Machine, nic_id: str) -> None:
+        self.NetworkRemoved(nic_id)
 
     @dbus_property(access=PropertyAccess.READ)
     def Name(self) -> DBusStr:
@@ -186,6 +223,10 @@ class MachineInterface(ServiceInterface):
         return shares_value(self.machine)
 
     @dbus_property(access=PropertyAccess.READ)
+    def Networks(self) -> DictList:
+        return networks_value(self.machine)
+
+    @dbus_property(access=PropertyAccess.READ)
     def FreeSparePorts(self) -> DBusUInt32:
         return self.machine.ports.free_count
 
@@ -229,13 +270,7 @@ class MachineInterface(ServiceInterface):
     async def AddDriveFd(self, fd: DBusUnixFd, options: Options) -> DrivePort:
         passed = caller.passed_fds()
         try:
-            # Without fds in the message dbus-fast hands over the bare index:
-            # never take it for one of the daemon's own fds.
-            if fd not in passed:
-                raise InvalidArgument(
-                    "AddDriveFd needs an open file descriptor sent with the call (busctl cannot send one; "
-                    "use AddDrive with a path, vmspawnctl add-drive, or gdbus call --unix-fd)"
-                )
+            check_passed(fd, passed, "AddDriveFd")
             uid = await self._authorize(self.machine)
             # Relative backing names count from the directory the fd's file is in.
             drive, drive_id = parse.add_drive(os.readlink(f"/proc/self/fd/{fd}"), options)
@@ -298,6 +333,51 @@ class MachineInterface(ServiceInterface):
     async def RemoveShareEx(self, share_id: DBusStr, options: Options) -> None:
         await self._authorize(self.machine)
         await self.machine.remove_share(share_id, parse.remove_timeout(options, self.unplug_timeout, "RemoveShare"))
+
+    @dbus_method()
+    @replies_errors
+    async def AddNetwork(self, options: Options) -> DrivePort:
+        uid = await self._authorize(self.machine)
+        net, nic_id, mac = parse.add_network(options)
+        self.machine.validate_nic(nic_id, mac)
+        if net.mode is NetworkMode.USER:
+            added = await self.machine.add_network("user", nic_id, mac)
+            return [added.id, added.port]
+        # Attached with the caller's rights (the tap rules), QEMU gets the fd.
+        fd = tap.open_tap(uid, net.tap, self._taps(uid))
+        try:
+            added = await self.machine.add_network(f"tap:{net.tap}", nic_id, mac, fd)
+        finally:
+            # QEMU holds its own copy now.
+            os.close(fd)
+        return [added.id, added.port]
+
+    @dbus_method()
+    @replies_errors
+    async def AddNetworkFd(self, tap_fd: DBusUnixFd, options: Options) -> DrivePort:
+        passed = caller.passed_fds()
+        try:
+            check_passed(tap_fd, passed, "AddNetworkFd")
+            await self._authorize(self.machine)
+            nic_id, mac = parse.add_network_fd(options)
+            name = tap.passed_tap(tap_fd)
+            added = await self.machine.add_network(f"fd:{name}", nic_id, mac, tap_fd)
+        finally:
+            for fd in passed:
+                os.close(fd)
+        return [added.id, added.port]
+
+    @dbus_method()
+    @replies_errors
+    async def RemoveNetwork(self, nic_id: DBusStr) -> None:
+        await self._authorize(self.machine)
+        await self.machine.remove_network(nic_id, self.unplug_timeout)
+
+    @dbus_method()
+    @replies_errors
+    async def RemoveNetworkEx(self, nic_id: DBusStr, options: Options) -> None:
+        await self._authorize(self.machine)
+        await self.machine.remove_network(nic_id, parse.remove_timeout(options, self.unplug_timeout, "RemoveNetwork"))
 
     @dbus_method()
     @replies_errors
@@ -388,3 +468,11 @@ class MachineInterface(ServiceInterface):
     @dbus_signal()
     def ShareRemoved(self, share_id: str) -> DBusStr:
         return share_id
+
+    @dbus_signal()
+    def NetworkAdded(self, nic_id: str, port: str) -> Annotated[list[str], DBusSignature("ss")]:
+        return [nic_id, port]
+
+    @dbus_signal()
+    def NetworkRemoved(self, nic_id: str) -> DBusStr:
+        return nic_id

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from dbus_fast import Variant
 
+from .. import nic
 from ..cmdline import Share
 from ..errors import InvalidArgument
 from ..model import (
@@ -52,6 +53,8 @@ ADD_DRIVE_OPTIONS = {"disk_type": "s", "format": "s", "read_only": "b", "serial"
 REMOVE_DRIVE_OPTIONS = {"timeout_usec": "t"}
 ADD_SHARE_OPTIONS = {"tag": "s", "read_only": "b", "id": "s"}
 OPEN_CONSOLE_OPTIONS = {"read_only": "b"}
+ADD_NETWORK_FD_OPTIONS = {"mac": "s", "id": "s"}
+ADD_NETWORK_OPTIONS = ADD_NETWORK_FD_OPTIONS | {"network": "s"}
 
 MIN_MEMORY = 32 * MiB
 MAX_MEMORY = 1024 * 1024 * MiB
@@ -193,6 +196,27 @@ def add_share(directory: str, options: dict[str, Variant]) -> tuple[Share, bool,
     if "tag" not in v:
         raise InvalidArgument("AddShare needs a 'tag', the name the guest mounts the share by")
     return Share("", path(directory, "directory"), v["tag"]), v.get("read_only", False), v.get("id", "")
+
+
+def nic_options(options: dict[str, Variant], schema: dict[str, str], where: str) -> tuple[str, str, dict[str, Any]]:
+    """(the requested id or "", the mac or "", every value) of AddNetwork / AddNetworkFd."""
+    v = unpack(options, schema, where)
+    return v.get("id", ""), nic.parse_mac(v["mac"]) if "mac" in v else "", v
+
+
+def add_network(options: dict[str, Variant]) -> tuple[Network, str, str]:
+    """(what it connects to: user or a tap, the requested id or "", the mac or "") for AddNetwork."""
+    nic_id, mac, v = nic_options(options, ADD_NETWORK_OPTIONS, "AddNetwork")
+    net = network(v.get("network", "user"))
+    if net.mode is NetworkMode.NONE:
+        raise InvalidArgument("AddNetwork network 'none' adds nothing; use 'user' or 'tap:NAME'")
+    return net, nic_id, mac
+
+
+def add_network_fd(options: dict[str, Variant]) -> tuple[str, str]:
+    """(the requested id or "", the mac or "") for AddNetworkFd."""
+    nic_id, mac, _ = nic_options(options, ADD_NETWORK_FD_OPTIONS, "AddNetworkFd")
+    return nic_id, mac
 
 
 def remove_timeout(options: dict[str, Variant], default: float, method: str = "RemoveDrive") -> float:

@@ -68,7 +68,13 @@ class BusService:
         return await self._authorize(auth.Action.MANAGE, machine)
 
     def _machine_new(self, machine: Machine) -> None:
-        iface = MachineInterface(machine, self.bus, self.may_manage, self.manager.start)
+        iface = MachineInterface(
+            machine,
+            self.bus,
+            self.may_manage,
+            self.manager.start,
+            lambda uid: self.manager.config.taps_by_uid.get(uid, ()),
+        )
         machine.observer = iface
         self.objects[machine.name] = iface
         self.bus.export(iface.path, iface)

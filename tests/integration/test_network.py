@@ -1,0 +1,158 @@
+"""NIC hotplug onto the same spare ports as drives, seen by a real guest under TCG (issue 15)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dbus_fast import DBusError, Variant
+
+from vmspawnd import nic
+
+from .harness import Client, busctl, wait_console
+from .test_hotplug import VM, boot, console_len, disk, spare_owners, vm  # noqa: F401
+
+E = "org.vmspawnd1.Error."
+MACHINE_IFACE = "org.vmspawnd1.Machine"
+
+
+def busctl_add_nic(vm: VM, *options: str) -> tuple[str, str]:  # noqa: F811
+    out = busctl("call", "org.vmspawnd1", vm.path, MACHINE_IFACE, "AddNetwork", "a{sv}",
+                 str(len(options) // 3), *options).stdout  # fmt: skip
+    m = re.fullmatch(r'ss "(\S+)" "(\S+)"\n', out)
+    assert m, out
+    return m.group(1), m.group(2)
+
+
+async def add_nic(client: Client, vm: VM, **options: str) -> tuple[str, str]:  # noqa: F811
+    nic_id, port = await client.call(
+        "AddNetwork", "a{sv}", [{k: Variant("s", v) for k, v in options.items()}], path=vm.path, interface=MACHINE_IFACE
+    )
+    return str(nic_id), str(port)
+
+
+async def networks(client: Client, vm: VM) -> dict[str, dict[str, Any]]:  # noqa: F811
+    return {n["id"]: n for n in await client.prop(vm.path, "Networks")}
+
+
+async def test_busctl_nic_is_seen_by_the_guest_with_its_mac_and_goes_after_remove(
+    client: Client,
+    vm: VM,  # noqa: F811
+) -> None:
+    before = await client.prop(vm.path, "FreeSparePorts")
+    mark = console_len(vm)
+    nic_id, port = busctl_add_nic(vm, "mac", "s", "02:00:00:aa:bb:01", "id", "s", "uplink")
+    assert (nic_id, port) == ("uplink", "rp0")
+    added = await wait_console(vm.console, r"VMSPAWN-NET-ADD (\S+) mac=02:00:00:aa:bb:01", start=mark)
+    assert (await networks(client, vm))["uplink"] == {
+        "id": "uplink", "network": "user", "mac": "02:00:00:aa:bb:01", "port": "rp0", "state": "attached",
+    }  # fmt: skip
+    ports = {p["id"]: p for p in await client.prop(vm.path, "Ports")}
+    assert ports["rp0"]["device"] == "uplink" and ports["rp0"]["kind"] == "root-port"
+    assert await client.prop(vm.path, "FreeSparePorts") == before - 1
+    assert "uplink" in vm.probe.netdevs()
+
+    mark = console_len(vm)
+    busctl("call", "org.vmspawnd1", vm.path, MACHINE_IFACE, "RemoveNetwork", "s", "uplink")
+    await wait_console(vm.console, rf"VMSPAWN-NET-REMOVE {added.group(1)} mac=02:00:00:aa:bb:01", start=mark)
+    assert "uplink" not in await networks(client, vm)
+    assert await client.prop(vm.path, "FreeSparePorts") == before
+    assert (await spare_owners(client, vm))["rp0"] == ""
+    # The netdev went with the device.
+    assert "uplink" not in vm.probe.netdevs()
+
+
+async def test_the_default_mac_is_stable_and_locally_administered(client: Client, vm: VM) -> None:  # noqa: F811
+    machine_id = await client.prop(vm.path, "Id")
+    mark = console_len(vm)
+    nic_id, _ = await add_nic(client, vm)
+    mac = (await networks(client, vm))[nic_id]["mac"]
+    assert mac == nic.default_mac(machine_id, nic_id)
+    first = int(mac[:2], 16)
+    assert first & 0x02 and not first & 0x01
+    await wait_console(vm.console, rf"VMSPAWN-NET-ADD \S+ mac={mac}", start=mark)
+
+
+async def test_no_free_port_counts_drives_and_nics_together(
+    client: Client,
+    vm: VM,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    await client.add_drive(vm.path, disk(tmp_path, "d1"), serial="d1")
+    await add_nic(client, vm)
+    await client.add_drive(vm.path, disk(tmp_path, "d2"), serial="d2")
+    await add_nic(client, vm)
+    assert await client.prop(vm.path, "FreeSparePorts") == 0
+    netdevs = vm.probe.netdevs()
+    with pytest.raises(DBusError) as e:
+        await add_nic(client, vm)
+    assert e.value.type == E + "NoFreePort"
+    assert "nic" in str(e.value) and "disk" in str(e.value)
+    with pytest.raises(DBusError) as e:
+        await client.add_drive(vm.path, disk(tmp_path, "d3"))
+    assert e.value.type == E + "NoFreePort"
+    # The refused NIC left nothing behind.
+    assert vm.probe.netdevs() == netdevs
+    assert len(await networks(client, vm)) == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "words"),
+    [
+        ({"mac": "01:00:5e:00:00:01"}, "InvalidArgument", "multicast"),
+        ({"mac": "ff:ff:ff:ff:ff:ff"}, "InvalidArgument", "broadcast"),
+        ({"mac": "00:00:00:00:00:00"}, "InvalidArgument", "all zeros"),
+        ({"mac": "02:00:00:00:00"}, "InvalidArgument", "six hex octets"),
+        ({"network": "none"}, "InvalidArgument", "adds nothing"),
+        ({"network": "bridge"}, "InvalidArgument", "unknown network"),
+        ({"network": "tap:"}, "InvalidArgument", "tap:NAME"),
+        ({"id": "net0"}, "InvalidArgument", "reserved"),
+        ({"id": "rp0"}, "InvalidArgument", "reserved"),
+        ({"id": "9lives"}, "InvalidArgument", "invalid"),
+    ],
+)
+async def test_bad_add_network_is_refused_and_leaves_nothing(
+    client: Client,
+    vm: VM,  # noqa: F811
+    options: dict[str, str],
+    error: str,
+    words: str,
+) -> None:
+    netdevs = vm.probe.netdevs()
+    free = await client.prop(vm.path, "FreeSparePorts")
+    with pytest.raises(DBusError) as e:
+        await add_nic(client, vm, **options)
+    assert e.value.type == E + error
+    assert words in str(e.value)
+    assert vm.probe.netdevs() == netdevs
+    assert await client.prop(vm.path, "FreeSparePorts") == free
+    assert await networks(client, vm) == {}
+
+
+async def test_a_duplicate_id_or_mac_is_refused(client: Client, vm: VM, tmp_path: Path) -> None:  # noqa: F811
+    drive_id, _ = await client.add_drive(vm.path, disk(tmp_path, "d"))
+    nic_id, _ = await add_nic(client, vm, mac="02:00:00:00:00:07")
+    for options, words in (({"id": drive_id}, "already used"), ({"mac": "02:00:00:00:00:07"}, nic_id)):
+        with pytest.raises(DBusError) as e:
+            await add_nic(client, vm, **options)
+        assert e.value.type == E + "InvalidArgument" and words in str(e.value)
+    assert list(await networks(client, vm)) == [nic_id]
+
+
+async def test_remove_network_errors(client: Client, vm: VM) -> None:  # noqa: F811
+    for nic_id in ("nope", "net0"):
+        with pytest.raises(DBusError) as e:
+            await client.call("RemoveNetwork", "s", [nic_id], path=vm.path, interface=MACHINE_IFACE)
+        assert e.value.type == E + "NoSuchNetwork"
+
+
+async def test_add_network_fd_refuses_a_file_that_is_no_tap(client: Client, vm: VM, tmp_path: Path) -> None:  # noqa: F811
+    path = disk(tmp_path, "not-a-tap")
+    with open(path, "rb") as f, pytest.raises(DBusError) as e:
+        await client.call(
+            "AddNetworkFd", "ha{sv}", [0, {}], path=vm.path, interface=MACHINE_IFACE, unix_fds=[f.fileno()]
+        )
+    assert e.value.type == E + "InvalidArgument" and "TUNGETIFF" in str(e.value)
+    assert await networks(client, vm) == {}
