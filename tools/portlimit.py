@@ -11,7 +11,8 @@ Variants (README "How many hotplug ports" lists what they showed):
 --implicit transitional|modern adds vmspawnd's three implicit virtio devices
 on pcie.0 (as QEMU makes them, or without their legacy IO BAR),
 --implicit-props ',vectors=0' gives them no MSI-X, --disks N hotplugs N
-disks from the last port back, --append loglevel=7 shows the guest kernel's
+disks from the last port back, --sizes 31,30,... gives each switch its own
+number of ports, --append loglevel=7 shows the guest kernel's
 reasons (e.g. "virtio_blk: probe of virtio3 failed with error -28"), --qemu
 passes more QEMU arguments one by one.
 """
@@ -42,11 +43,13 @@ FIRST = os.environ.get("VMSPAWN_PORTLIMIT_FIRST") == "1"
 SLOT_IS_CHASSIS = os.environ.get("VMSPAWN_PORTLIMIT_SLOTS") == "1"
 
 
-def switch_argv(roots: int, per_switch: int, rp_props: str = "") -> list[str]:
-    """Root ports packed 8 per slot, a switch behind each (none if per_switch is 0)."""
+def switch_argv(roots: int, per_switch: int, rp_props: str = "", sizes: tuple[int, ...] = ()) -> list[str]:
+    """Root ports packed 8 per slot, a switch behind each (none if per_switch is 0);
+    `sizes` gives each switch its own number of ports instead."""
     argv: list[str] = []
     chassis = 0
     for r in range(roots):
+        per_switch = sizes[r] if sizes else per_switch
         chassis += 1
         slot, fn = SLOTS[r // 8], r % 8
         mf = ",multifunction=on" if fn == 0 else ""
@@ -129,6 +132,7 @@ async def probe(
     disks: int = 1,
     append: str = "",
     extra: tuple[str, ...] = (),
+    sizes: tuple[int, ...] = (),
 ) -> str:
     dev_props = dev_props or {}
     guest = tinyguest.build(tinyguest.default_cache_dir())
@@ -141,7 +145,7 @@ async def probe(
             "qemu-system-x86_64", "-machine", "q35,accel=tcg", "-m", "256M", "-nodefaults", "-display", "none",
             "-chardev", f"socket,id=qmp,fd={b.fileno()}", "-mon", "chardev=qmp,mode=control",
             "-chardev", f"file,id=console,path={console}", "-serial", "chardev:console",
-            *switch_argv(roots, per_switch, rp_props), *implicit_argv(implicit, implicit_props), *extra,
+            *switch_argv(roots, per_switch, rp_props, sizes), *implicit_argv(implicit, implicit_props), *extra,
             "-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", f"{guest.cmdline} {append}",
         ]  # fmt: skip
         start = time.monotonic()
@@ -151,6 +155,10 @@ async def probe(
         qmp = QMPClient("portlimit")
         await qmp.connect(a)
         buses = roots * (per_switch + 2) if per_switch else roots
+        ports = roots * per_switch or roots
+        if sizes:
+            # The last switch's size decides the last port (and more_disks' walk back).
+            buses, ports, per_switch = sum(k + 2 for k in sizes), sum(sizes), sizes[-1]
         verdict = "no-boot"
         boot = plug = float("nan")
         try:
@@ -160,7 +168,7 @@ async def probe(
                     break
                 await asyncio.sleep(0.1)
             else:
-                return f"roots={roots} ports={roots * per_switch or roots} buses={buses} boot=timeout verdict={verdict}"
+                return f"roots={roots} ports={ports} buses={buses} boot=timeout verdict={verdict}"
             last = f"dp{roots - 1}.{per_switch - 1}" if per_switch else f"rp{roots - 1}"
             if FIRST:
                 last = "dp0.0" if per_switch else "rp0"
@@ -186,10 +194,7 @@ async def probe(
             proc.kill()
             proc.wait()
             await qmp.disconnect()
-        return (
-            f"roots={roots} ports={roots * per_switch or roots} buses={buses} boot={boot:.1f}s "
-            f"hotplug={plug:.2f}s verdict={verdict}"
-        )
+        return f"roots={roots} ports={ports} buses={buses} boot={boot:.1f}s hotplug={plug:.2f}s verdict={verdict}"
 
 
 def main() -> int:
@@ -202,6 +207,7 @@ def main() -> int:
     ap.add_argument("--implicit", choices=("none", "transitional", "modern"), default="none")
     ap.add_argument("--implicit-props", default="", help="more props for them, e.g. ',vectors=0'")
     ap.add_argument("--dev-props", default="{}", help="JSON props for the hotplugged disk, e.g. '{\"vectors\": 0}'")
+    ap.add_argument("--sizes", default="", help="ports per switch, e.g. 31,30,30,30,30,30 (ROOTS must match)")
     ap.add_argument("--disks", type=int, default=1, help="hotplug this many disks, from the last port back")
     ap.add_argument("--append", default="", help="more kernel command line, e.g. loglevel=7")
     ap.add_argument("--qemu", action="append", default=[], help="one more QEMU argument (repeatable)")
@@ -210,6 +216,7 @@ def main() -> int:
         args.roots, args.per_switch, args.timeout, args.console,
         rp_props=args.rp, implicit=args.implicit, implicit_props=args.implicit_props,
         dev_props=json.loads(args.dev_props), disks=args.disks, append=args.append, extra=tuple(args.qemu),
+        sizes=tuple(int(k) for k in args.sizes.split(",") if k),
     )  # fmt: skip
     print(asyncio.run(result), f"implicit={args.implicit}{args.implicit_props} rp={args.rp!r}", flush=True)
     return 0
