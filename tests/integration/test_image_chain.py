@@ -30,9 +30,8 @@ from dbus_fast import DBusError, Variant
 from vmspawnd.bus import MACHINE_IFACE
 
 from . import test_system
-from .harness import Client, guest_options, wait_console
+from .harness import Client, Site, guest_options, wait_console
 from .qmp_probe import Probe
-from .test_restart import Site, site  # noqa: F401
 from .test_system import (  # noqa: F401
     SITE_PACKAGES,
     SYSTEM_PYTHON,
