@@ -5,17 +5,18 @@
 #
 # Completes verbs, options, option values, machine names (from
 # `vmspawnctl list --no-legend`) and, for `remove-drive NAME <TAB>`, the
-# machine's attached drive ids (from `vmspawnctl status NAME --json`).
+# machine's attached drive ids (from `vmspawnctl status NAME --json`), for
+# `remove-share NAME <TAB>` its attached share ids.
 # Needs nothing but bash 4; drive ids are read with jq if it is there,
 # else with python3 (which vmspawnctl needs anyway).
 
-__vmspawnctl_verbs="list status plan create add-drive remove-drive poweroff terminate console pause resume reboot start"
+__vmspawnctl_verbs="list status plan create add-drive remove-drive add-share remove-share poweroff terminate console pause resume reboot start"
 __vmspawnctl_global_opts="--help --json --user --system --no-pager --no-legend --no-ask-password"
 __vmspawnctl_machine_opts="--kernel --initrd --cmdline --image --image-format --drive --disk-type --network
     --vsock --memory --cpus --spares --accel --firmware --qemu-extra --qemu-extra-string"
 # Options that take a value in the next word.
 __vmspawnctl_value_opts="--kernel --initrd --cmdline --image --image-format --drive --disk-type --network
-    --memory --cpus --spares --accel --firmware --qemu-extra --qemu-extra-string --serial --format --id --port --timeout"
+    --memory --cpus --spares --accel --firmware --qemu-extra --qemu-extra-string --serial --format --id --port --timeout --tag"
 
 # The --user/--system flags on the line, so lookups ask the same bus.
 __vmspawnctl_bus_flags() {
@@ -36,21 +37,22 @@ __vmspawnctl_machines() {
     done
 }
 
-__vmspawnctl_drives() {
-    local ctl=$1 machine=$2
+# __vmspawnctl_attached CTL MACHINE PROPERTY: the ids of the attached entries of Drives or Shares.
+__vmspawnctl_attached() {
+    local ctl=$1 machine=$2 prop=$3
     local -a bus
     mapfile -t bus < <(__vmspawnctl_bus_flags)
     local json
     json=$("$ctl" status "$machine" --json --no-pager "${bus[@]}" 2>/dev/null) || return 0
     if command -v jq >/dev/null 2>&1; then
-        jq -r '.Drives[]? | select(.state == "attached") | .id' <<<"$json" 2>/dev/null
+        jq -r --arg p "$prop" '.[$p][]? | select(.state == "attached") | .id' <<<"$json" 2>/dev/null
     else
         python3 -c '
 import json, sys
-for d in json.load(sys.stdin).get("Drives", []):
+for d in json.load(sys.stdin).get(sys.argv[1], []):
     if d.get("state") == "attached":
         print(d["id"])
-' <<<"$json" 2>/dev/null
+' "$prop" <<<"$json" 2>/dev/null
     fi
 }
 
@@ -121,7 +123,7 @@ _vmspawnctl() {
             __vmspawnctl_reply "bios uefi" "$cur"
             return 0
             ;;
-        --cmdline | --memory | --cpus | --spares | --qemu-extra | --qemu-extra-string | --serial | --id | --port | --timeout)
+        --cmdline | --memory | --cpus | --spares | --qemu-extra | --qemu-extra-string | --serial | --id | --port | --timeout | --tag)
             return 0
             ;;
     esac
@@ -131,7 +133,8 @@ _vmspawnctl() {
         plan) opts+=" $__vmspawnctl_machine_opts" ;;
         create) opts+=" $__vmspawnctl_machine_opts --keep" ;;
         add-drive) opts+=" --disk-type --serial --read-only --format --id --port" ;;
-        remove-drive | poweroff) opts+=" --timeout" ;;
+        add-share) opts+=" --tag --id" ;;
+        remove-drive | remove-share | poweroff) opts+=" --timeout" ;;
         console) opts+=" --read-only --no-follow" ;;
         "") opts+=" --version" ;;
     esac
@@ -146,13 +149,19 @@ _vmspawnctl() {
     fi
 
     case $verb in
-        status | terminate | poweroff | console | pause | resume | reboot | start | add-drive | remove-drive)
+        status | terminate | poweroff | console | pause | resume | reboot | start | add-drive | remove-drive | \
+            add-share | remove-share)
             if ((${#args[@]} == 0)); then
                 __vmspawnctl_reply "$(__vmspawnctl_machines "$ctl")" "$cur"
             elif [[ $verb == remove-drive ]] && ((${#args[@]} == 1)); then
-                __vmspawnctl_reply "$(__vmspawnctl_drives "$ctl" "${args[0]}")" "$cur"
+                __vmspawnctl_reply "$(__vmspawnctl_attached "$ctl" "${args[0]}" Drives)" "$cur"
+            elif [[ $verb == remove-share ]] && ((${#args[@]} == 1)); then
+                __vmspawnctl_reply "$(__vmspawnctl_attached "$ctl" "${args[0]}" Shares)" "$cur"
             elif [[ $verb == add-drive ]] && ((${#args[@]} == 1)); then
                 __vmspawnctl_files "$cur"
+            elif [[ $verb == add-share ]] && ((${#args[@]} == 1)); then
+                compopt -o filenames 2>/dev/null
+                mapfile -t COMPREPLY < <(compgen -d -- "$cur")
             fi
             ;;
     esac

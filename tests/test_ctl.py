@@ -158,6 +158,13 @@ def test_add_drive_options_match_the_daemon_schema() -> None:
     assert ctl.add_drive_options(ctl.parse_args(["add-drive", "vm", "/d"])) == {}
 
 
+def test_add_share_args_make_the_directory_absolute() -> None:
+    directory, opts = ctl.add_share_args(ctl.parse_args(["add-share", "vm", "rel/dir", "--tag", "t", "--id", "s"]))
+    assert directory == os.path.join(os.getcwd(), "rel/dir")
+    assert opts == {"tag": Variant("s", "t"), "id": Variant("s", "s")}
+    assert ctl.add_share_args(ctl.parse_args(["add-share", "vm", "/d", "--tag", "t"]))[1] == {"tag": Variant("s", "t")}
+
+
 def test_global_flags_before_or_after_the_verb() -> None:
     a = ctl.parse_args(["--json", "--user", "status", "vm"])
     b = ctl.parse_args(["status", "vm", "--json", "--user"])
@@ -447,7 +454,8 @@ case "$1" in
   list) printf 'alpha  running  10  1  3/4  5/30\nbeta   running  11  0  4/4  5/30\n' ;;
   status) cat <<'EOF'
 {"Name": "alpha", "Drives": [{"id": "disk0", "state": "attached"}, {"id": "hot1", "state": "attached"},
- {"id": "gone", "state": "removing"}]}
+ {"id": "gone", "state": "removing"}], "Shares": [{"id": "share0", "state": "attached"},
+ {"id": "left", "state": "removing"}]}
 EOF
   ;;
 esac
@@ -489,7 +497,9 @@ def test_completion_registers_for_vmspawnctl() -> None:
 
 def test_completion_of_verbs_and_options() -> None:
     assert complete(["vmspawnctl", ""]) == list(ctl.VERBS)
-    assert complete(["vmspawnctl", "re"]) == ["remove-drive", "resume", "reboot"]
+    assert complete(["vmspawnctl", "re"]) == ["remove-drive", "remove-share", "resume", "reboot"]
+    assert complete(["vmspawnctl", "add-share", "x", "/d", "--t"]) == ["--tag"]
+    assert complete(["vmspawnctl", "remove-share", "x", "s", "--t"]) == ["--timeout"]
     assert complete(["vmspawnctl", "pa"]) == ["pause"]
     assert complete(["vmspawnctl", "sta"]) == ["status", "start"]
     assert complete(["vmspawnctl", "create", "x", "--kee"]) == ["--keep"]
@@ -538,6 +548,8 @@ def test_completion_of_machine_names_and_drive_ids(stub_env: dict[str, str]) -> 
     assert complete(["vmspawnctl", "remove-drive", "alpha", ""], stub_env) == ["disk0", "hot1"]
     assert complete(["vmspawnctl", "--user", "remove-drive", "alpha", "--timeout", "5", "h"], stub_env) == ["hot1"]
     assert complete(["vmspawnctl", "remove-drive", "alpha", "hot1", ""], stub_env) == []
+    assert complete(["vmspawnctl", "remove-share", "alpha", ""], stub_env) == ["share0"]
+    assert complete(["vmspawnctl", "add-share", "b"], stub_env) == ["beta"]
     calls = Path(stub_env["STUB_LOG"]).read_text().splitlines()
     assert "list --no-legend --no-pager" in calls
     assert "status alpha --json --no-pager" in calls

@@ -179,7 +179,7 @@ ERRORS: dict[str, tuple[Exit, _Hint]] = {
     "UnplugTimeout": (
         Exit.FAILED,
         lambda c: (
-            "the drive stays listed as removing until the guest lets go; check that the guest OS is up "
+            "it stays listed as removing until the guest lets go; check that the guest OS is up "
             f"('{PROG} console {c.name or 'NAME'}') or retry with a longer --timeout"
         ),
     ),
@@ -446,6 +446,12 @@ def add_drive_options(args: argparse.Namespace) -> dict[str, Variant]:
     return opts
 
 
+def add_share_args(args: argparse.Namespace) -> tuple[str, dict[str, Variant]]:
+    """AddShare's directory (made absolute) and options."""
+    opts = {"tag": Variant("s", args.tag)} | ({"id": Variant("s", args.id)} if args.id is not None else {})
+    return os.path.abspath(args.directory), opts
+
+
 def unwrap(value: Any) -> Any:
     """Variants and nested containers -> plain JSON-able Python values."""
     if isinstance(value, Variant):
@@ -601,11 +607,16 @@ def render_status(props: dict[str, Any], g: Glyphs = UNICODE) -> list[str]:
         f"{d['id']} {d.get('disk_type', '?')} {d.get('path', '?')} on {d.get('port', '?')} ({d.get('state', '?')})"
         for d in drives
     ] or ["-"]
-    fields.append(("Drives", drive_lines[0]))
+    share_lines = [
+        f"{s['id']} tag {s.get('tag', '?')} {s.get('directory') or '?'} on {s.get('port', '?')} ({s.get('state', '?')})"
+        for s in props.get("Shares", [])
+    ]
     width = max(len(k) for k, _ in fields)
     lines = [str(props.get("Name", ""))]
     lines += [f"  {k:>{width}}: {v}" for k, v in fields]
-    lines += [f"  {'':>{width}}  {line}" for line in drive_lines[1:]]
+    # One entry a line, the first beside its title.
+    for title, entries in (("Drives", drive_lines), ("Shares", share_lines)):
+        lines += [f"  {title if i == 0 else '':>{width}}{':' if i == 0 else ' '} {e}" for i, e in enumerate(entries)]
     lines.append("")
     lines += pcie_tree(ports, drives, g)
     return lines
@@ -912,11 +923,24 @@ async def cmd_add_drive(client: Client, args: argparse.Namespace) -> int:
 
 
 async def cmd_remove_drive(client: Client, args: argparse.Namespace) -> int:
+    """remove-drive and remove-share: RemoveDriveEx, RemoveShareEx."""
     path = await client.machine_path(args.name)
     opts = {} if args.timeout is None else {"timeout_usec": Variant("t", args.timeout)}
-    await client.call(
-        "RemoveDriveEx", "sa{sv}", [args.id, opts], path=path, interface=MACHINE_IFACE, manage=True
+    method = "RemoveShareEx" if args.verb == "remove-share" else "RemoveDriveEx"
+    await client.call(method, "sa{sv}", [args.id, opts], path=path, interface=MACHINE_IFACE, manage=True)
+    return Exit.OK
+
+
+async def cmd_add_share(client: Client, args: argparse.Namespace) -> int:
+    path = await client.machine_path(args.name)
+    directory, opts = add_share_args(args)
+    share_id, port = await client.call(
+        "AddShare", "sa{sv}", [directory, opts], path=path, interface=MACHINE_IFACE, manage=True
     )  # fmt: skip
+    if args.json:
+        emit_json({"machine": args.name, "id": share_id, "port": port, "tag": args.tag}, args)
+    else:
+        print(f"Added share {share_id} ({directory}, tag {args.tag}) to {args.name} on port {port}.")
     return Exit.OK
 
 
@@ -1065,6 +1089,8 @@ VERBS: dict[str, Callable[[Client, argparse.Namespace], Awaitable[int]]] = {
     "create": cmd_create,
     "add-drive": cmd_add_drive,
     "remove-drive": cmd_remove_drive,
+    "add-share": cmd_add_share,
+    "remove-share": cmd_remove_drive,
     "poweroff": cmd_poweroff,
     "terminate": cmd_terminate,
     "console": cmd_console,
@@ -1171,6 +1197,21 @@ VERB_HELP: dict[str, VerbHelp] = {
         "--timeout (default: the daemon's, 10 s) it fails with UnplugTimeout, the drive stays listed as "
         "removing and its port is freed when the guest lets go.",
         ("vmspawnctl remove-drive web disk1", "vmspawnctl remove-drive web data --timeout 30s"),
+    ),
+    "add-share": VerbHelp(
+        "hotplug a directory as a virtiofs share",
+        "Share DIRECTORY with the running machine (AddShare): vmspawnd opens it with your rights (you must "
+        "own it unless you are root), starts a virtiofsd for it and plugs a vhost-user-fs device into the "
+        "lowest free spare root port. The guest mounts it by its tag: mount -t virtiofs TAG /mnt. "
+        "Read-only shares are not supported (virtiofsd 7.2). Prints the share id and its port.",
+        ("vmspawnctl add-share web /srv/data --tag data", "vmspawnctl add-share web ./build --tag build --id b"),
+    ),
+    "remove-share": VerbHelp(
+        "hot-unplug a share",
+        "Unplug a hotplugged share (RemoveShareEx); returns once the guest released it, then its virtiofsd "
+        "stops. Past --timeout (default: the daemon's, 10 s) it fails with UnplugTimeout, the share stays "
+        "listed as removing and goes when the guest lets go.",
+        ("vmspawnctl remove-share web share0", "vmspawnctl remove-share web b --timeout 30s"),
     ),
     "poweroff": VerbHelp(
         "power a machine off through ACPI",
@@ -1340,6 +1381,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("remove-drive")
     p.add_argument("name", metavar="NAME", help="the machine")
     p.add_argument("id", metavar="ID", help="the drive id (see status)")
+    p.add_argument(
+        "--timeout", type=_argtype(parse_timespan_usec, "time"), metavar="TIME", help="how long to wait, e.g. 30s"
+    )  # fmt: skip
+    p = verb("add-share")
+    p.add_argument("name", metavar="NAME", help="the machine")
+    p.add_argument("directory", metavar="DIRECTORY", help="a directory you own")
+    p.add_argument("--tag", metavar="TAG", required=True, help="the name the guest mounts it by")
+    p.add_argument("--id", metavar="ID", help="the share id (default: shareN)")
+    p = verb("remove-share")
+    p.add_argument("name", metavar="NAME", help="the machine")
+    p.add_argument("id", metavar="ID", help="the share id (see status)")
     p.add_argument(
         "--timeout", type=_argtype(parse_timespan_usec, "time"), metavar="TIME", help="how long to wait, e.g. 30s"
     )  # fmt: skip

@@ -355,6 +355,32 @@ async def test_hotplug_errors_and_an_unprivileged_caller(daemon: Daemon, files: 
         ctl("terminate", "ctl-tiny")
 
 
+def test_add_share_and_remove_share(daemon: Daemon, files: dict[str, Path], tmp_path: Path) -> None:
+    """add-share/remove-share through the one client module, --json and the status lines; no
+    guest OS answers the unplug (SeaBIOS idles), so remove-share times out with its hint."""
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    ok("create", "ctl-share", "--image", str(files["zero"]), "--spares", "1", "--accel", "tcg", "--memory", "64M")
+    try:
+        added = json.loads(ok("add-share", "ctl-share", str(directory), "--tag", "data", "--json"))
+        assert added == {"machine": "ctl-share", "id": "share0", "port": "rp1", "tag": "data"}
+        shares = json.loads(ok("status", "ctl-share", "--json"))["Shares"]
+        assert shares == [{"id": "share0", "tag": "data", "directory": str(directory), "port": "rp1",
+                           "read_only": False, "state": "attached"}]  # fmt: skip
+        assert f"Shares: share0 tag data {directory} on rp1 (attached)" in ok("status", "ctl-share")
+        expect_error(
+            ctl("add-share", "ctl-share", str(directory), "--tag", "more"), 5,
+            "all 1 spare ports of ctl-share are taken (rp1=share0)", "vmspawnctl create ctl-share --spares N",
+        )  # fmt: skip
+        expect_error(
+            ctl("remove-share", "ctl-share", "share0", "--timeout", "300ms"), 1,
+            "the guest has not released share0 after 0.3 s", "longer --timeout",
+        )  # fmt: skip
+        assert "(removing)" in ok("status", "ctl-share")
+    finally:
+        ctl("terminate", "ctl-share")
+
+
 # -- the booted guest: hotplug, console, completion, poweroff ----------------------------------
 
 
