@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmspawnd.model import DiskType, Drive, DriveState, MachineShare, Nic, PortRole
+from vmspawnd.model import DiskType, Drive, DriveState, ImageFormat, MachineShare, Nic, PortRole
 from vmspawnd.porttable import PortTable
 from vmspawnd.reconcile import (
     DRIVER_TYPES,
@@ -17,6 +17,7 @@ from vmspawnd.reconcile import (
     fdset_owner,
     node_owner,
     parse_fdsets,
+    parse_formats,
     parse_nodes,
     parse_peripheral,
     reconcile,
@@ -113,6 +114,20 @@ def test_a_crash_after_device_add_adopts_the_drive_with_every_fdset() -> None:
     assert r.ports == {"rp3": "scsi1"}
     assert r.next_fdset == 10
     assert r.messages == ("drive hp on rp3 was not in state.json; taken from QEMU",)
+
+
+def test_an_adopted_drive_keeps_the_format_and_read_only_its_node_has() -> None:
+    """A kept machine boots an adopted drive again: as the qcow2 it is, never as raw."""
+    named = [
+        {"node-name": "hp-node", "drv": "qcow2", "ro": True},
+        {"node-name": "disk0-node", "drv": "raw", "ro": False},
+        {"node-name": "#block123", "drv": "file", "ro": True},
+    ]
+    formats = parse_formats(named)
+    assert formats == {"hp-node": (ImageFormat.QCOW2, True), "disk0-node": (ImageFormat.RAW, False)}
+    s = snap(BOOT | {"hp": ("virtio-blk-pci", "rp2")}, {"disk0-node", "hp-node"}, {7: ("hp:0:/top.qcow2",)})
+    r = reconcile(Snapshot(s.peripheral, s.parent_bus, s.nodes, s.fdsets, formats=formats), {"disk0": DISK0}, SPARES, 7)
+    assert (r.drives["hp"].format, r.drives["hp"].read_only) == (ImageFormat.QCOW2, True)
 
 
 def test_a_drive_unplugged_while_the_daemon_was_down_is_dropped_and_cleaned() -> None:

@@ -503,7 +503,8 @@ class Machine:
         macs = {}
         for dev in reconcile.wanted_macs(peripheral, parents, self.ports.spares):
             macs[dev] = str(await execute("qom-get", {"path": f"/machine/peripheral/{dev}", "property": "mac"}))
-        nodes = reconcile.parse_nodes(await execute("query-named-block-nodes"))
+        named = await execute("query-named-block-nodes")
+        nodes = reconcile.parse_nodes(named)
         self._nodes = set(nodes)
         # Those of the command line (console, boot drives, qemu_extra's) are QEMU's for good.
         fdsets = {
@@ -511,7 +512,7 @@ class Machine:
             for i, opaques in reconcile.parse_fdsets(await execute("query-fdsets")).items()
             if i < cmdline.BOOT_FDSETS and i not in self.plan.taken_fdsets
         }
-        snap = reconcile.Snapshot(peripheral, parents, nodes, fdsets, macs)
+        snap = reconcile.Snapshot(peripheral, parents, nodes, fdsets, macs, reconcile.parse_formats(named))
         found = reconcile.reconcile(snap, recorded, self.ports.spares, self._next_fdset, recorded_nics)
         for message in found.messages:
             log.warning("machine %s: %s", self.name, message, extra={"MACHINE": self.name})

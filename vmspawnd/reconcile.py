@@ -16,7 +16,7 @@ from typing import Any
 
 from . import imagechain, nic
 from .cmdline import node_name
-from .model import DiskType, Drive, MachineShare, Nic
+from .model import DiskType, Drive, ImageFormat, MachineShare, Nic
 
 # QOM types of the devices a Drive is made of.
 DRIVER_TYPES = {
@@ -46,6 +46,9 @@ class Snapshot:
     fdsets: Mapping[int, tuple[str, ...]]
     # qdev id -> its mac property, for every NIC on a spare port (wanted_macs()).
     macs: Mapping[str, str] = field(default_factory=dict)
+    # Block node -> its image format and whether it is read-only (parse_formats):
+    # what an adopted drive was added with, so a kept machine boots it so again.
+    formats: Mapping[str, tuple[ImageFormat, bool]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,16 @@ def parse_peripheral(qom_list: Iterable[Mapping[str, Any]]) -> dict[str, str]:
 
 def parse_nodes(named_block_nodes: Iterable[Mapping[str, Any]]) -> frozenset[str]:
     return frozenset(str(n["node-name"]) for n in named_block_nodes)
+
+
+def parse_formats(named_block_nodes: Iterable[Mapping[str, Any]]) -> dict[str, tuple[ImageFormat, bool]]:
+    """query-named-block-nodes -> {node: (format, read-only)} for the nodes in a format we use."""
+    formats = {str(f) for f in ImageFormat}
+    return {
+        str(n["node-name"]): (ImageFormat(n["drv"]), bool(n.get("ro", False)))
+        for n in named_block_nodes
+        if n.get("drv") in formats
+    }
 
 
 def parse_fdsets(query_fdsets: Iterable[Mapping[str, Any]]) -> dict[int, tuple[str, ...]]:
@@ -171,7 +184,11 @@ def reconcile(
         # The image is the chain's top layer; the other fdsets hold its backing files.
         layers = [imagechain.parse_opaque(snap.fdsets[i][0]) for i in fdsets]
         path = next((p for _, label, p in layers if label == imagechain.level_label(0)), "?")
-        drives[dev] = Drive(dev, path, DRIVER_TYPES[qom_type], port, fdsets=fdsets, controller=controller)
+        fmt, read_only = snap.formats.get(node_name(dev), (ImageFormat.RAW, False))
+        drives[dev] = Drive(
+            dev, path, DRIVER_TYPES[qom_type], port, fdsets=fdsets, controller=controller, format=fmt,
+            read_only=read_only,
+        )  # fmt: skip
         messages.append(f"drive {dev} on {port} was not in state.json; taken from QEMU")
 
     nics = _nics(snap, recorded_nics or {}, messages)

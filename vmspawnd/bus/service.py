@@ -11,6 +11,7 @@ from ..errors import VmspawndError
 from ..machine import Machine
 from ..machined import Machined
 from ..manager import Manager
+from ..model import MachineState
 from . import BUS_NAME, MANAGER_PATH, caller
 from .guard import GuardedBus
 from .machine import RUN_PROPERTIES, MachineInterface
@@ -80,7 +81,9 @@ class BusService:
         self.bus.export(iface.path, iface)
         self.iface.MachineNew(machine.name, iface.path)
         self._count_changed()
-        self.machined.register(machine)
+        # A kept machine reloaded stopped has no QEMU to register; Start registers its next run.
+        if machine.state is not MachineState.STOPPED:
+            self.machined.register(machine)
 
     def _machine_replaced(self, old: Machine, new: Machine) -> None:
         """A kept machine's next run takes over its object: same path, no
