@@ -7,6 +7,7 @@ Each test runs its own bus and daemon (conftest's site): one restarts it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -186,3 +187,34 @@ async def test_a_failed_start_leaves_the_machine_stopped_with_its_drives_and_ter
     assert await client.names() == []
     assert machine_qemus(site, "again") == []
     assert not (site.daemon.runtime_dir / "machines" / "again" / "state.json").exists()
+
+
+async def test_a_kept_machine_whose_qemu_died_while_the_daemon_was_down_is_stopped_with_its_drives(
+    site_client: Client, site: Site, tmp_path: Path
+) -> None:
+    client = site_client
+    image = blank_image(tmp_path, "blank.raw")
+    path = await client.create("down", **image_options(image, keep=True))
+    extra = blank_image(tmp_path, "extra.raw")
+    drive_id, port = await client.add_drive(path, extra, serial="x1")
+    drives = await client.prop(path, "Drives")
+    leader = await client.prop(path, "Leader")
+    client.close()
+    site.daemon.stop()
+    # QEMU outlives the daemon; it dies while nobody watches.
+    os.kill(leader, signal.SIGKILL)
+    while machine_qemus(site, "down"):
+        await asyncio.sleep(0.05)
+    site.daemon.start()
+    client = await site.client()
+    try:
+        await expect_stopped(client, site, "down", path)
+        assert await client.prop(path, "Drives") == drives
+        await call(client, path, "Start")
+        assert (drive_id, port) in {(d["id"], d["port"]) for d in await client.prop(path, "Drives")}
+        await client.call("TerminateMachine", "s", ["down"])
+        assert await client.names() == []
+        # A running machine terminated keeps its logs, as any other; its record goes.
+        assert not (site.daemon.runtime_dir / "machines" / "down" / "state.json").exists()
+    finally:
+        client.close()
