@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = {
     "create": 360,
     "hotplug": 360,
+    "hotplug_share": 360,
     "weight": 480,
     "throughput": 480,
     "versus_libvirt": 460,
