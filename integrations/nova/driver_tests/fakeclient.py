@@ -78,7 +78,7 @@ class FakeClient:
     def start(self, name: str, timeout: float | None = None) -> None:
         m = self._get(name)
         if m.state != "stopped":
-            raise VmspawndError("InvalidArgument", f"machine {name!r} is {m.state}, not stopped")
+            raise VmspawndError("AlreadyRunning", f"machine {name!r} is {m.state}, not stopped")
         m.state = "running"
 
     def power_off(self, name: str, timeout: float) -> None:

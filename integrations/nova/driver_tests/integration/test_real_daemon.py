@@ -60,7 +60,10 @@ def new_instance() -> Any:
     flavor = objects.Flavor(
         name="tiny", memory_mb=256, vcpus=1, root_gb=0, ephemeral_gb=0, swap=0, extra_specs={}, flavorid="1"
     )
-    return fake_instance.fake_instance_obj(ctxt, uuid=str(uuid.uuid4()), flavor=flavor)
+    instance = fake_instance.fake_instance_obj(ctxt, uuid=str(uuid.uuid4()), flavor=flavor)
+    # Loaded, as Nova's compute manager has it (no database here to lazy-load from).
+    instance.system_metadata = {}
+    return instance
 
 
 def test_unknown_instance_is_not_found(driver: VmspawndDriver) -> None:
@@ -121,6 +124,37 @@ def test_an_instance_life(driver: VmspawndDriver, workdir: Path) -> None:
     assert instance.name not in driver.list_instances()
     with pytest.raises(exception.InstanceNotFound):
         driver.get_info(instance)
+
+
+def test_volumes_changed_while_off_change_at_power_on(driver: VmspawndDriver, workdir: Path) -> None:
+    ctxt = nova_context.get_admin_context()
+    instance = new_instance()
+    driver.spawn(ctxt, instance, objects.ImageMeta.from_dict({}), [], None, {}, network_info=[])
+    try:
+        console(driver, instance, "VMSPAWN-GUEST-READY")
+        volume_id = str(uuid.uuid4())
+        volume = workdir / f"volume-{volume_id}"
+        volume.write_bytes(b"\0" * MiB)
+        info = {"driver_volume_type": "local", "serial": volume_id, "data": {"device_path": str(volume)}}
+        serial = re.escape(mapping.serial(volume_id))
+
+        driver.power_off(instance, timeout=30)
+        driver.attach_volume(ctxt, info, instance, "/dev/vdb")
+        mark = console_size(driver, instance)
+        bdi = {"block_device_mapping": [{"connection_info": info, "mount_device": "/dev/vdb"}]}
+        driver.power_on(ctxt, instance, [], bdi)
+        console(driver, instance, rf"VMSPAWN-BLOCK(-ADD)? \w+ serial={serial}", start=mark)
+
+        driver.power_off(instance, timeout=30)
+        driver.detach_volume(ctxt, info, instance, "/dev/vdb")
+        driver.power_on(ctxt, instance, [], {"block_device_mapping": []})
+        drives = driver.client.properties(mapping.machine_name(instance.name, instance.uuid))["Drives"]
+        assert [d for d in drives if d["path"] == str(volume)] == []
+        # The boot that follows (the log of a machine made again) has no such disk.
+        text = console(driver, instance, r"(?s)VMSPAWN-PCI.*VMSPAWN-GUEST-READY").group(0)
+        assert f"serial={mapping.serial(volume_id)}" not in text.split("VMSPAWN-GUEST-READY")[-2]
+    finally:
+        driver.destroy(ctxt, instance, [])
 
 
 def test_the_host_offers_its_hotplug_ports(driver: VmspawndDriver, nova_conf: Any) -> None:

@@ -290,7 +290,7 @@ class VmspawndDriver(driver.ComputeDriver):
         except vclient.VmspawndError as e:
             raise exception.InstanceDeployFailure(reason=str(e), instance_id=instance.uuid) from e
         try:
-            self._sync_volumes(name, block_device_info)
+            self._plug_missing(name, block_device_info)
         except Exception:
             # A failed spawn leaves no machine behind.
             self.client.terminate(name)
@@ -369,18 +369,26 @@ class VmspawndDriver(driver.ComputeDriver):
         share_info: Any = None,
     ) -> None:
         state = self._state(instance)
+        name = self._name(instance)
+        if state in ("stopped", "failed"):
+            present = [d["id"] for d in self.client.properties(name).get("Drives", [])]
+            if mapping.volumes_to_change(present, self._wanted_volumes(block_device_info))[1]:
+                # A volume detached while it was off: the kept machine still
+                # holds it, and a guest still booting misses an unplug, so
+                # the machine is made again from Nova's records instead.
+                self.client.terminate(name)
+                state = None
+            else:
+                self.client.start(name)
         if state is None:
-            # Gone from the daemon (a host that lost its machines): made again
-            # from what Nova knows, its volumes plugged back.
+            # Gone from the daemon (a host that lost its machines, or the case
+            # above): made again from what Nova knows, its volumes plugged.
             self._create(context, instance, instance.image_meta, None, block_device_info)
             return
-        name = self._name(instance)
         if state == "paused":
             self.client.resume(name)
-        elif state in ("stopped", "failed"):
-            self.client.start(name)
-        # Volumes attached or detached while it was off change now.
-        self._sync_volumes(name, block_device_info)
+        # Volumes attached while it was off are plugged now.
+        self._plug_missing(name, block_device_info)
 
     def reboot(
         self,
@@ -497,16 +505,16 @@ class VmspawndDriver(driver.ComputeDriver):
         except vclient.VmspawndError as e:
             raise exception.VolumeAttachFailed(volume_id=volume_id, reason=str(e)) from e
 
-    def _sync_volumes(self, name: str, block_device_info: Any) -> None:
-        """The machine's volume drives become exactly Nova's volumes."""
-        wanted = {
+    def _wanted_volumes(self, block_device_info: Any) -> dict[str, Any]:
+        """Nova's volumes of the instance by the drive id each gets."""
+        return {
             mapping.drive_id(self._volume_of(bdm)): bdm
             for bdm in driver.block_device_info_get_mapping(block_device_info)
         }
+
+    def _plug_missing(self, name: str, block_device_info: Any) -> None:
         present = [d["id"] for d in self.client.properties(name).get("Drives", [])]
-        to_plug, to_unplug = mapping.volumes_to_change(present, wanted)
-        for drive in to_unplug:
-            self.client.remove_drive(name, drive, CONF.vmspawnd.unplug_timeout)
+        to_plug, _ = mapping.volumes_to_change(present, self._wanted_volumes(block_device_info))
         for bdm in to_plug:
             self._plug(name, bdm["connection_info"], self._volume_of(bdm))
 
