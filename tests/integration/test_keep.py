@@ -8,9 +8,11 @@ Each test runs its own bus and daemon (conftest's site): one restarts it.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -218,3 +220,34 @@ async def test_a_kept_machine_whose_qemu_died_while_the_daemon_was_down_is_stopp
         assert not (site.daemon.runtime_dir / "machines" / "down" / "state.json").exists()
     finally:
         client.close()
+
+
+async def test_scsi_nvme_and_qcow2_drives_come_back_on_their_controller_and_ports(
+    site_client: Client, site: Site, tmp_path: Path
+) -> None:
+    client = site_client
+    image = blank_image(tmp_path, "blank.raw")
+    path = await client.create("kinds", **image_options(image, keep=True, hotplug_spares=3))
+    top = tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(top), "1M"], check=True, timeout=60)
+    await client.add_drive(path, str(top), format="qcow2", disk_type="nvme", serial="q1", id="q")
+    for name in ("s1", "s2"):
+        await client.add_drive(path, blank_image(tmp_path, f"{name}.raw"), disk_type="virtio-scsi", id=name)
+    await client.add_drive(path, blank_image(tmp_path, "ro.raw"), read_only=True, id="ro")
+    drives, ports = await client.prop(path, "Drives"), await client.prop(path, "Ports")
+    await call(client, path, "PowerOff", "t", 1_000_000)
+    await expect_stopped(client, site, "kinds", path)
+    record = json.loads((site.daemon.runtime_dir / "machines" / "kinds" / "state.json").read_text())
+    plugged = {p["id"]: p for p in record["spec"]["plugged"]}
+    assert plugged["q"]["drive"] | {"path": ""} == {
+        "path": "", "disk_type": "nvme", "format": "qcow2", "read_only": False, "serial": "q1"
+    }  # fmt: skip
+    assert plugged["ro"]["drive"]["read_only"] is True
+    assert plugged["s1"]["controller"] == plugged["s2"]["controller"] != ""
+    assert plugged["s1"]["port"] == plugged["s2"]["port"]
+    await call(client, path, "Start")
+    # QEMU took them all on its command line: same drives, the SCSI ones behind one controller on its port.
+    assert await client.prop(path, "Drives") == drives
+    assert await client.prop(path, "Ports") == ports
+    assert await client.prop(path, "FreeSparePorts") == 0
+    await client.call("TerminateMachine", "s", ["kinds"])
