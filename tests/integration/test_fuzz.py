@@ -42,9 +42,9 @@ from hypothesis import HealthCheck, given, note, seed, settings
 from hypothesis import strategies as st
 
 from vmspawnd.bus import MACHINE_IFACE, MANAGER_IFACE, MANAGER_PATH
-from vmspawnd.bus.options import ADD_DRIVE_OPTIONS, DRIVE_OPTIONS, MACHINE_OPTIONS, MOUNT_OPTIONS
+from vmspawnd.bus.options import ADD_DRIVE_OPTIONS, ADD_SHARE_OPTIONS, DRIVE_OPTIONS, MACHINE_OPTIONS, MOUNT_OPTIONS
 
-from .harness import ROOT, Client, Daemon, guest_options, not_just_logs, qemu_pids, wait_console
+from .harness import ROOT, Client, Daemon, guest_options, not_just_logs, qemu_pids, virtiofsd_pids, wait_console
 from .qmp_probe import Probe
 from .test_stress import KNOWN_FDSET_LEAK, devices_on
 
@@ -643,6 +643,101 @@ def settle(bus: BusThread, vm: VM) -> None:
                 await asyncio.sleep(0.05)
         if os.environ.get("VMSPAWND_FUZZ_VERBOSE"):
             print(f"settle {drives}: {t1 - t0:.2f} + {time.monotonic() - t1:.2f}")
+
+    bus.run(run())
+
+
+# -- AddShare / RemoveShare on a running machine ------------------------------
+
+SHARED = "$shared"  # the one real directory the fuzzer shares (world-readable, as nobody must enter it)
+share_ids = st.one_of(
+    st.just("$added"),
+    st.sampled_from(["share0", "share1", "rootfs", "fs0", "disk0", "rp0", "", "nope", "share0-vfs"]),
+    text,
+    long_text,
+)
+# Mostly tags and ids that pass, so that requests reach virtiofsd and QEMU.
+plausible_share_options = st.fixed_dictionaries(
+    {
+        "tag": st.one_of(
+            st.from_regex(r"[a-z]{1,3}", fullmatch=True),
+            st.from_regex(r"[a-z]{1,3}", fullmatch=True),
+            st.sampled_from(["root", "a" * 36, "a" * 37, "a b", "", "a,b"]),
+            text,
+        ).map(lambda v: Variant("s", v))
+    },
+    optional={
+        "read_only": st.sampled_from([False, False, True]).map(lambda v: Variant("b", v)),
+        "id": st.one_of(
+            st.from_regex(r"s[a-z0-9]{0,4}", fullmatch=True),
+            st.sampled_from([*ODD_IDS, "share0", "rootfs", "fs0"]),
+            text,
+        ).map(lambda v: Variant("s", v)),
+    },
+)
+share_steps = st.one_of(
+    st.tuples(
+        st.just("AddShare"),
+        st.one_of(st.just(SHARED), junk_paths(with_fresh=False)),
+        st.one_of(option_dicts(ADD_SHARE_OPTIONS), plausible_share_options),
+    ),
+    st.tuples(st.just("AddShare"), st.just(SHARED), plausible_share_options),
+    st.tuples(st.just("RemoveShare"), share_ids, st.just({})),
+    st.tuples(st.just("RemoveShareEx"), share_ids, remove_options),
+)
+
+
+def test_fuzz_machine_share_calls(bus: BusThread, daemon: Daemon, files: Files, fuzz_vm: VM) -> None:
+    """Every answer is one of the daemon's errors or a success; after each example (its shares
+    removed) no port, chardev or virtiofsd is left and the daemon holds no more fds."""
+    tally = Tally()
+    fuzz = Fuzz(bus, daemon, tally, daemon_fds(daemon))
+    vm = fuzz_vm
+    fuzz.healthy([vm.name], [vm.leader])
+    shared = files.dir / "shared"
+    shared.mkdir(exist_ok=True)
+    shared.chmod(0o755)
+    chardevs = {c["label"] for c in vm.probe("query-chardev")}
+
+    @maybe_seeded
+    @fuzz_settings(MACHINE_EXAMPLES // 3)
+    @given(steps=st.lists(share_steps, min_size=1, max_size=4))
+    def example(steps: list[tuple[str, str, dict[str, Variant]]]) -> None:
+        tally.examples += 1
+        added: list[str] = []
+        where = {"path": vm.path, "interface": MACHINE_IFACE}
+        for method, arg, options in steps:
+            if method == "AddShare":
+                outcome, result = fuzz.call(method, "sa{sv}", [str(shared) if arg == SHARED else arg, options], **where)
+                if outcome == "ok":
+                    added.append(result[0])
+                continue
+            share_id = added.pop() if arg == "$added" and added else arg
+            if method == "RemoveShare":
+                fuzz.call(method, "s", [share_id], **where)
+            else:
+                fuzz.call(method, "sa{sv}", [share_id, options], **where)
+        settle_shares(bus, vm)
+        assert {c["label"] for c in vm.probe("query-chardev")} == chardevs
+        assert daemon.proc is not None and virtiofsd_pids(daemon.proc.pid) == []
+        fuzz.healthy([vm.name], [vm.leader])
+
+    started = time.monotonic()
+    example()
+    tally.report("AddShare/RemoveShare/RemoveShareEx on a running machine", time.monotonic() - started)
+    assert tally.examples >= min(MACHINE_EXAMPLES // 3, 50)
+
+
+def settle_shares(bus: BusThread, vm: VM) -> None:
+    """Remove what the example shared; wait until every port is free again."""
+
+    async def run() -> None:
+        c = bus.client
+        shares = [s["id"] for s in await c.prop(vm.path, "Shares") if s["state"] == "attached"]
+        await asyncio.gather(*(c.remove_share(vm.path, s, timeout_usec=30_000_000) for s in shares))
+        async with asyncio.timeout(40):
+            while (await c.prop(vm.path, "Shares"), await c.prop(vm.path, "FreeSparePorts")) != ([], 4):
+                await asyncio.sleep(0.05)
 
     bus.run(run())
 
