@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dbus_fast import DBusError
+from dbus_fast import DBusError, Variant
 
 from .harness import Client, Daemon, busctl, guest_options, running, shared_dir, virtiofsd_pids, wait_console
 from .qmp_probe import Probe
@@ -132,7 +132,7 @@ async def test_drives_and_shares_draw_from_one_port_table_and_a_refused_share_le
 ) -> None:
     monitor = tmp_path / "probe.qmp"
     # -S: QEMU plugs while the vCPUs stand still, and no guest costs CPU time.
-    options = guest_options(guest, hotplug_spares=2, qemu_extra=[*Probe.extra(monitor), "-S"])
+    options = guest_options(guest, hotplug_spares=3, qemu_extra=[*Probe.extra(monitor), "-S"])
     path = await client.create("shareports", **options)
     probe = Probe(monitor)
     idle_chardevs = chardevs(probe)
@@ -158,7 +158,7 @@ async def test_drives_and_shares_draw_from_one_port_table_and_a_refused_share_le
         with pytest.raises(DBusError) as e:
             await client.add_share(path, directory, **opts)
         assert e.value.type == E + error, (directory, opts, e.value.text)
-        assert await client.prop(path, "FreeSparePorts") == 1
+        assert await client.prop(path, "FreeSparePorts") == 2
         assert len(virtiofsd_children(daemon)) == 1
         assert chardevs(probe) == idle_chardevs | {f"{share_id}-vfs"}
     # root's share is nobody's in the guest: nobody cannot enter a 0700 directory of root's, and
@@ -169,7 +169,7 @@ async def test_drives_and_shares_draw_from_one_port_table_and_a_refused_share_le
         await client.add_share(path, str(private), tag="private")
     assert e.value.type == E + "QemuFailed", e.value.text
     assert "Permission denied" in e.value.text
-    assert await client.prop(path, "FreeSparePorts") == 1
+    assert await client.prop(path, "FreeSparePorts") == 2
     assert len(virtiofsd_children(daemon)) == 1
     assert chardevs(probe) == idle_chardevs | {f"{share_id}-vfs"}
     assert [s["id"] for s in await client.prop(path, "Shares")] == [share_id]
@@ -181,10 +181,19 @@ async def test_drives_and_shares_draw_from_one_port_table_and_a_refused_share_le
     image.write_bytes(b"\0" * (1 << 20))
     drive_id, drive_port = await client.add_drive(path, str(image))
     assert drive_port == "rp1"
+    nic_id, nic_port = await client.call(
+        "AddNetwork", "a{sv}", [{"network": Variant("s", "user")}], path=path, interface=MACHINE_IFACE
+    )
+    assert nic_port == "rp2"
     ports = {p["id"]: p["device"] for p in await client.prop(path, "Ports")}
-    assert ports["rp0"] == share_id and ports["rp1"] == drive_id
+    assert (ports["rp0"], ports["rp1"], ports["rp2"]) == (share_id, drive_id, nic_id)
+    # One table for every kind: full for a share, a drive and a NIC alike.
     with pytest.raises(DBusError) as e:
         await client.add_share(path, str(hostdir), tag="another")
+    assert e.value.type == E + "NoFreePort", e.value.text
+    assert f"rp0={share_id}" in e.value.text and f"rp1={drive_id}" in e.value.text and f"rp2={nic_id}" in e.value.text
+    with pytest.raises(DBusError) as e:
+        await client.add_drive(path, str(image))
     assert e.value.type == E + "NoFreePort", e.value.text
     assert len(virtiofsd_children(daemon)) == 1
     assert chardevs(probe) == idle_chardevs | {f"{share_id}-vfs"}
