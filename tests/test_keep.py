@@ -15,13 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.devtypes import TYPES
-from vmspawnd import quota
+from vmspawnd import quota, state
 from vmspawnd.cmdline import BOOT_FDSETS, Runtime, build_argv, plugged_files
-from vmspawnd.config import Quota
-from vmspawnd.errors import InvalidArgument, NoFreePort, QuotaExceeded
+from vmspawnd.config import Config, Quota
+from vmspawnd.errors import AlreadyRunning, InvalidArgument, NoFreePort, QuotaExceeded
 from vmspawnd.imagechain import single
 from vmspawnd.keep import fold, plugged_drive
 from vmspawnd.machine import Machine
+from vmspawnd.manager import Manager
 from vmspawnd.model import (
     DiskType,
     Drive,
@@ -29,6 +30,7 @@ from vmspawnd.model import (
     DriveState,
     ImageFormat,
     MachineSpec,
+    MachineState,
     MiB,
     Network,
     NetworkMode,
@@ -209,3 +211,32 @@ def test_a_stopped_machine_counts_toward_machines_but_not_memory() -> None:
     # ...but it still takes one of the machines.
     with pytest.raises(QuotaExceeded, match="quota machines"):
         quota.check(q, 1000, [stopped, stopped], quota.Usage(64 * MiB, 1, 2))
+
+
+# -- the manager's bookkeeping (no QEMU: every check comes before a start) ----------
+
+
+def stopped_machine(tmp_path: Path, name: str, memory: int, owner: int = 1000) -> Machine:
+    s = replace(spec(), name=name, memory=memory)
+    m = Machine(s, plan(s), "0" * 32, tmp_path / name, owner)
+    record: state.MachineRecord = m.stopped_record()
+    m.loaded_stopped(record)
+    return m
+
+
+async def test_start_checks_the_owners_quota_with_stopped_machines_counting_as_machines_only(tmp_path: Path) -> None:
+    config = Config(quota=Quota(machines=3, memory_total=1024 * MiB))
+    manager = Manager(tmp_path, config)
+    for name in ("a", "b"):
+        manager.machines[name] = stopped_machine(tmp_path, name, 768 * MiB)
+    # Two stopped machines of 768 MiB each hold no memory: the owner may create a third...
+    assert manager._held(1000) == [quota.Usage(0, 1, 6)] * 2
+    # ...but while one runs, starting the other goes over memory_total and changes nothing.
+    manager.machines["a"].state = MachineState.RUNNING
+    with pytest.raises(QuotaExceeded, match="memory_total"):
+        await manager.start("b")
+    assert manager.machines["b"].state is MachineState.STOPPED
+    assert manager._creating == {}
+    # Start of a running one: AlreadyRunning, before anything else.
+    with pytest.raises(AlreadyRunning):
+        await manager.start("a")
