@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dbus_fast import DBusError, Variant
+from dbus_fast import DBusError, Message, Variant
 
 from .harness import Client, Daemon, busctl, guest_options, running, shared_dir, virtiofsd_pids, wait_console
 from .qmp_probe import Probe
@@ -53,6 +53,17 @@ async def test_a_busctl_share_is_mounted_by_the_guest_and_removal_after_unmount_
 ) -> None:
     path, console = await boot(client, guest, "sharehp")
     before = await client.prop(path, "FreeSparePorts")
+    heard: list[tuple[str, Any]] = []
+
+    def on_signal(msg: Message) -> None:
+        if msg.path == path and msg.member in ("ShareAdded", "ShareRemoved"):
+            heard.append((msg.member, msg.body))
+        elif msg.path == path and msg.member == "PropertiesChanged" and "Shares" in msg.body[1]:
+            heard.append(("Shares", [s["state"].value for s in msg.body[1]["Shares"].value]))
+
+    await client.subscribe(MACHINE_IFACE)
+    await client.subscribe("org.freedesktop.DBus.Properties")
+    client.bus.add_message_handler(on_signal)
     written = f"written on the host {os.urandom(4).hex()}"
     (hostdir / "hello").write_text(written + "\n")
     mark = console_len(console)
@@ -72,6 +83,16 @@ async def test_a_busctl_share_is_mounted_by_the_guest_and_removal_after_unmount_
     busctl("call", "org.vmspawnd1", path, MACHINE_IFACE, "RemoveShare", "s", share_id)
     assert await client.prop(path, "Shares") == []
     assert await client.prop(path, "FreeSparePorts") == before
+
+    async def heard_count() -> int:
+        return len(heard)
+
+    # Signals may trail the replies on the client's own connection.
+    await wait_for(heard_count, 5)
+    assert heard == [
+        ("Shares", ["attached"]), ("ShareAdded", [share_id, port]),
+        ("Shares", ["removing"]), ("ShareRemoved", [share_id]), ("Shares", []),
+    ]  # fmt: skip
 
 
 def virtiofsd_children(daemon: Daemon) -> list[int]:
