@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 from dbus_fast import DBusError
 
+from vmspawnd.state import VERSION
+
 from .harness import ROOT, VMSPAWND, Client, Daemon, guest_options, qemu_pids, wait_console
 from .qmp_probe import Probe
 
@@ -176,7 +178,8 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path, dict[str, Any]], None], str]] = {
     "pid-string": (lambda p, d: edit("pid", str(d["pid"]))(p, d), "pid: expected int, got str"),
     "next-fdset-string": (edit("next_fdset", "1"), "next_fdset: expected int, got str"),
     "wrong-schema": (lambda p, d: p.write_text(json.dumps({"version": 1, "machines": []})), "spec: missing"),
-    "wrong-version": (edit("version", 2), "version: 2 is not one this vmspawnd reads"),
+    # A version from a newer vmspawnd.
+    "wrong-version": (edit("version", VERSION + 1), f"version: {VERSION + 1} is not one this vmspawnd reads"),
     "deleted": (lambda p, d: p.unlink(), "it has no state.json; its QEMU pid"),
     "spec-refused-now": (edit("spec.hotplug_spares", 500), "recorded spec is refused now (Too many PCIe ports"),
     "foreign-pid": (lambda p, d: None, ""),  # filled in by the test: the healthy machine's pid
