@@ -117,7 +117,7 @@ async def _serve(args: argparse.Namespace, runtime_dir: Path) -> int:
     started = loop.time()
     await manager.recover()
     unmanaged = sum(m.state is MachineState.UNMANAGED for m in manager.machines.values())
-    systemd.notify("READY=1", f"STATUS={len(manager.machines)} machines running")
+    systemd.notify("READY=1", f"STATUS={manager.status()}")
     log.info(
         "vmspawnd %s serving on the %s bus, state in %s; recovered %d machines in %.2f s (%d unmanaged)",
         __version__, "session" if args.user else "system", runtime_dir, len(manager.machines),

@@ -242,6 +242,12 @@ class Manager:
         ]
         return listed + [u for owner, u in self._creating.values() if owner == uid]
 
+    def status(self) -> str:
+        """systemd's STATUS= line: the machines that run, and the kept ones at rest."""
+        stopped = sum(m.state is MachineState.STOPPED for m in self.machines.values())
+        text = f"{len(self.machines) - stopped} machines running"
+        return f"{text}, {stopped} stopped" if stopped else text
+
     def get(self, name: str) -> Machine:
         machine = self.machines.get(name)
         if machine is None:

@@ -108,6 +108,7 @@ async def test_a_kept_machine_boots_again_with_its_hotplugged_drive_on_its_port_
     client.close()
     site.daemon.stop()
     site.daemon.start()
+    assert b"STATUS=0 machines running, 1 stopped" in site.daemon.notifications[0]
     client = await site.client()
     await expect_stopped(client, site, "kept", path)
     assert await client.prop(path, "Id") == machine_id

@@ -34,7 +34,7 @@ class BusService:
         self.machined = Machined(bus)
         manager.on_new = self._machine_new
         manager.on_removed = self._machine_removed
-        manager.on_stopped = self.machined.unregister
+        manager.on_stopped = self._machine_stopped
         manager.on_replaced = self._machine_replaced
         if manager.systemd is not None:
             manager.systemd.bus = bus
@@ -85,6 +85,11 @@ class BusService:
         if machine.state is not MachineState.STOPPED:
             self.machined.register(machine)
 
+    def _machine_stopped(self, machine: Machine) -> None:
+        """A kept machine stopped: still listed, no QEMU to register any more."""
+        self.machined.unregister(machine)
+        self._status()
+
     def _machine_replaced(self, old: Machine, new: Machine) -> None:
         """A kept machine's next run takes over its object: same path, no
         MachineRemoved/MachineNew, every property changed at once."""
@@ -96,6 +101,7 @@ class BusService:
         new.observer = iface
         iface.changed(new, set(RUN_PROPERTIES))
         self.machined.register(new)
+        self._status()
 
     def _machine_removed(self, machine: Machine) -> None:
         iface = self.objects.pop(machine.name, None)
@@ -110,7 +116,10 @@ class BusService:
     def _count_changed(self) -> None:
         count = len(self.manager.machines)
         self.iface.emit_properties_changed({"Machines": count})
-        systemd.notify(f"STATUS={count} machines running")
+        self._status()
+
+    def _status(self) -> None:
+        systemd.notify(f"STATUS={self.manager.status()}")
 
     async def wait_for_disconnect(self) -> None:
         """Returns (or raises the connection's error) when the bus connection is gone."""
