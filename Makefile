@@ -61,8 +61,10 @@ $(NOVA_STAMP): pyproject.toml $(NOVA)/test-requirements.txt $(NOVA)/constraints.
 nova-test: nova-deps
 	rm -rf $(NOVA)/build
 	$(NOVA_VENV)/bin/pip install --quiet --no-deps --force-reinstall ./$(NOVA)
+	cd $(NOVA) && ../../$(NOVA_VENV)/bin/mypy
 	cd $(NOVA) && ../../$(NOVA_VENV)/bin/python -m pytest -v -p no:cacheprovider driver_tests/unit driver_tests/integration
 	cd $(NOVA) && ../../$(NOVA_VENV)/bin/stestr run
+	cd $(NOVA) && ../../$(NOVA_VENV)/bin/stestr --test-path ./driver_tests/functional run
 
 demo: deps
 	bash tools/demo.sh

@@ -86,10 +86,13 @@ class VmspawndDriver(driver.ComputeDriver):
         self.client = vclient.Client(CONF.vmspawnd.bus_address, timeout=CONF.vmspawnd.call_timeout)
         # Nova's compute manager reads this for live migrations in flight: none here.
         self.active_migrations: dict[str, Any] = {}
+        # This host's name, as init_host gets it (several computes may share one process in tests).
+        self._host = str(CONF.host)
 
     # -- the host ---------------------------------------------------------
 
     def init_host(self, host: str) -> None:
+        self._host = host
         try:
             self.client.list_machines()
         except vclient.VmspawndError as e:
@@ -99,7 +102,7 @@ class VmspawndDriver(driver.ComputeDriver):
         self.client.close()
 
     def get_available_nodes(self, refresh: bool = False) -> list[str]:
-        return [CONF.host]
+        return [self._host]
 
     def get_host_ip_addr(self) -> str:
         return str(CONF.my_ip)
@@ -108,7 +111,7 @@ class VmspawndDriver(driver.ComputeDriver):
         return {
             "ip": CONF.my_block_storage_ip,
             "initiator": None,
-            "host": CONF.host,
+            "host": self._host,
             "multipath": False,
             "platform": "x86_64",
             "os_type": "linux",
@@ -152,7 +155,10 @@ class VmspawndDriver(driver.ComputeDriver):
     def get_available_resource(self, nodename: str) -> dict[str, Any]:
         vcpus, memory_mb, disk_gb = self._host_resources()
         disk = shutil.disk_usage(CONF.instances_path)
+        node_uuid = next((u for u, name in self.get_nodenames_by_uuid().items() if name == nodename), None)
         return {
+            # The compute node's uuid is the one this host's identity gives it.
+            "uuid": node_uuid,
             "vcpus": vcpus,
             "memory_mb": memory_mb,
             "local_gb": disk_gb,
