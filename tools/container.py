@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A real systemd as PID 1 in a systemd-nspawn container, for tests of vmspawnd's unit.
 
-The root file system is a debootstrapped Debian (``PACKAGES``) plus the
+The root file system is Debian's minbase (``PACKAGES``, by mmdebstrap) plus the
 Python dependencies Debian does not ship in the versions vmspawnd needs
 (``pypi_pins()``, the versions the test run itself uses). It is built once
 and cached in ``~/.cache/vmspawnd-container/rootfs-<key>``, the key being a
@@ -55,15 +55,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = "bookworm"
 # polkitd does not configure without libpam-systemd; python3-systemd is
-# vmspawnd's systemd-python.
+# vmspawnd's systemd-python; usr-is-merged, or apt picks usrmerge (and perl)
+# for init-system-helpers' "usrmerge | usr-is-merged" (the merged-usr hook
+# merges /usr itself, as debootstrap does).
 PACKAGES = (
-    "systemd", "systemd-sysv", "libpam-systemd", "dbus", "polkitd", "systemd-container", "qemu-system-x86",
-    "python3", "python3-systemd", "iproute2", "procps",
+    "usr-is-merged", "systemd", "systemd-sysv", "libpam-systemd", "dbus", "polkitd", "systemd-container",
+    "qemu-system-x86", "python3", "python3-systemd", "iproute2", "procps",
 )  # fmt: skip
 # Debian 12's python3-dbus-fast is 1.84, older than vmspawnd wants; qemu.qmp is not packaged.
 PYPI = ("dbus-fast", "qemu.qmp")
 # Bump when the build steps change (the key must change with them).
-RECIPE = 1
+RECIPE = 2
+# mmdebstrap, not debootstrap: apt fetches the ~200 packages in parallel over
+# one pipelined connection (debootstrap: one wget after the other, 45-50 s
+# here) and dpkg runs under eatmydata (no fsync; a build that fails is thrown
+# away anyway; mmdebstrap empties apt's cache at the end). Measured on this
+# host at load 5-11: debootstrap 266 s (185 s with dpkg's force-unsafe-io),
+# mmdebstrap with these hooks 43 s (89 s without eatmydata).
+HOOKS = Path("/usr/share/mmdebstrap/hooks")
+MMDEBSTRAP = (
+    "mmdebstrap", "--variant=minbase", "--aptopt=APT::Install-Recommends \"false\"",
+    f"--hook-dir={HOOKS / 'merged-usr'}", f"--hook-dir={HOOKS / 'eatmydata'}",
+)  # fmt: skip
 INIT = "/usr/local/sbin/vmspawnd-test-init"
 # nspawn mounts these v1 controllers read-only (see the module docstring).
 CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "blkio", "devices", "freezer")
@@ -90,7 +103,7 @@ def unavailable() -> str | None:
     """Why a container cannot run here, or None."""
     if os.geteuid() != 0:
         return "systemd-nspawn needs root"
-    for tool in ("systemd-nspawn", "debootstrap", "nsenter"):
+    for tool in ("systemd-nspawn", "mmdebstrap", "nsenter"):
         if shutil.which(tool) is None:
             package = {"systemd-nspawn": "systemd-container", "nsenter": "util-linux"}.get(tool, tool)
             return f"{tool} is not installed (Debian package {package}; `make deps` installs it)"
@@ -102,7 +115,7 @@ def unavailable() -> str | None:
 
 
 def apt_mirror(apt: Path = Path("/etc/apt")) -> str:
-    """The Debian mirror apt uses (deb822 .sources or one-line .list entries), for debootstrap."""
+    """The Debian mirror apt uses (deb822 .sources or one-line .list entries), for mmdebstrap."""
     files = [apt / "sources.list", *sorted((apt / "sources.list.d").glob("*"))]
     for file in files:
         if not file.is_file():
@@ -127,7 +140,7 @@ def pypi_pins() -> tuple[str, ...]:
 
 
 def rootfs_key() -> str:
-    recipe = json.dumps([RECIPE, SUITE, PACKAGES, pypi_pins(), INIT_SCRIPT])
+    recipe = json.dumps([RECIPE, SUITE, PACKAGES, MMDEBSTRAP, pypi_pins(), INIT_SCRIPT])
     return hashlib.sha256(recipe.encode()).hexdigest()[:16]
 
 
@@ -160,8 +173,7 @@ def build_rootfs(cache: Path | None = None) -> Path:
                 remove_tree(stale)
         partial = Path(tempfile.mkdtemp(prefix="build-", dir=cache))
         try:
-            debootstrap = ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE]
-            run([*debootstrap, str(partial), apt_mirror()], timeout=900)
+            run([*MMDEBSTRAP, f"--include={','.join(PACKAGES)}", SUITE, str(partial), apt_mirror()], timeout=900)
             site = partial / "usr/local/lib/python3.11/dist-packages"
             run(
                 [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--only-binary=:all:",
@@ -172,8 +184,6 @@ def build_rootfs(cache: Path | None = None) -> Path:
             init.parent.mkdir(parents=True, exist_ok=True)
             init.write_text(INIT_SCRIPT)
             init.chmod(0o755)
-            # Downloaded .debs are not needed once installed.
-            shutil.rmtree(partial / "var/cache/apt/archives", ignore_errors=True)
             (partial / ".complete").touch()
             partial.rename(final)
         except BaseException:
@@ -194,7 +204,7 @@ def in_use(rootfs: Path) -> bool:
 
 
 def remove_tree(path: Path) -> None:
-    """A directory, after whatever is mounted below it (an interrupted debootstrap leaves /proc there)."""
+    """A directory, after whatever is mounted below it (an interrupted mmdebstrap leaves /proc there)."""
     prefix = f"{path.resolve()}/"
     mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
     for mount in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
