@@ -2,8 +2,8 @@
 
 tools/container.py does the work (the cached Debian root, the overlay, nspawn,
 the tear-down); these fixtures hand its pieces to the tests. One container per
-test run: it boots in about a second, the first build of its root takes one
-to two minutes and is cached in ~/.cache/vmspawnd-container.
+test run: it boots in about a second, the first build of its root takes about
+a minute (mmdebstrap) and is cached in ~/.cache/vmspawnd-container.
 """
 
 from __future__ import annotations
