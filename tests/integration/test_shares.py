@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import os
 import pwd
+import re
 import select
 import threading
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from typing import Any
 from .harness import guest_options, virtiofsd_pids, wait_console
 
 # Fixtures of test_system's (the parameters below reuse their names: F811).
-from .test_system import System, gdbus_manager, owned_file, polkit, root, system  # noqa: F401
+from .test_system import System, gdbus_machine, gdbus_manager, owned_file, polkit, root, system  # noqa: F401
 
 DAEMON = pwd.getpwnam("daemon")
 IN_OPEN = 0x20
@@ -154,3 +155,42 @@ async def test_a_share_the_creator_cannot_open_is_refused(polkit: System, root: 
     created = await gdbus_manager(polkit, "daemon", "CreateMachine", "private", gvariant(options))
     assert created.error in ("org.vmspawnd1.Error.AccessDenied", "org.vmspawnd1.Error.InvalidArgument"), created
     assert str(private) in created.err
+
+
+async def test_add_share_opens_and_checks_the_directory_as_its_caller(polkit: System, root: Any) -> None:  # noqa: F811
+    """AddShare by `daemon` (polkit lets it manage its own machine): a directory of root's is
+    refused naming it, a private one it cannot open too, its own is shared and its virtiofsd runs
+    as daemon, never root."""
+    await polkit.start_polkit(rules=True)
+    base = polkit.dir / f"hot-{os.urandom(3).hex()}"
+    roots, private, mine = base / "roots", base / "private", base / "mine"
+    for d in (roots, private, mine):
+        d.mkdir(parents=True)
+    base.chmod(0o755)
+    roots.chmod(0o755)
+    private.chmod(0o700)
+    os.chown(mine, DAEMON.pw_uid, DAEMON.pw_gid)
+    options = {"image": f"'{owned_file(polkit, 'daemon')}'", "firmware": "'bios'", "accel": "'tcg'",
+               "memory": f"uint64 {64 << 20}", "hotplug_spares": "uint32 2"}  # fmt: skip
+    created = await gdbus_manager(polkit, "daemon", "CreateMachine", "hotshare", gvariant(options))
+    assert created.error == "", created.err
+    path = re.search(r"'(/org/vmspawnd1/machine/\w+)'", created.out).group(1)  # type: ignore[union-attr]
+    daemon_pid = polkit.daemon.proc.pid if polkit.daemon.proc else 0
+    try:
+        refused = await gdbus_machine(polkit, "daemon", path, "AddShare", str(roots), "{'tag': <'r'>}")
+        assert refused.error == "org.vmspawnd1.Error.AccessDenied", refused.err
+        assert str(roots) in refused.err and "share a directory you own" in refused.err
+        refused = await gdbus_machine(polkit, "daemon", path, "AddShare", str(private), "{'tag': <'p'>}")
+        # The opener's own words, as for a boot-time share (test_a_share_the_creator_cannot_open_is_refused).
+        assert refused.error in ("org.vmspawnd1.Error.AccessDenied", "org.vmspawnd1.Error.InvalidArgument")
+        assert str(private) in refused.err and "Permission denied" in refused.err
+        assert virtiofsd_pids(daemon_pid) == []
+        added = await gdbus_machine(polkit, "daemon", path, "AddShare", str(mine), "{'tag': <'m'>}")
+        assert added.error == "", added.err
+        assert "share0" in added.out
+        [pid] = virtiofsd_pids(daemon_pid)
+        uids = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Uid:"))
+        # Root of its own user namespace, the share's owner outside it.
+        assert Path(f"/proc/{pid}/uid_map").read_text().split()[:2] == ["0", str(DAEMON.pw_uid)], uids
+    finally:
+        await root.call("TerminateMachine", "s", ["hotshare"])
