@@ -788,6 +788,9 @@ class Machine:
             await self._writer.close()
         self.console.close()
         await self._monitor.close(QUIT_REPLY_TIMEOUT)
+        # Each virtiofsd runs on with QEMU; nothing of ours waits for it.
+        for _, process in self._virtiofsd:
+            process.release()
 
     def _tell(self, call: Callable[[Observer], None]) -> None:
         """Tell the observer; its failure is logged and never undoes the machine's own bookkeeping."""

@@ -271,10 +271,20 @@ class Service:
                 self.returncode = exit_code(self._ended.code, self._ended.status)
             else:
                 log.warning("%s ended, but systemd did not say how within %.0f s", self.unit, END_TIMEOUT)
-        finally:
             await self.forget()
+        finally:
+            # Cancelled by release(): nothing more is asked of the bus.
             if not self.exited.done():
                 self.exited.set_result(None)
+
+    def release(self) -> None:
+        """Stop following it without waiting for its end (the daemon exits; it runs on)."""
+        if self._watch is not None:
+            self._watch.cancel()
+        if self.systemd.bus is not None:
+            self.systemd.bus.remove_message_handler(self._on_message)
+        if self._process is not None:
+            self._process.release()
 
     async def forget(self) -> None:
         """No more following (the unit is gone, or never started)."""

@@ -18,7 +18,7 @@ from dbus_fast import DBusError
 from tests.integration.harness import Client, guest_options, wait_console
 
 from .conftest import tinyguest, tool
-from .support import console, show
+from .support import console, show, wait_until
 
 SHARE = "/srv/share"
 DAEMON = pwd.getpwnam("daemon")  # uid 1 on Debian, in the container as on the host
@@ -48,8 +48,15 @@ async def test_a_guest_reads_and_writes_a_share_under_the_real_unit(
     suid = (share / "suid").stat()
     assert (suid.st_uid, suid.st_gid) == (DAEMON.pw_uid, DAEMON.pw_gid)
     assert not (share / "null").exists()
+    # A daemon restart leaves it running (it is systemd's, not the daemon's), and the new daemon
+    # still ends it with the machine.
+    container.run(["systemctl", "restart", "vmspawnd.service"])
+    assert await client.prop(path, "State") == "running"
+    assert show(container, unit, "ActiveState", "MainPID") == {"ActiveState": "active", "MainPID": service["MainPID"]}
     await client.call("TerminateMachine", "s", ["sharevm"])
-    assert show(container, unit, "LoadState")["LoadState"] == "not-found"
+    wait_until(
+        "its virtiofsd's end with QEMU's", lambda: show(container, unit, "LoadState")["LoadState"] == "not-found"
+    )
 
 
 async def test_a_virtiofsd_that_fails_is_named_in_its_own_words_and_its_unit_is_gone(
