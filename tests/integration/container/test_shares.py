@@ -76,3 +76,29 @@ async def test_a_virtiofsd_that_fails_is_named_in_its_own_words_and_its_unit_is_
     # /run is the container's own tmpfs: read through the leader's root.
     assert console(container, log).read_text().strip()
     assert show(container, "vmspawnd-virtiofsd-nofs-rootfs.service", "LoadState")["LoadState"] == "not-found"
+
+
+async def test_a_hotplugged_share_is_served_by_its_own_transient_service(
+    container: tool.Container, client: Client, guest: tinyguest.Guest
+) -> None:
+    """AddShare under the real unit: its virtiofsd, too, is systemd's (the unit could not run it), the guest
+    mounts and reads it; RemoveShare ends the service."""
+    hot = container.path("/srv/hot")
+    hot.mkdir(parents=True, exist_ok=True)
+    os.chown(hot, DAEMON.pw_uid, DAEMON.pw_gid)
+    (hot / "hello").write_text("hot share\n")
+    options = guest_options(guest, memory=128 << 20, hotplug_spares=2)
+    options["cmdline"] += " tinyguest.hotmount=hot"
+    path = await client.create("hotvm", **options)
+    log = console(container, await client.prop(path, "ConsoleLog"))
+    await wait_console(log, "VMSPAWN-GUEST-READY", timeout=60)
+    share_id, _ = await client.add_share(path, "/srv/hot", tag="hot")
+    await wait_console(log, r"VMSPAWN-SHARE-MOUNT hot hello=hot share\r?\n", timeout=60)
+    unit = f"vmspawnd-virtiofsd-hotvm-{share_id}.service"
+    assert show(container, unit, "ActiveState")["ActiveState"] == "active"
+    start = len(log.read_text(errors="replace"))
+    (hot / "unmount").touch()
+    await wait_console(log, r"VMSPAWN-SHARE-UMOUNT hot", start=start, timeout=60)
+    await client.remove_share(path, share_id)
+    wait_until("its virtiofsd's end", lambda: show(container, unit, "LoadState")["LoadState"] == "not-found")
+    await client.call("TerminateMachine", "s", ["hotvm"])
