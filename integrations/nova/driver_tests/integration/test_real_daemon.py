@@ -138,14 +138,16 @@ def test_volumes_changed_while_off_change_at_power_on(driver: VmspawndDriver, wo
         info = {"driver_volume_type": "local", "serial": volume_id, "data": {"device_path": str(volume)}}
         serial = re.escape(mapping.serial(volume_id))
 
-        driver.power_off(instance, timeout=30)
+        # Nova's timeout 0: off at once, no clean shutdown.
+        driver.power_off(instance)
+        assert driver.get_info(instance).state == power_state.SHUTDOWN
         driver.attach_volume(ctxt, info, instance, "/dev/vdb")
         mark = console_size(driver, instance)
         bdi = {"block_device_mapping": [{"connection_info": info, "mount_device": "/dev/vdb"}]}
         driver.power_on(ctxt, instance, [], bdi)
         console(driver, instance, rf"VMSPAWN-BLOCK(-ADD)? \w+ serial={serial}", start=mark)
 
-        driver.power_off(instance, timeout=30)
+        driver.power_off(instance)
         driver.detach_volume(ctxt, info, instance, "/dev/vdb")
         driver.power_on(ctxt, instance, [], {"block_device_mapping": []})
         drives = driver.client.properties(mapping.machine_name(instance.name, instance.uuid))["Drives"]

@@ -128,7 +128,7 @@ class Client:
         self._machine(name, "Start", timeout=timeout)
 
     def power_off(self, name: str, timeout: float) -> None:
-        self._machine(name, "PowerOff", "t", (int(timeout * 1_000_000),), timeout + MARGIN)
+        self._machine(name, "PowerOff", "t", (round(timeout * 1_000_000),), timeout + MARGIN)
 
     def reboot(self, name: str) -> None:
         self._machine(name, "Reboot")
@@ -144,7 +144,7 @@ class Client:
         return drive_id, port
 
     def remove_drive(self, name: str, drive_id: str, timeout: float) -> None:
-        options = {"timeout_usec": ("t", int(timeout * 1_000_000))}
+        options = {"timeout_usec": ("t", round(timeout * 1_000_000))}
         self._machine(name, "RemoveDriveEx", "sa{sv}", (drive_id, options), timeout + MARGIN)
 
     # -- plumbing ---------------------------------------------------------

@@ -35,6 +35,7 @@ vconf.register(CONF)
 # What libvirt returns at most for the console log (nova.virt.libvirt.driver).
 MAX_CONSOLE_BYTES = 100 * units.Ki
 HYPERVISOR_TYPE = fields.HVType.QEMU
+FORCED_OFF = 1e-6  # s
 
 
 def local_volume(data: dict[str, Any]) -> tuple[str, str]:
@@ -357,7 +358,9 @@ class VmspawndDriver(driver.ComputeDriver):
 
     def power_off(self, instance: Any, timeout: int = 0, retry_interval: int = 0) -> None:
         try:
-            self.client.power_off(self._name(instance), float(timeout))
+            # Nova's 0 is "no clean shutdown"; the daemon's 0 is its default 30 s
+            # of ACPI: the shortest wait it takes stops the guest at once instead.
+            self.client.power_off(self._name(instance), float(timeout) or FORCED_OFF)
         except vclient.VmspawndError as e:
             if e.name == "NoSuchMachine":
                 raise exception.InstanceNotFound(instance_id=instance.uuid) from e
