@@ -212,7 +212,7 @@ def test_every_verb_has_a_man_style_help(verb: str | None, capsys: pytest.Captur
 
 EXPECTED_EXIT = {
     "InvalidArgument": 2, "TooManyPorts": 2, "PcieSlotsExhausted": 2,
-    "NoSuchMachine": 3, "NoSuchDrive": 3, "NoSuchNetwork": 3,
+    "NoSuchMachine": 3, "NoSuchDrive": 3, "NoSuchNetwork": 3, "NoSuchShare": 3,
     "AccessDenied": 4, "QuotaExceeded": 4,
     "NoFreePort": 5, "UnplugInProgress": 5, "MachineExists": 5,
     "QemuFailed": 1, "UnplugTimeout": 1, "NotRunning": 1, "AlreadyRunning": 5,

@@ -84,8 +84,8 @@ exit status:
   1  failed: QemuFailed, UnplugTimeout, NotRunning, any other error
   2  invalid argument or usage: InvalidArgument, TooManyPorts,
      PcieSlotsExhausted, a bad command line
-  3  not found: NoSuchMachine, NoSuchDrive, NoSuchNetwork, a file that does
-     not exist
+  3  not found: NoSuchMachine, NoSuchDrive, NoSuchNetwork, NoSuchShare, a
+     file that does not exist
   4  access denied: AccessDenied (the daemon's or the bus policy's),
      a file you may not open
   5  busy or no room: NoFreePort, UnplugInProgress, MachineExists
@@ -153,6 +153,7 @@ ERRORS: dict[str, tuple[Exit, _Hint]] = {
         Exit.NOT_FOUND,
         lambda c: f"'{PROG} status {c.name or 'NAME'}' lists the machine's network interfaces",
     ),
+    "NoSuchShare": (Exit.NOT_FOUND, lambda c: f"'{PROG} status {c.name or 'NAME'}' lists the machine's shares"),
     "AccessDenied": (Exit.DENIED, _denied_hint),
     "NoFreePort": (
         Exit.BUSY,

@@ -45,6 +45,10 @@ class NoSuchNetwork(VmspawndError):
     """No network interface of that id on the machine."""
 
 
+class NoSuchShare(VmspawndError):
+    """No virtiofs share of that id on the machine."""
+
+
 class UnplugInProgress(VmspawndError):
     pass
 
@@ -98,6 +102,7 @@ ALL_ERRORS: tuple[type[VmspawndError], ...] = (
     NoFreePort,
     NoSuchDrive,
     NoSuchNetwork,
+    NoSuchShare,
     UnplugInProgress,
     UnplugTimeout,
     QemuFailed,

@@ -27,6 +27,7 @@ from .errors import (
     NoSpace,
     NoSuchDrive,
     NoSuchNetwork,
+    NoSuchShare,
     NotRunning,
     QemuFailed,
     QemuUnresponsive,
@@ -1535,7 +1536,7 @@ class Machine:
             if dev in self._boot_shares:
                 raise InvalidArgument(f"share {dev} was attached at boot on a builtin port and cannot be unplugged")
 
-        await self._unplug("RemoveShare", "share", self.shares, dev, timeout, check)
+        await self._unplug("RemoveShare", "share", self.shares, dev, timeout, check, NoSuchShare)
 
     async def _share_deleted(self, dev: str) -> None:
         async with self._lock:

@@ -196,7 +196,7 @@ async def test_drives_and_shares_draw_from_one_port_table_and_a_refused_share_le
     assert [s["id"] for s in await client.prop(path, "Shares")] == [share_id]
     with pytest.raises(DBusError) as e:
         await client.remove_share(path, "nosuch")
-    assert e.value.type == E + "NoSuchDrive"
+    assert e.value.type == E + "NoSuchShare"
 
     image = tmp_path / "d.raw"
     image.write_bytes(b"\0" * (1 << 20))
