@@ -19,7 +19,7 @@ import pytest
 from tests.devtypes import TYPES
 from vmspawnd import state
 from vmspawnd.chainopen import OpenedChain
-from vmspawnd.errors import AccessDenied, NoFreePort, NotRunning, UnplugTimeout
+from vmspawnd.errors import AccessDenied, InvalidArgument, NoFreePort, NotRunning, UnplugTimeout
 from vmspawnd.imagechain import single
 from vmspawnd.machine import Machine
 from vmspawnd.model import DiskType, Drive, DriveSpec, ImageFormat, MachineSpec, MachineState
@@ -384,4 +384,19 @@ async def test_a_file_qemu_opened_by_name_is_refused_and_leaves_nothing(
         await m.add_drive(spec(), files[earlier_adds])
     assert (qemu.nodes, qemu.devices, m.ports.free_spares) == before
     assert all(removed for _, removed in list(qemu.fdsets.values())[earlier_adds:])
+    await end(m)
+
+
+async def test_a_drive_id_too_long_for_its_block_node_is_the_callers_to_shorten(
+    tmp_path: Path, qemu: FakeQemu, files: list[OpenedChain]
+) -> None:
+    """QEMU refused a 27-32 character id ("Node name too long") after the
+    daemon had taken it as valid; the longest id now fits QEMU's 31."""
+    m = await machine(tmp_path, qemu)
+    qemu.commands.clear()
+    with pytest.raises(InvalidArgument, match="1-26 letters"):
+        await m.add_drive(spec(), files[0], "a" * 27)
+    assert qemu.commands == []
+    drive = await m.add_drive(spec(), files[0], "a" * 26)
+    assert all(len(node) <= 31 for node in qemu.nodes) and drive.id in qemu.devices
     await end(m)

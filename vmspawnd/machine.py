@@ -58,7 +58,8 @@ CONSOLE_SOCK = "console.sock"
 QUIT_REPLY_TIMEOUT = 2.0
 # The guest cuts longer serials (nvme and virtio-blk: 20 bytes); QEMU's scsi-disk refuses over 36.
 SERIAL_MAX = {DiskType.VIRTIO_BLK: 20, DiskType.NVME: 20, DiskType.VIRTIO_SCSI: 36, DiskType.VIRTIO_SCSI_CDROM: 36}
-DRIVE_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,31}")
+# 26: the block node of a drive is "<id>-node", and QEMU's node names hold at most 31.
+DRIVE_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,25}")
 # A hotplugged share's chardev: QEMU's end of its virtiofsd connection.
 SHARE_CHARDEV = "{}" + reconcile.CHARDEV_SUFFIX
 # Ids the daemon gives its own devices.
@@ -920,7 +921,7 @@ class Machine:
         if not DRIVE_ID.fullmatch(requested_id):
             raise InvalidArgument(
                 f"{kind} id {requested_id!r} is invalid: "
-                "use 1-32 letters, digits, '_', '.', '-', starting with a letter"
+                "use 1-26 letters, digits, '_', '.', '-', starting with a letter"
             )
         if RESERVED_ID.fullmatch(requested_id):
             raise InvalidArgument(f"{kind} id {requested_id!r} is reserved for vmspawnd's own devices; pick another id")
