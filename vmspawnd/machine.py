@@ -548,6 +548,7 @@ class Machine:
                 self._virtiofsd.append(
                     (share.OpenShare(cmdline.Share(dev, Path(hot.directory), hot.tag), -1, 0, 0), process)
                 )
+                self._spawn(self._watch_virtiofsd(dev, process), f"virtiofsd watch of {dev}")
             elif hot.pid:
                 messages.append(
                     f"share {dev}: its virtiofsd (pid {hot.pid}) is gone; the guest's mount of tag "
@@ -1438,6 +1439,21 @@ class Machine:
     def _virtiofsd_of(self, dev: str) -> Process | Service | None:
         return next((p for opened, p in self._virtiofsd if opened.share.device == dev), None)
 
+    async def _watch_virtiofsd(self, dev: str, process: Process | Service) -> None:
+        """A hotplugged share's virtiofsd ending while its device is still there
+        leaves the guest's mount failing: say so (RemoveShare cleans up)."""
+        await asyncio.wait({process.exited})
+        hot = self.shares.get(dev)
+        # Status 0: QEMU let go of its connection (the device went, or QEMU did).
+        if hot is None or hot.state is not DriveState.ATTACHED or not self.state.is_live or process.returncode == 0:
+            return
+        log.warning(
+            "machine %s: virtiofsd of share %s (tag %r) exited (status %s) while the guest has it; its log: %s; "
+            "the guest's mount fails until RemoveShare %s and AddShare again",
+            self.name, dev, hot.tag, process.returncode, self.dir / state.virtiofsd_log(dev), dev,
+            extra={"MACHINE": self.name},
+        )  # fmt: skip
+
     async def _drop_virtiofsd(self, dev: str) -> None:
         """A share's virtiofsd ends once QEMU let go of its connection; one that does not is stopped."""
         process = self._virtiofsd_of(dev)
@@ -1494,6 +1510,7 @@ class Machine:
             if not requested_id:
                 self._next_share = int(dev.removeprefix("share")) + 1
             self.save()
+            self._spawn(self._watch_virtiofsd(dev, process), f"virtiofsd watch of {dev}")
         log.info("machine %s: share %s added on %s", self.name, dev, port, extra={"MACHINE": self.name})
         self._notify("Shares", "Ports", "FreeSparePorts")
         self._tell(lambda o: o.share_added(self, added))

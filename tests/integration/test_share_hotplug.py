@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -218,3 +220,23 @@ async def test_drives_and_shares_draw_from_one_port_table_and_a_refused_share_le
     assert e.value.type == E + "NoFreePort", e.value.text
     assert len(virtiofsd_children(daemon)) == 1
     assert chardevs(probe) == idle_chardevs | {f"{share_id}-vfs"}
+
+
+async def test_a_virtiofsd_that_dies_is_reported_and_remove_share_still_cleans_up(
+    client: Client, guest: Any, hostdir: Path, daemon: Daemon, tmp_path: Path
+) -> None:
+    monitor = tmp_path / "probe.qmp"
+    path = await client.create("sharekill", **guest_options(guest, hotplug_spares=1, qemu_extra=Probe.extra(monitor)))
+    console = Path(await client.prop(path, "ConsoleLog"))
+    await wait_console(console, "VMSPAWN-GUEST-READY", timeout=60)
+    probe = Probe(monitor)
+    idle = chardevs(probe)
+    share_id, _port = await client.add_share(path, str(hostdir), tag=TAG)
+    [virtiofsd] = virtiofsd_children(daemon)
+    os.kill(virtiofsd, signal.SIGKILL)
+    said = f"virtiofsd of share {share_id} (tag '{TAG}') exited (status -9)"
+    await wait_for(lambda: asyncio.to_thread(lambda: said in daemon.log.read_text()), True)
+    await client.remove_share(path, share_id)
+    assert await client.prop(path, "Shares") == []
+    assert await client.prop(path, "FreeSparePorts") == 1
+    assert chardevs(probe) == idle
