@@ -359,9 +359,14 @@ add)
     ;;
 change)
     [ "$DISK_MEDIA_CHANGE" = 1 ] || exit 0
-    # Reading the medium makes the kernel look at its new size.
-    head=$(dd if="/dev/$n" bs=2048 count=1 2>/dev/null | head -c 16 | tr -d '\000-\037\177-\377')
-    read -r sectors < "/sys/block/$n/size"
+    # Reading the medium makes the kernel look at its new size; no medium, no read.
+    if dd if="/dev/$n" of="/run/medium-$n" bs=2048 count=1 2>/dev/null; then
+        head=$(head -c 16 "/run/medium-$n" | tr -d '\000-\037\177-\377')
+        read -r sectors < "/sys/block/$n/size"
+    else
+        head= sectors=0
+    fi
+    rm -f "/run/medium-$n"
     echo "VMSPAWN-MEDIA $n size=$((sectors * 512)) head=$head" > /dev/console
     ;;
 remove)

@@ -23,12 +23,13 @@ def boot_ids(spec: MachineSpec) -> frozenset[str]:
 def fold(spec: MachineSpec, drives: Iterable[Drive]) -> MachineSpec:
     """`spec` with every drive on a spare port (`drives`: what the machine
     had when it stopped) planned onto that port at the next boot. A drive
-    being removed is left out: its unplug was asked for."""
+    being removed is left out: its unplug was asked for, and so is an
+    ejected cdrom: it has no file to open at the next boot."""
     builtin = boot_ids(spec)
     plugged = tuple(
         PluggedDrive(d.id, d.drive_spec(), d.port, d.controller)
         for d in drives
-        if d.id not in builtin and d.state is DriveState.ATTACHED
+        if d.id not in builtin and d.state is DriveState.ATTACHED and d.path
     )
     return replace(spec, plugged=plugged)
 

@@ -963,15 +963,7 @@ class Machine:
                     port = bus = self.ports.take(dev, spare)
                 # The fds only once there is a port: a request refused for want
                 # of one hands QEMU nothing (a paused QEMU keeps removed fds).
-                for layer in chain.top.walk():
-                    fdset = next(i for i in itertools.count(self._next_fdset) if i not in self.plan.taken_fdsets)
-                    self._next_fdset = fdset + 1
-                    pending = [("remove-fd", {"fdset-id": fdset})]
-                    await self._monitor.pass_fd(chain.fds[layer.label], fdset, imagechain.opaque(dev, layer))
-                    undo += pending
-                    pending = []
-                    fdsets[layer.label] = fdset
-                names = {label: f"/dev/fdset/{i}" for label, i in fdsets.items()}
+                names = await self._pass_layers(dev, chain, fdsets, undo)
                 pending = [("blockdev-del", {"node-name": cmdline.node_name(dev)})]
                 strays = await self._add_blockdev(dev, chain.top, names)
                 undo += pending
@@ -1013,6 +1005,98 @@ class Machine:
         self._notify("Drives", "Ports", "FreeSparePorts")
         self._tell(lambda o: o.drive_added(self, record))
         return record
+
+    async def _pass_layers(
+        self, dev: str, chain: OpenedChain, fdsets: dict[str, int], undo: list[tuple[str, dict[str, object]]]
+    ) -> dict[str, str]:
+        """Each layer of `chain` into an fdset of its own (`fdsets`: label ->
+        fdset, filled as they go); returns label -> the name QEMU opens it by.
+        The undo is listed before each add-fd: one that times out may still
+        be carried out, and removing an fdset QEMU never got is harmless."""
+        for layer in chain.top.walk():
+            fdset = next(i for i in itertools.count(self._next_fdset) if i not in self.plan.taken_fdsets)
+            self._next_fdset = fdset + 1
+            undo.append(("remove-fd", {"fdset-id": fdset}))
+            await self._monitor.pass_fd(chain.fds[layer.label], fdset, imagechain.opaque(dev, layer))
+            fdsets[layer.label] = fdset
+        return {label: f"/dev/fdset/{i}" for label, i in fdsets.items()}
+
+    # -- cdrom media ------------------------------------------------------------
+
+    def media_drive(self, dev: str, method: str) -> Drive:
+        """The cdrom `dev`, attached: the only kind whose medium changes under a running guest."""
+        drive = self.drives.get(dev)
+        if drive is None:
+            raise NoSuchDrive(f"machine {self.name} has no drive {dev!r}; see its Drives property")
+        if drive.disk_type is not DiskType.VIRTIO_SCSI_CDROM:
+            raise InvalidArgument(
+                f"{method}: drive {dev} is a {drive.disk_type} disk; only a cdrom (virtio-scsi-cdrom) has a "
+                "medium to change (QEMU cannot swap a disk's image under its guest): remove it and add the new one"
+            )
+        if drive.state is DriveState.REMOVING:
+            raise UnplugInProgress(f"drive {dev} is being removed; wait for DriveRemoved")
+        return drive
+
+    async def change_medium(self, dev: str, medium: DriveSpec | None, chain: OpenedChain | None) -> Drive:
+        """ReplaceDrive (`medium` opened as `chain`) or EjectDrive (None) of a
+        cdrom: tray opened (forced: a guest's lock does not stop it), the old
+        medium out and its node and fdsets gone, the new one in under the
+        drive's own node name, tray closed. The guest sees a media change.
+        The fds stay the caller's."""
+        method = "ReplaceDrive" if medium is not None else "EjectDrive"
+        async with self._request(method):
+            drive = self.media_drive(dev, method)
+            node = cmdline.node_name(dev)
+            undo: list[tuple[str, dict[str, object]]] = []
+            fdsets: dict[str, int] = {}
+            emptied = False
+            try:
+                names = await self._pass_layers(dev, chain, fdsets, undo) if chain is not None else {}
+                await self._monitor.execute("blockdev-open-tray", {"id": dev, "force": True})
+                if drive.path:
+                    await self._monitor.execute("blockdev-remove-medium", {"id": dev})
+                    await self._monitor.execute("blockdev-del", {"node-name": node})
+                    emptied = True
+                    for fdset in drive.fdsets:
+                        await self._remove_fdset(fdset)
+                if medium is not None and chain is not None:
+                    # The node list seen last still names the old medium's node.
+                    self._nodes = None
+                    strays = await self._add_blockdev(dev, chain.top, names)
+                    undo.append(("blockdev-del", {"node-name": node}))
+                    if strays:
+                        raise AccessDenied(
+                            f"QEMU opened {', '.join(map(repr, strays))} by name for {medium.path}: its header "
+                            "changed while vmspawnd read it; the medium was not inserted"
+                        )
+                    await self._monitor.execute("blockdev-insert-medium", {"id": dev, "node-name": node})
+                await self._monitor.execute("blockdev-close-tray", {"id": dev})
+            except QmpDisconnected as e:
+                raise NotRunning(f"machine {self.name} stopped during {method}: {e}") from e
+            except QemuUnresponsive as e:
+                self._unanswered(e)
+                raise
+            except (QmpError, AccessDenied) as e:
+                await self._undo(undo, dev)
+                if emptied:
+                    self.drives[dev] = replace(drive, path="", fdsets=())
+                    self.save()
+                    self._notify("Drives")
+                gone = " The old medium is out: the drive is empty now." if emptied else ""
+                if isinstance(e, AccessDenied):
+                    raise AccessDenied(f"{e}.{gone}") from e
+                raise QemuFailed(f"QEMU refused {method} of {dev}: {e}.{gone}") from e
+            changed = replace(
+                drive,
+                path=str(medium.path) if medium is not None else "",
+                fdsets=tuple(fdsets.values()),
+                format=medium.format if medium is not None else drive.format,
+            )
+            self.drives[dev] = changed
+            self.save()
+        log.info("machine %s: drive %s now holds %s", self.name, dev, changed.path or "no medium")
+        self._notify("Drives")
+        return changed
 
     async def _add_blockdev(self, dev: str, top: imagechain.Layer, names: dict[str, str]) -> list[str]:
         """blockdev-add of `top` on the fdsets `names`; returns the files QEMU
@@ -1282,7 +1366,9 @@ class Machine:
                 await self._nic_gone(card)
             elif drive is not None:
                 try:
-                    await self._monitor.execute("blockdev-del", {"node-name": cmdline.node_name(dev)})
+                    # An ejected cdrom (no path) has no node.
+                    if drive.path:
+                        await self._monitor.execute("blockdev-del", {"node-name": cmdline.node_name(dev)})
                 except (QmpError, QmpDisconnected) as e:
                     log.warning("machine %s: blockdev-del of %s failed: %s", self.name, dev, e)
                 else:

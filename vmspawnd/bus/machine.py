@@ -349,6 +349,27 @@ class MachineInterface(ServiceInterface):
 
     @dbus_method()
     @replies_errors
+    async def ReplaceDrive(self, drive_id: DBusStr, path: DBusStr, options: Options) -> None:
+        """A cdrom's new medium, opened with the caller's rights, QEMU gets the fds."""
+        uid = await self._authorize(self.machine)
+        medium = parse.replace_drive(path, options)
+        # Refused before the file is touched.
+        self.machine.media_drive(drive_id, "ReplaceDrive")
+        chain = await open_chain(uid, str(medium.path), medium.format, True)
+        try:
+            await self.machine.change_medium(drive_id, medium, chain)
+        finally:
+            # QEMU holds its own copies now.
+            chain.close()
+
+    @dbus_method()
+    @replies_errors
+    async def EjectDrive(self, drive_id: DBusStr) -> None:
+        await self._authorize(self.machine)
+        await self.machine.change_medium(drive_id, None, None)
+
+    @dbus_method()
+    @replies_errors
     async def AddNetwork(self, options: Options) -> DrivePort:
         uid = await self._authorize(self.machine)
         net, nic_id, mac = parse.add_network(options)

@@ -53,6 +53,7 @@ ADD_DRIVE_OPTIONS = {"disk_type": "s", "format": "s", "read_only": "b", "serial"
 REMOVE_DRIVE_OPTIONS = {"timeout_usec": "t"}
 ADD_SHARE_OPTIONS = {"tag": "s", "read_only": "b", "id": "s"}
 OPEN_CONSOLE_OPTIONS = {"read_only": "b"}
+REPLACE_DRIVE_OPTIONS = {"format": "s"}
 ADD_NETWORK_FD_OPTIONS = {"mac": "s", "id": "s"}
 ADD_NETWORK_OPTIONS = ADD_NETWORK_FD_OPTIONS | {"network": "s"}
 
@@ -196,6 +197,12 @@ def add_share(directory: str, options: dict[str, Variant]) -> tuple[Share, bool,
     if "tag" not in v:
         raise InvalidArgument("AddShare needs a 'tag', the name the guest mounts the share by")
     return Share("", path(directory, "directory"), v["tag"]), v.get("read_only", False), v.get("id", "")
+
+
+def replace_drive(path_value: str, options: dict[str, Variant]) -> DriveSpec:
+    """The new medium of a ReplaceDrive: a cdrom's, so read-only."""
+    v = unpack(options, REPLACE_DRIVE_OPTIONS, "ReplaceDrive")
+    return drive({"path": path_value, "read_only": True} | v, DiskType.VIRTIO_SCSI_CDROM, "ReplaceDrive")
 
 
 def nic_options(options: dict[str, Variant], schema: dict[str, str], where: str) -> tuple[str, str, dict[str, Any]]:
