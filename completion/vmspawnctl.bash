@@ -4,19 +4,22 @@
 # on demand by bash-completion), or `source` it from ~/.bashrc.
 #
 # Completes verbs, options, option values, machine names (from
-# `vmspawnctl list --no-legend`) and, for `remove-drive NAME <TAB>`, the
-# machine's attached drive ids (from `vmspawnctl status NAME --json`), for
-# `remove-share NAME <TAB>` its attached share ids.
+# `vmspawnctl list --no-legend`) and, for `remove-drive NAME <TAB>` (and
+# replace-drive, eject-drive), the machine's attached drive ids (from
+# `vmspawnctl status NAME --json`), for `remove-share NAME <TAB>` its attached
+# share ids, for `remove-nic NAME <TAB>` its network interfaces.
 # Needs nothing but bash 4; drive ids are read with jq if it is there,
 # else with python3 (which vmspawnctl needs anyway).
 
-__vmspawnctl_verbs="list status plan create add-drive remove-drive add-share remove-share poweroff terminate console pause resume reboot start"
+__vmspawnctl_verbs="list status plan create add-drive remove-drive add-share remove-share replace-drive eject-drive
+    add-nic remove-nic poweroff terminate console pause resume reboot start"
 __vmspawnctl_global_opts="--help --json --user --system --no-pager --no-legend --no-ask-password"
 __vmspawnctl_machine_opts="--kernel --initrd --cmdline --image --image-format --drive --disk-type --network
     --vsock --memory --cpus --spares --accel --firmware --qemu-extra --qemu-extra-string"
 # Options that take a value in the next word.
 __vmspawnctl_value_opts="--kernel --initrd --cmdline --image --image-format --drive --disk-type --network
-    --memory --cpus --spares --accel --firmware --qemu-extra --qemu-extra-string --serial --format --id --port --timeout --tag"
+    --memory --cpus --spares --accel --firmware --qemu-extra --qemu-extra-string --serial --format --id --port --timeout --tag
+    --mac"
 
 # The --user/--system flags on the line, so lookups ask the same bus.
 __vmspawnctl_bus_flags() {
@@ -37,7 +40,7 @@ __vmspawnctl_machines() {
     done
 }
 
-# __vmspawnctl_attached CTL MACHINE PROPERTY: the ids of the attached entries of Drives or Shares.
+# __vmspawnctl_attached CTL MACHINE PROPERTY: the ids of the attached entries of Drives, Shares or Networks.
 __vmspawnctl_attached() {
     local ctl=$1 machine=$2 prop=$3
     local -a bus
@@ -123,7 +126,8 @@ _vmspawnctl() {
             __vmspawnctl_reply "bios uefi" "$cur"
             return 0
             ;;
-        --cmdline | --memory | --cpus | --spares | --qemu-extra | --qemu-extra-string | --serial | --id | --port | --timeout | --tag)
+        --cmdline | --memory | --cpus | --spares | --qemu-extra | --qemu-extra-string | --serial | --id | --port | --timeout | \
+            --tag | --mac)
             return 0
             ;;
     esac
@@ -134,7 +138,9 @@ _vmspawnctl() {
         create) opts+=" $__vmspawnctl_machine_opts --keep" ;;
         add-drive) opts+=" --disk-type --serial --read-only --format --id --port" ;;
         add-share) opts+=" --tag --id" ;;
-        remove-drive | remove-share | poweroff) opts+=" --timeout" ;;
+        remove-drive | remove-share | remove-nic | poweroff) opts+=" --timeout" ;;
+        replace-drive) opts+=" --format" ;;
+        add-nic) opts+=" --network --mac --id" ;;
         console) opts+=" --read-only --no-follow" ;;
         "") opts+=" --version" ;;
     esac
@@ -150,13 +156,17 @@ _vmspawnctl() {
 
     case $verb in
         status | terminate | poweroff | console | pause | resume | reboot | start | add-drive | remove-drive | \
-            add-share | remove-share)
+            add-share | remove-share | replace-drive | eject-drive | add-nic | remove-nic)
             if ((${#args[@]} == 0)); then
                 __vmspawnctl_reply "$(__vmspawnctl_machines "$ctl")" "$cur"
-            elif [[ $verb == remove-drive ]] && ((${#args[@]} == 1)); then
+            elif [[ $verb == remove-drive || $verb == replace-drive || $verb == eject-drive ]] && ((${#args[@]} == 1)); then
                 __vmspawnctl_reply "$(__vmspawnctl_attached "$ctl" "${args[0]}" Drives)" "$cur"
             elif [[ $verb == remove-share ]] && ((${#args[@]} == 1)); then
                 __vmspawnctl_reply "$(__vmspawnctl_attached "$ctl" "${args[0]}" Shares)" "$cur"
+            elif [[ $verb == remove-nic ]] && ((${#args[@]} == 1)); then
+                __vmspawnctl_reply "$(__vmspawnctl_attached "$ctl" "${args[0]}" Networks)" "$cur"
+            elif [[ $verb == replace-drive ]] && ((${#args[@]} == 2)); then
+                __vmspawnctl_files "$cur"
             elif [[ $verb == add-drive ]] && ((${#args[@]} == 1)); then
                 __vmspawnctl_files "$cur"
             elif [[ $verb == add-share ]] && ((${#args[@]} == 1)); then

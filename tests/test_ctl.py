@@ -455,7 +455,7 @@ case "$1" in
   status) cat <<'EOF'
 {"Name": "alpha", "Drives": [{"id": "disk0", "state": "attached"}, {"id": "hot1", "state": "attached"},
  {"id": "gone", "state": "removing"}], "Shares": [{"id": "share0", "state": "attached"},
- {"id": "left", "state": "removing"}]}
+ {"id": "left", "state": "removing"}], "Networks": [{"id": "nic1", "state": "attached"}]}
 EOF
   ;;
 esac
@@ -497,7 +497,9 @@ def test_completion_registers_for_vmspawnctl() -> None:
 
 def test_completion_of_verbs_and_options() -> None:
     assert complete(["vmspawnctl", ""]) == list(ctl.VERBS)
-    assert complete(["vmspawnctl", "re"]) == ["remove-drive", "remove-share", "resume", "reboot"]
+    assert complete(["vmspawnctl", "re"]) == [
+        "remove-drive", "remove-share", "replace-drive", "remove-nic", "resume", "reboot",
+    ]  # fmt: skip
     assert complete(["vmspawnctl", "add-share", "x", "/d", "--t"]) == ["--tag"]
     assert complete(["vmspawnctl", "remove-share", "x", "s", "--t"]) == ["--timeout"]
     assert complete(["vmspawnctl", "pa"]) == ["pause"]
@@ -512,6 +514,10 @@ def test_completion_of_verbs_and_options() -> None:
     assert complete(["vmspawnctl", "create", "x", "--q"]) == ["--qemu-extra", "--qemu-extra-string"]
     assert complete(["vmspawnctl", "add-drive", "x", "/d", "--re"]) == ["--read-only"]
     assert complete(["vmspawnctl", "remove-drive", "x", "d", "--t"]) == ["--timeout"]
+    assert complete(["vmspawnctl", "remove-nic", "x", "n", "--t"]) == ["--timeout"]
+    assert complete(["vmspawnctl", "add-nic", "x", "--m"]) == ["--mac"]
+    assert complete(["vmspawnctl", "add-nic", "x", "--network", "t"]) == ["tap:"]
+    assert complete(["vmspawnctl", "replace-drive", "x", "d", "/m", "--format", "r"]) == ["raw"]
     assert complete(["vmspawnctl", "create", "x", "--disk-type", ""]) == list(ctl.DISK_TYPES)
     assert complete(["vmspawnctl", "plan", "--accel", "t"]) == ["tcg"]
     assert complete(["vmspawnctl", "plan", "--firmware", ""]) == ["bios", "uefi"]
@@ -550,6 +556,9 @@ def test_completion_of_machine_names_and_drive_ids(stub_env: dict[str, str]) -> 
     assert complete(["vmspawnctl", "remove-drive", "alpha", "hot1", ""], stub_env) == []
     assert complete(["vmspawnctl", "remove-share", "alpha", ""], stub_env) == ["share0"]
     assert complete(["vmspawnctl", "add-share", "b"], stub_env) == ["beta"]
+    assert complete(["vmspawnctl", "eject-drive", "alpha", "h"], stub_env) == ["hot1"]
+    assert complete(["vmspawnctl", "replace-drive", "alpha", "h"], stub_env) == ["hot1"]
+    assert complete(["vmspawnctl", "remove-nic", "alpha", ""], stub_env) == ["nic1"]
     calls = Path(stub_env["STUB_LOG"]).read_text().splitlines()
     assert "list --no-legend --no-pager" in calls
     assert "status alpha --json --no-pager" in calls

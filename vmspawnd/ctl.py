@@ -945,6 +945,49 @@ async def cmd_add_share(client: Client, args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+async def cmd_add_nic(client: Client, args: argparse.Namespace) -> int:
+    path = await client.machine_path(args.name)
+    opts = {key: Variant("s", getattr(args, key)) for key in ("network", "mac", "id") if getattr(args, key) is not None}
+    nic_id, port = await client.call("AddNetwork", "a{sv}", [opts], path=path, interface=MACHINE_IFACE, manage=True)
+    mac = next((n["mac"] for n in unwrap(await client.prop(path, "Networks")) if n["id"] == nic_id), "")
+    if args.json:
+        emit_json({"machine": args.name, "id": nic_id, "port": port, "mac": mac}, args)
+    else:
+        print(f"Added network interface {nic_id} ({mac}) to {args.name} on port {port}.")
+    return Exit.OK
+
+
+async def cmd_remove_nic(client: Client, args: argparse.Namespace) -> int:
+    path = await client.machine_path(args.name)
+    opts = {} if args.timeout is None else {"timeout_usec": Variant("t", args.timeout)}
+    await client.call(
+        "RemoveNetworkEx", "sa{sv}", [args.id, opts], path=path, interface=MACHINE_IFACE, manage=True
+    )  # fmt: skip
+    return Exit.OK
+
+
+def absolute(path: str) -> str:
+    """The daemon opens a path it is given as is: a relative one counts from here."""
+    return os.path.abspath(path)
+
+
+async def cmd_replace_drive(client: Client, args: argparse.Namespace) -> int:
+    """ReplaceDrive (a new medium, opened by the daemon with your rights) or EjectDrive."""
+    path = await client.machine_path(args.name)
+    if args.verb == "eject-drive":
+        await client.call("EjectDrive", "s", [args.id], path=path, interface=MACHINE_IFACE, manage=True)
+    else:
+        opts = {} if args.format is None else {"format": Variant("s", args.format)}
+        medium = absolute(args.path)
+        await client.call(
+            "ReplaceDrive", "ssa{sv}", [args.id, medium, opts], path=path, interface=MACHINE_IFACE, manage=True
+        )  # fmt: skip
+    if args.json:
+        drive: dict[str, Any] = next((d for d in unwrap(await client.prop(path, "Drives")) if d["id"] == args.id), {})
+        emit_json({"machine": args.name, "id": args.id, "path": drive.get("path", "")}, args)
+    return Exit.OK
+
+
 async def cmd_poweroff(client: Client, args: argparse.Namespace) -> int:
     path = await client.machine_path(args.name)
     (forced,) = await client.call(
@@ -1092,6 +1135,10 @@ VERBS: dict[str, Callable[[Client, argparse.Namespace], Awaitable[int]]] = {
     "remove-drive": cmd_remove_drive,
     "add-share": cmd_add_share,
     "remove-share": cmd_remove_drive,
+    "replace-drive": cmd_replace_drive,
+    "eject-drive": cmd_replace_drive,
+    "add-nic": cmd_add_nic,
+    "remove-nic": cmd_remove_nic,
     "poweroff": cmd_poweroff,
     "terminate": cmd_terminate,
     "console": cmd_console,
@@ -1119,6 +1166,9 @@ examples:
   vmspawnctl status web
   vmspawnctl add-drive web /var/lib/vms/data.qcow2 --format qcow2 --serial data
   vmspawnctl remove-drive web disk1
+  vmspawnctl replace-drive web disk1 /srv/iso/debian.iso
+  vmspawnctl add-nic web --network tap:tap0
+  vmspawnctl remove-nic web nic1
   vmspawnctl console web
   vmspawnctl pause web
   vmspawnctl reboot web
@@ -1213,6 +1263,36 @@ VERB_HELP: dict[str, VerbHelp] = {
         "stops. Past --timeout (default: the daemon's, 10 s) it fails with UnplugTimeout, the share stays "
         "listed as removing and goes when the guest lets go.",
         ("vmspawnctl remove-share web share0", "vmspawnctl remove-share web b --timeout 30s"),
+    ),
+    "replace-drive": VerbHelp(
+        "put a new medium into a cdrom drive",
+        "Replace the medium of a virtio-scsi-cdrom drive (ReplaceDrive): vmspawnd opens PATH with your rights, "
+        "ejects the old medium (even if the guest locked the tray) and inserts the new one; the guest sees a "
+        "media change. Disks cannot change their image under a running guest: remove and add them instead.",
+        (
+            "vmspawnctl replace-drive web disk1 /srv/iso/debian.iso",
+            "vmspawnctl replace-drive web cd0 x.qcow2 --format qcow2",
+        ),
+    ),
+    "eject-drive": VerbHelp(
+        "eject a cdrom drive's medium",
+        "Take the medium out of a virtio-scsi-cdrom drive (EjectDrive); the drive stays, empty, and takes a "
+        "new medium with replace-drive.",
+        ("vmspawnctl eject-drive web disk1",),
+    ),
+    "add-nic": VerbHelp(
+        "hotplug a network interface onto a free spare port",
+        "Plug a virtio-net interface into the lowest free spare port (AddNetwork): --network user (the default) "
+        "or tap:NAME, a tap you own (or one vmspawnd.conf's [taps] grants you). --mac defaults to a stable, "
+        "locally administered address derived from the machine and the interface id. Prints the id, MAC and port.",
+        ("vmspawnctl add-nic web", "vmspawnctl add-nic web --network tap:tap0 --mac 02:00:00:00:00:01 --id uplink"),
+    ),
+    "remove-nic": VerbHelp(
+        "hot-unplug a network interface",
+        "Unplug a hotplugged network interface (RemoveNetworkEx); returns once the guest released it. Past "
+        "--timeout (default: the daemon's, 10 s) it fails with UnplugTimeout, the interface stays listed as "
+        "removing and its port is freed when the guest lets go.",
+        ("vmspawnctl remove-nic web nic1", "vmspawnctl remove-nic web uplink --timeout 30s"),
     ),
     "poweroff": VerbHelp(
         "power a machine off through ACPI",
@@ -1382,6 +1462,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("remove-drive")
     p.add_argument("name", metavar="NAME", help="the machine")
     p.add_argument("id", metavar="ID", help="the drive id (see status)")
+    p.add_argument(
+        "--timeout", type=_argtype(parse_timespan_usec, "time"), metavar="TIME", help="how long to wait, e.g. 30s"
+    )  # fmt: skip
+    p = verb("replace-drive")
+    p.add_argument("name", metavar="NAME", help="the machine")
+    p.add_argument("id", metavar="ID", help="the cdrom drive's id (see status)")
+    p.add_argument("path", metavar="PATH", help="the new medium, a file you can open")
+    p.add_argument("--format", metavar="FORMAT", help=f"{', '.join(IMAGE_FORMATS)} (default raw)")
+    p = verb("eject-drive")
+    p.add_argument("name", metavar="NAME", help="the machine")
+    p.add_argument("id", metavar="ID", help="the cdrom drive's id (see status)")
+    p = verb("add-nic")
+    p.add_argument("name", metavar="NAME", help="the machine")
+    p.add_argument("--network", metavar="NET", help="user (default) or tap:NAME")
+    p.add_argument("--mac", metavar="MAC", help="the interface's MAC (default: derived, stable)")
+    p.add_argument("--id", metavar="ID", help="the interface id (default: nicN)")
+    p = verb("remove-nic")
+    p.add_argument("name", metavar="NAME", help="the machine")
+    p.add_argument("id", metavar="ID", help="the interface id (see status)")
     p.add_argument(
         "--timeout", type=_argtype(parse_timespan_usec, "time"), metavar="TIME", help="how long to wait, e.g. 30s"
     )  # fmt: skip

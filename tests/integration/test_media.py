@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from dbus_fast import DBusError, Variant
 
 from .harness import Client, busctl, wait_console
+from .test_ctl import ctl, expect_error, ok
 from .test_hotplug import VM, boot, console_len, disk, vm  # noqa: F401
 
 E = "org.vmspawnd1.Error."
@@ -112,3 +114,17 @@ async def test_eject_drive_refuses_a_disk_and_an_unknown_id(client: Client, vm: 
         with pytest.raises(DBusError) as e:
             await client.call("EjectDrive", "s", [drive_id], path=vm.path, interface=MACHINE_IFACE)
         assert e.value.type == E + error
+
+
+async def test_vmspawnctl_replace_drive_and_eject_drive(client: Client, vm: VM, tmp_path: Path) -> None:  # noqa: F811
+    drive_id, name = await cdrom(client, vm, tmp_path)
+    b = medium(tmp_path, "b.iso", "MEDIUM-C", 3 << 20)
+    mark = console_len(vm)
+    out = json.loads(ok("replace-drive", vm.name, drive_id, b, "--format", "raw", "--json"))
+    assert out == {"machine": vm.name, "id": drive_id, "path": b}
+    await wait_console(vm.console, rf"VMSPAWN-MEDIA {name} size={3 << 20} head=MEDIUM-C", start=mark)
+    mark = console_len(vm)
+    assert json.loads(ok("eject-drive", vm.name, drive_id, "--json"))["path"] == ""
+    await wait_console(vm.console, rf"VMSPAWN-MEDIA {name} size=0 head=$", start=mark)
+    disk_id, _ = await client.add_drive(vm.path, disk(tmp_path, "d.raw"))
+    expect_error(ctl("eject-drive", vm.name, disk_id), 2, "only a cdrom", "")

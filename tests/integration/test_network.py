@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from dbus_fast import DBusError, Variant
 from vmspawnd import nic
 
 from .harness import Client, busctl, wait_console
+from .test_ctl import ctl, expect_error, ok
 from .test_hotplug import VM, boot, console_len, disk, spare_owners, vm  # noqa: F401
 
 E = "org.vmspawnd1.Error."
@@ -156,3 +158,16 @@ async def test_add_network_fd_refuses_a_file_that_is_no_tap(client: Client, vm: 
         )
     assert e.value.type == E + "InvalidArgument" and "TUNGETIFF" in str(e.value)
     assert await networks(client, vm) == {}
+
+
+async def test_vmspawnctl_add_nic_and_remove_nic(client: Client, vm: VM) -> None:  # noqa: F811
+    mark = console_len(vm)
+    added = json.loads(ok("add-nic", vm.name, "--mac", "02:00:00:00:00:c1", "--id", "ctlnic", "--json"))
+    assert added == {"machine": vm.name, "id": "ctlnic", "port": "rp0", "mac": "02:00:00:00:00:c1"}
+    seen = await wait_console(vm.console, r"VMSPAWN-NET-ADD (\S+) mac=02:00:00:00:00:c1", start=mark)
+    assert "ctlnic" in ok("status", vm.name, "--json")
+    mark = console_len(vm)
+    assert ok("remove-nic", vm.name, "ctlnic") == ""
+    await wait_console(vm.console, rf"VMSPAWN-NET-REMOVE {seen.group(1)}", start=mark)
+    expect_error(ctl("remove-nic", vm.name, "ctlnic"), 3, "no network 'ctlnic'", "network interfaces")
+    expect_error(ctl("add-nic", vm.name, "--mac", "ff:ff:ff:ff:ff:ff"), 2, "broadcast", "")
