@@ -42,7 +42,16 @@ from hypothesis import HealthCheck, given, note, seed, settings
 from hypothesis import strategies as st
 
 from vmspawnd.bus import MACHINE_IFACE, MANAGER_IFACE, MANAGER_PATH
-from vmspawnd.bus.options import ADD_DRIVE_OPTIONS, ADD_SHARE_OPTIONS, DRIVE_OPTIONS, MACHINE_OPTIONS, MOUNT_OPTIONS
+from vmspawnd.bus.options import (
+    ADD_DRIVE_OPTIONS,
+    ADD_NETWORK_FD_OPTIONS,
+    ADD_NETWORK_OPTIONS,
+    ADD_SHARE_OPTIONS,
+    DRIVE_OPTIONS,
+    MACHINE_OPTIONS,
+    MOUNT_OPTIONS,
+    REPLACE_DRIVE_OPTIONS,
+)
 
 from .harness import ROOT, Client, Daemon, guest_options, not_just_logs, qemu_pids, virtiofsd_pids, wait_console
 from .qmp_probe import Probe
@@ -740,6 +749,122 @@ def settle_shares(bus: BusThread, vm: VM) -> None:
                 await asyncio.sleep(0.05)
 
     bus.run(run())
+
+
+# -- AddNetwork / AddNetworkFd / RemoveNetwork, ReplaceDrive / EjectDrive ---
+
+NET_EXAMPLES = int(os.environ.get("VMSPAWND_FUZZ_NET_EXAMPLES", str(MACHINE_EXAMPLES // 3)))
+# Valid ones, and ones that are not: group, zero, short, long, other separators.
+macs = st.one_of(
+    st.from_regex(r"[0-9a-f][26ae](:[0-9a-f]{2}){5}", fullmatch=True),
+    st.sampled_from(["ff:ff:ff:ff:ff:ff", "01:00:5e:00:00:01", "00:00:00:00:00:00", "02:00:00:00:00",
+                     "02-00-00-00-00-01", "02:00:00:00:00:01:02", "02:00:00:00:00:0G", ""]),
+    text,
+)  # fmt: skip
+plausible_nic_options = st.fixed_dictionaries(
+    {},
+    optional={
+        "mac": macs.map(lambda v: Variant("s", v)),
+        "id": st.one_of(
+            st.sampled_from([*ODD_IDS, "net0", "nic1", "$cdrom"]),
+            st.from_regex(r"[A-Za-z][A-Za-z0-9_.-]{0,31}", fullmatch=True),
+        ).map(lambda v: Variant("s", v)),
+        # Never a tap: root would make that host interface (typed_value's network never names one either).
+        "network": st.sampled_from(["user", "none", "tap:", "user:x", "bridge", ""]).map(lambda v: Variant("s", v)),
+    },
+)
+nic_options = st.one_of(option_dicts(ADD_NETWORK_OPTIONS | {"mac": "s"}), plausible_nic_options)
+nic_fd_options = st.one_of(option_dicts(ADD_NETWORK_FD_OPTIONS), plausible_nic_options)
+# "$added": a NIC an earlier step added; "$cdrom": the example's cdrom.
+device_ids = st.one_of(st.just("$added"), st.just("$cdrom"), st.just("$cdrom"), drive_ids)
+replace_options = st.one_of(
+    option_dicts(REPLACE_DRIVE_OPTIONS),
+    st.fixed_dictionaries({}, optional={"format": st.sampled_from(["raw", "qcow2"]).map(lambda v: Variant("s", v))}),
+)
+net_steps = st.one_of(
+    st.tuples(st.just("AddNetwork"), st.just(""), nic_options),
+    st.tuples(st.just("AddNetworkFd"), st.sampled_from(FD_KINDS), nic_fd_options),
+    st.tuples(st.just("RemoveNetwork"), device_ids, st.just({})),
+    st.tuples(st.just("RemoveNetworkEx"), device_ids, remove_options),
+    st.tuples(st.just("ReplaceDrive"), st.one_of(junk_paths(with_fresh=True), st.just(FRESH)), replace_options),
+    st.tuples(st.just("EjectDrive"), device_ids, st.just({})),
+)
+
+
+def test_fuzz_machine_network_and_media_calls(bus: BusThread, daemon: Daemon, files: Files, fuzz_vm: VM) -> None:
+    """Every new method's bad input gets a typed error and leaves nothing
+    behind: no netdev, no block node, no fdset, no port, no daemon fd."""
+    tally = Tally()
+    fuzz = Fuzz(bus, daemon, tally, daemon_fds(daemon))
+    vm = fuzz_vm
+    netdevs = vm.probe.netdevs()
+    fuzz.healthy([vm.name], [vm.leader])
+    where = {"path": vm.path, "interface": MACHINE_IFACE}
+
+    @maybe_seeded
+    @fuzz_settings(NET_EXAMPLES)
+    @given(steps=st.lists(net_steps, min_size=1, max_size=5), with_cdrom=st.booleans())
+    def example(steps: list[tuple[str, str, dict[str, Variant]]], with_cdrom: bool) -> None:
+        tally.examples += 1
+        cdrom = "nope"
+        if with_cdrom:
+            cd = {"disk_type": Variant("s", "virtio-scsi-cdrom"), "read_only": Variant("b", True)}
+            outcome, result = fuzz.call("AddDrive", "sa{sv}", [files.fresh(), cd], **where)
+            assert outcome == "ok", result
+            cdrom = result[0]
+        added: list[str] = []
+        for method, arg, options in steps:
+            options = {k: Variant("s", cdrom) if v == Variant("s", "$cdrom") else v for k, v in options.items()}
+            target = added.pop() if arg == "$added" and added else cdrom if arg == "$cdrom" else arg
+            if method == "AddNetwork":
+                outcome, result = fuzz.call(method, "a{sv}", [options], **where)
+            elif method == "AddNetworkFd":
+                fd = open_fd(arg, files)
+                try:
+                    outcome, result = fuzz.call(method, "ha{sv}", [0, options], unix_fds=(fd,), **where)
+                finally:
+                    os.close(fd)
+                # No fd of those kinds is a tap.
+                assert outcome == E + "InvalidArgument", (outcome, result)
+            elif method == "ReplaceDrive":
+                file = files.fresh() if arg == FRESH else arg
+                outcome, result = fuzz.call(method, "ssa{sv}", [cdrom, file, options], **where)
+            elif method in ("RemoveNetwork", "EjectDrive"):
+                outcome, result = fuzz.call(method, "s", [target], **where)
+            else:
+                outcome, result = fuzz.call(method, "sa{sv}", [target, options], **where)
+            if method == "AddNetwork" and outcome == "ok":
+                added.append(result[0])
+        settle_all(bus, vm)
+        assert vm.probe.netdevs() == netdevs
+        assert vm.probe.block_nodes() == vm.nodes
+        assert vm.probe.fdsets() == []
+        for port in ("rp0", "rp1", "rp2", "rp3"):
+            assert devices_on(vm.probe, port) == [], port
+        fuzz.healthy([vm.name], [vm.leader])
+
+    started = time.monotonic()
+    example()
+    tally.report("AddNetwork/AddNetworkFd/RemoveNetwork(Ex)/ReplaceDrive/EjectDrive", time.monotonic() - started)
+    assert tally.examples >= min(NET_EXAMPLES, 50)
+
+
+def settle_all(bus: BusThread, vm: VM) -> None:
+    """Remove every NIC (then every drive, as settle does) the example left."""
+
+    async def run() -> None:
+        c = bus.client
+        nics = [n["id"] for n in await c.prop(vm.path, "Networks") if n["state"] == "attached"]
+        opts = {"timeout_usec": Variant("t", 30_000_000)}
+        await asyncio.gather(
+            *(c.call("RemoveNetworkEx", "sa{sv}", [n, opts], path=vm.path, interface=MACHINE_IFACE) for n in nics)
+        )
+        async with asyncio.timeout(40):
+            while await c.prop(vm.path, "Networks") != []:
+                await asyncio.sleep(0.05)
+
+    bus.run(run())
+    settle(bus, vm)
 
 
 # -- reproductions of the bugs the fuzzer found (strict xfail) ---------------
