@@ -33,6 +33,7 @@ BENCHMARKS = {
     "create": 360,
     "hotplug": 360,
     "hotplug_share": 360,
+    "hotplug_net": 300,
     "weight": 480,
     "throughput": 480,
     "versus_libvirt": 460,

@@ -24,6 +24,11 @@ def address(path: Path) -> str:
     return "vmspawnd-probe-" + hashlib.sha256(str(path).encode()).hexdigest()[:24]
 
 
+def netdev_ids(info_network: str) -> set[str]:
+    """The NIC and netdev ids in HMP's `info network` text."""
+    return {m.group(1) for m in re.finditer(r"^[\s\\]*(\S+): index=", info_network, re.M)}
+
+
 class Probe:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -83,5 +88,4 @@ class Probe:
 
     def netdevs(self) -> set[str]:
         """Ids in QEMU's network list (HMP: QMP has no query for netdevs): NICs and netdevs alike."""
-        text = self("human-monitor-command", **{"command-line": "info network"})
-        return {m.group(1) for m in re.finditer(r"^[\s\\]*(\S+): index=", text, re.M)}
+        return netdev_ids(self("human-monitor-command", **{"command-line": "info network"}))

@@ -79,6 +79,7 @@ async def test_busctl_replace_and_eject_are_seen_by_the_guest(
         ("nope", "b.iso", {}, "NoSuchDrive", "no drive"),
         ("cdrom", "missing.iso", {}, "InvalidArgument", "does not exist"),
         ("cdrom", "b.iso", {"format": Variant("s", "vmdk")}, "InvalidArgument", "unknown format"),
+        ("cdrom", "b.iso", {"format": Variant("s", "qcow2")}, "InvalidArgument", "not a qcow2 image"),
         ("cdrom", "b.iso", {"read_only": Variant("b", True)}, "InvalidArgument", "unknown ReplaceDrive option"),
         ("cdrom", "relative.iso", {}, "InvalidArgument", "absolute path"),
     ],
