@@ -12,7 +12,7 @@ from dbus_fast import DBusError, Variant
 
 from vmspawnd import nic
 
-from .harness import Client, busctl, wait_console
+from .harness import Client, busctl, shared_dir, wait_console
 from .test_ctl import ctl, expect_error, ok
 from .test_hotplug import VM, boot, console_len, disk, spare_owners, vm  # noqa: F401
 
@@ -98,6 +98,26 @@ async def test_no_free_port_counts_drives_and_nics_together(
     # The refused NIC left nothing behind.
     assert vm.probe.netdevs() == netdevs
     assert len(await networks(client, vm)) == 2
+
+
+async def test_no_free_port_counts_shares_too(client: Client, vm: VM, tmp_path: Path) -> None:  # noqa: F811
+    with shared_dir("vmspawnd-nicshare-", 0o755) as directory:
+        share_id, _ = await client.add_share(vm.path, str(directory), tag="full")
+        await add_nic(client, vm)
+        await client.add_drive(vm.path, disk(tmp_path, "d1"), serial="d1")
+        await add_nic(client, vm)
+        assert await client.prop(vm.path, "FreeSparePorts") == 0
+        for refused in (
+            add_nic(client, vm),
+            client.add_share(vm.path, str(directory), tag="more"),
+            client.add_drive(vm.path, disk(tmp_path, "d2")),
+        ):
+            with pytest.raises(DBusError) as e:
+                await refused
+            assert e.value.type == E + "NoFreePort" and share_id in str(e.value), e.value
+        # Removing the share makes room for a NIC.
+        await client.remove_share(vm.path, share_id)
+        await add_nic(client, vm)
 
 
 @pytest.mark.parametrize(
