@@ -12,9 +12,9 @@ from dbus_fast import DBusError, Variant
 
 from vmspawnd import nic
 
-from .harness import Client, busctl, shared_dir, wait_console
+from .harness import Client, busctl, guest_options, shared_dir, wait_console
 from .test_ctl import ctl, expect_error, ok
-from .test_hotplug import VM, boot, console_len, disk, spare_owners, vm  # noqa: F401
+from .test_hotplug import VM, boot, console_len, disk, spare_owners, vm, wait_for  # noqa: F401
 
 E = "org.vmspawnd1.Error."
 MACHINE_IFACE = "org.vmspawnd1.Machine"
@@ -191,3 +191,35 @@ async def test_vmspawnctl_add_nic_and_remove_nic(client: Client, vm: VM) -> None
     await wait_console(vm.console, rf"VMSPAWN-NET-REMOVE {seen.group(1)}", start=mark)
     expect_error(ctl("remove-nic", vm.name, "ctlnic"), 3, "no network 'ctlnic'", "network interfaces")
     expect_error(ctl("add-nic", vm.name, "--mac", "ff:ff:ff:ff:ff:ff"), 2, "broadcast", "")
+
+
+async def remove_nic(client: Client, path: str, nic_id: str, timeout_usec: int) -> None:
+    opts = {"timeout_usec": Variant("t", timeout_usec)}
+    await client.call("RemoveNetworkEx", "sa{sv}", [nic_id, opts], path=path, interface=MACHINE_IFACE)
+
+
+async def test_remove_network_without_a_guest_times_out_and_stays_removing(client: Client, guest: Any) -> None:
+    """-S keeps the CPUs stopped: no guest lets go, no DEVICE_DELETED."""
+    path = await client.create("nicstopped", **guest_options(guest, hotplug_spares=2, qemu_extra=["-S"]))
+    nic_id, _ = (await client.call("AddNetwork", "a{sv}", [{}], path=path, interface=MACHINE_IFACE))[:2]
+    with pytest.raises(DBusError) as e:
+        await remove_nic(client, path, nic_id, 300_000)
+    assert e.value.type == E + "UnplugTimeout" and "removing" in e.value.text
+    assert {n["id"]: n["state"] for n in await client.prop(path, "Networks")} == {nic_id: "removing"}
+    assert await client.prop(path, "FreeSparePorts") == 1
+    with pytest.raises(DBusError) as e:
+        await client.call("RemoveNetwork", "s", [nic_id], path=path, interface=MACHINE_IFACE)
+    assert e.value.type == E + "UnplugInProgress"
+
+
+async def test_a_late_device_deleted_frees_the_nic_its_netdev_and_port(client: Client, vm: VM) -> None:  # noqa: F811
+    """The guest needs ~100 ms to let go; a 1 ms timeout expires first."""
+    mark = console_len(vm)
+    nic_id, _ = await add_nic(client, vm)
+    await wait_console(vm.console, r"VMSPAWN-NET-ADD ", start=mark)
+    with pytest.raises(DBusError) as e:
+        await remove_nic(client, vm.path, nic_id, 1000)
+    assert e.value.type == E + "UnplugTimeout"
+    await wait_for(lambda: client.prop(vm.path, "FreeSparePorts"), 4)
+    assert await client.prop(vm.path, "Networks") == []
+    assert nic_id not in vm.probe.netdevs()
