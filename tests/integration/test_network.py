@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from dbus_fast import DBusError, Variant
 
-from vmspawnd import nic
+from vmspawnd import nic, tap
 
 from .harness import Client, busctl, guest_options, shared_dir, wait_console
 from .test_ctl import ctl, expect_error, ok
@@ -223,3 +226,42 @@ async def test_a_late_device_deleted_frees_the_nic_its_netdev_and_port(client: C
     await wait_for(lambda: client.prop(vm.path, "FreeSparePorts"), 4)
     assert await client.prop(vm.path, "Networks") == []
     assert nic_id not in vm.probe.netdevs()
+
+
+TAPS = [f"vmsn{os.getpid() % 10000}{suffix}" for suffix in ("a", "b")]
+
+
+@pytest.fixture
+def taps() -> Iterator[list[str]]:
+    """Two persistent taps root made (deleted again once QEMU let go of them)."""
+    for name in TAPS:
+        subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"], check=True)
+    try:
+        yield TAPS
+    finally:
+        for name in TAPS:
+            subprocess.run(["ip", "tuntap", "del", "dev", name, "mode", "tap"], capture_output=True)
+
+
+async def test_a_tap_by_name_and_a_tap_by_fd_reach_the_guest(client: Client, vm: VM, taps: list[str]) -> None:  # noqa: F811
+    mark = console_len(vm)
+    by_name, _ = await add_nic(client, vm, network=f"tap:{taps[0]}", mac="02:00:00:00:0a:01")
+    fd = tap.open_tap(0, taps[1], ())
+    try:
+        by_fd, _ = await client.call(
+            "AddNetworkFd", "ha{sv}", [0, {"mac": Variant("s", "02:00:00:00:0a:02")}],
+            path=vm.path, interface=MACHINE_IFACE, unix_fds=[fd],
+        )  # fmt: skip
+    finally:
+        os.close(fd)
+    for mac in ("02:00:00:00:0a:01", "02:00:00:00:0a:02"):
+        await wait_console(vm.console, rf"VMSPAWN-NET-ADD \S+ mac={mac}", start=mark)
+    nets = await networks(client, vm)
+    assert nets[by_name]["network"] == f"tap:{taps[0]}" and nets[by_fd]["network"] == f"fd:{taps[1]}"
+    # QEMU holds each tap (tun's fdinfo names it), the daemon none.
+    leader = await client.prop(vm.path, "Leader")
+    held = [f.read_text() for f in Path(f"/proc/{leader}/fdinfo").iterdir()]
+    assert all(any(f"iff:\t{name}\n" in info for info in held) for name in taps)
+    for nic_id in (by_name, by_fd):
+        await client.call("RemoveNetwork", "s", [nic_id], path=vm.path, interface=MACHINE_IFACE)
+    assert await networks(client, vm) == {}
