@@ -30,7 +30,7 @@ from typing import Any
 import pairs
 from common import Env
 from dbus_fast import Variant
-from qemu.qmp import EventListener, QMPClient
+from qemu.qmp import QMPClient
 
 from tests.integration.harness import Client
 from tests.integration.qmp_probe import netdev_ids
@@ -55,8 +55,7 @@ class Bench:
         self.machine = machine
         self.machine_id = machine_id
         self.port = port
-        self.deleted = EventListener("DEVICE_DELETED")
-        qmp.register_listener(self.deleted)
+        self.unplugs = pairs.Unplugs(qmp)
 
     async def call(self, method: str, signature: str, body: list[Any]) -> list[Any]:
         return await self.client.call(method, signature, body, path=self.machine, interface=MACHINE_IFACE)
@@ -80,12 +79,8 @@ class Bench:
         await self.qmp.execute("device_add", nic.device(dev, nic.default_mac(self.machine_id, dev), self.port))
         t1 = time.perf_counter_ns()
         await asyncio.sleep(settle)
-        self.deleted.clear()
         t2 = time.perf_counter_ns()
-        await self.qmp.execute("device_del", {"id": dev})
-        async with asyncio.timeout(30):
-            while (await self.deleted.get()).get("data", {}).get("device") != dev:
-                pass
+        await self.unplugs.device_del(dev)
         t3 = time.perf_counter_ns()
         await self.qmp.execute("netdev_del", {"id": dev})
         t4 = time.perf_counter_ns()

@@ -34,7 +34,7 @@ from typing import Any
 
 import pairs
 from common import Env
-from qemu.qmp import EventListener, QMPClient
+from qemu.qmp import QMPClient
 
 from tests.integration.harness import Client
 from vmspawnd import cmdline, share
@@ -58,8 +58,7 @@ class Bench:
         self.qmp = qmp
         self.machine = machine
         self.port = port
-        self.deleted = EventListener("DEVICE_DELETED")
-        qmp.register_listener(self.deleted)
+        self.unplugs = pairs.Unplugs(qmp)
         # root's share is nobody's in the guest: nobody must be able to enter it.
         self.dir = Path(tempfile.mkdtemp(prefix="share-", dir=env.workdir))
         self.dir.chmod(0o755)
@@ -96,12 +95,8 @@ class Bench:
         await self.qmp.execute("device_add", cmdline.fs_device(dev, chardev, opened.share.tag, self.port))
         t1 = time.perf_counter_ns()
         await asyncio.sleep(settle)
-        self.deleted.clear()
         t2 = time.perf_counter_ns()
-        await self.qmp.execute("device_del", {"id": dev})
-        async with asyncio.timeout(30):
-            while (await self.deleted.get()).get("data", {}).get("device") != dev:
-                pass
+        await self.unplugs.device_del(dev)
         t3 = time.perf_counter_ns()
         await self.qmp.execute("chardev-remove", {"id": chardev})
         assert isinstance(process, Process)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from common import Console, Env, bench_main, document, figures, ms, print_rows, row
-from qemu.qmp import QMPClient
+from qemu.qmp import EventListener, QMPClient
 
 from tests.integration.harness import Client, guest_options
 from tests.integration.qmp_probe import Probe, address
@@ -42,6 +42,22 @@ class Booted:
     path: str
     # The spare port kept for the raw path: the highest (the daemon takes the lowest free one).
     port: str
+
+
+class Unplugs:
+    """device_del on the benchmark's own monitor until its DEVICE_DELETED (listened for from the start)."""
+
+    def __init__(self, qmp: QMPClient) -> None:
+        self.qmp = qmp
+        self.deleted = EventListener("DEVICE_DELETED")
+        qmp.register_listener(self.deleted)
+
+    async def device_del(self, dev: str) -> None:
+        self.deleted.clear()
+        await self.qmp.execute("device_del", {"id": dev})
+        async with asyncio.timeout(30):
+            while (await self.deleted.get()).get("data", {}).get("device") != dev:
+                pass
 
 
 @contextlib.asynccontextmanager
