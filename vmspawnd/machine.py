@@ -292,6 +292,7 @@ class Machine:
         kernel_fd: int | None = None,
         initrd_fd: int | None = None,
         plugged: dict[str, OpenedChain] | None = None,
+        confine: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Start QEMU; returns once its monitor answered qmp_capabilities.
 
@@ -301,7 +302,8 @@ class Machine:
         `tap_fd` the attached tap; kernel and initrd as fds QEMU may reopen
         (manager.open_for_qemu); `plugged` a kept machine's hotplugged drives
         (spec.plugged) by id: all the caller's to close. QEMU opens nothing by
-        name that a caller named.
+        name that a caller named. `confine` (QEMU into its cgroup) runs while
+        QEMU starts up: its time is hidden behind QEMU's own.
         """
         # A kept machine's directory is there already, with its record and logs.
         state.make_dir(self.dir, exist_ok=self.spec.keep)
@@ -363,7 +365,7 @@ class Machine:
             if conn is None:
                 await self.process.wait(QUIT_TIMEOUT)
                 raise QemuFailed(f"QEMU exited during start-up: {await self._qemu_errors()}")
-            await self._await_monitor(conn)
+            await self._await_monitor_and(conn, confine)
         except QemuFailed as e:
             # QEMU only says "vhost_backend_init failed: Protocol error": virtiofsd's own words say why.
             if failed := await self._virtiofsd_failures():
@@ -614,6 +616,23 @@ class Machine:
                     f"{process.returncode}: {share.errors(log_path)} (its log: {log_path})"
                 )
         return "; ".join(failed)
+
+    async def _await_monitor_and(self, conn: socket.socket, confine: Callable[[], Awaitable[None]] | None) -> None:
+        """The QMP handshake, with `confine` run meanwhile; both must succeed."""
+        if confine is None:
+            await self._await_monitor(conn)
+            return
+        confining = asyncio.ensure_future(confine())
+        try:
+            await self._await_monitor(conn)
+        except BaseException:
+            confining.cancel()
+            # Its own failure, if any, is not the one to report: QEMU's is.
+            await asyncio.wait({confining})
+            if not confining.cancelled():
+                confining.exception()
+            raise
+        await confining
 
     async def _await_monitor(self, conn: socket.socket) -> None:
         assert self.process is not None

@@ -363,10 +363,9 @@ class Manager:
                 state.make_dir(self.machines_dir, exist_ok=True)
                 await machine.start(
                     3 + secrets.randbelow(2**31), opened, shares, tap_fd, chains, loaded.get("kernel"),
-                    loaded.get("initrd"), plugged,
+                    loaded.get("initrd"), plugged, lambda: self._confine(machine),
                 )  # fmt: skip
             await machine.query_accel()
-            await self._confine(machine)
         except BaseException:
             await asyncio.shield(machine.discard(keep_dir))
             self._release_identity(machine)

@@ -8,6 +8,7 @@ given with --config; `nobody` is allowed to create by a polkit rule.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -16,12 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dbus_fast import DBusError
 
 from vmspawnd.cgroup import own_cgroups
 from vmspawnd.model import MiB
 
 from . import test_system
-from .harness import ROOT, VMSPAWND, Client
+from .harness import ROOT, VMSPAWND, Client, qemu_pids
 from .test_system import Result, System, gdbus_manager, machine_options, new_image, owned_file
 
 # test_system's fixtures, on this module's `system`: `polkit` stops polkitd and
@@ -173,6 +175,32 @@ async def test_each_machine_has_its_own_cgroup_with_limits_gone_when_it_ends(sys
     assert all(d.exists() for d in cgroup_dirs(system.daemon.proc.pid, "cg2").values())
     await root.call("TerminateMachine", "s", ["cg2"])
     assert not any(d.exists() for d in cgroup_dirs(system.daemon.proc.pid, "cg2").values())
+
+
+@pytest.mark.skipif(
+    not Path("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists(), reason="needs cgroup v1 swap accounting"
+)
+async def test_a_cgroup_that_cannot_take_its_limits_fails_the_create_and_leaves_nothing(
+    system: System, root: Client
+) -> None:
+    # QEMU is put into its cgroup while it starts up: a failure there still
+    # fails the create and ends that QEMU. The kernel refuses a memory limit
+    # above memsw's, so a cgroup left with a small memsw limit is a real fault.
+    assert system.daemon.proc is not None
+    memory = cgroup_dirs(system.daemon.proc.pid, "cgbad")["memory"]
+    memory.mkdir()
+    try:
+        (memory / "memory.limit_in_bytes").write_text(str(16 * MiB))
+        (memory / "memory.memsw.limit_in_bytes").write_text(str(16 * MiB))
+        before = set(qemu_pids(str(system.dir)))
+        with pytest.raises(DBusError) as failed:
+            await root.create("cgbad", **machine_options(new_image(system)))
+        assert failed.value.type == E + "QemuFailed" and "cgroup" in failed.value.text
+        assert set(qemu_pids(str(system.dir))) <= before
+        assert "cgbad" not in await root.names()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            memory.rmdir()
 
 
 # -- 9: polkit sees the machine and its owner -----------------------------------
