@@ -5,14 +5,14 @@
 #
 # Completes verbs, options, option values, machine names (from
 # `vmspawnctl list --no-legend`) and, for `remove-drive NAME <TAB>` (and
-# replace-drive, eject-drive), the machine's attached drive ids (from
+# replace-drive, eject-drive, drive-stats), the machine's attached drive ids (from
 # `vmspawnctl status NAME --json`), for `remove-share NAME <TAB>` its attached
 # share ids, for `remove-nic NAME <TAB>` its network interfaces.
 # Needs nothing but bash 4; drive ids are read with jq if it is there,
 # else with python3 (which vmspawnctl needs anyway).
 
 __vmspawnctl_verbs="list status plan create add-drive remove-drive add-share remove-share replace-drive eject-drive
-    add-nic remove-nic poweroff terminate console pause resume reboot start"
+    add-nic remove-nic poweroff terminate console nmi drive-stats pause resume reboot start"
 __vmspawnctl_global_opts="--help --json --user --system --no-pager --no-legend --no-ask-password"
 __vmspawnctl_machine_opts="--kernel --initrd --cmdline --image --image-format --drive --disk-type --network
     --vsock --memory --cpus --spares --accel --firmware --qemu-extra --qemu-extra-string"
@@ -156,10 +156,11 @@ _vmspawnctl() {
 
     case $verb in
         status | terminate | poweroff | console | pause | resume | reboot | start | add-drive | remove-drive | \
-            add-share | remove-share | replace-drive | eject-drive | add-nic | remove-nic)
+            add-share | remove-share | replace-drive | eject-drive | add-nic | remove-nic | nmi | drive-stats)
             if ((${#args[@]} == 0)); then
                 __vmspawnctl_reply "$(__vmspawnctl_machines "$ctl")" "$cur"
-            elif [[ $verb == remove-drive || $verb == replace-drive || $verb == eject-drive ]] && ((${#args[@]} == 1)); then
+            elif [[ $verb == remove-drive || $verb == replace-drive || $verb == eject-drive || $verb == drive-stats ]] &&
+                ((${#args[@]} == 1)); then
                 __vmspawnctl_reply "$(__vmspawnctl_attached "$ctl" "${args[0]}" Drives)" "$cur"
             elif [[ $verb == remove-share ]] && ((${#args[@]} == 1)); then
                 __vmspawnctl_reply "$(__vmspawnctl_attached "$ctl" "${args[0]}" Shares)" "$cur"

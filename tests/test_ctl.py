@@ -559,6 +559,9 @@ def test_completion_of_machine_names_and_drive_ids(stub_env: dict[str, str]) -> 
     assert complete(["vmspawnctl", "eject-drive", "alpha", "h"], stub_env) == ["hot1"]
     assert complete(["vmspawnctl", "replace-drive", "alpha", "h"], stub_env) == ["hot1"]
     assert complete(["vmspawnctl", "remove-nic", "alpha", ""], stub_env) == ["nic1"]
+    assert complete(["vmspawnctl", "nmi", "a"], stub_env) == ["alpha"]
+    assert complete(["vmspawnctl", "nmi", "alpha", ""], stub_env) == []
+    assert complete(["vmspawnctl", "drive-stats", "alpha", ""], stub_env) == ["disk0", "hot1"]
     calls = Path(stub_env["STUB_LOG"]).read_text().splitlines()
     assert "list --no-legend --no-pager" in calls
     assert "status alpha --json --no-pager" in calls

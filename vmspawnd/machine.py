@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import acl, cmdline, imagechain, keep, nic, qemulog, reconcile, share, state
+from . import acl, blockstats, cmdline, imagechain, keep, nic, qemulog, reconcile, share, state
 from .chainopen import OpenedChain
 from .console import Console
 from .errors import (
@@ -1450,9 +1450,9 @@ class Machine:
             log.info("machine %s %s", self.name, new, extra={"MACHINE": self.name})
             self._notify("State")
 
-    async def _run_command(self, command: str, method: str) -> None:
+    async def _run_command(self, command: str, method: str) -> Any:
         try:
-            await self._monitor.execute(command)
+            return await self._monitor.execute(command)
         except QmpError as e:
             raise QemuFailed(f"QEMU refused {command} for {method}: {e}") from e
         except QmpDisconnected as e:
@@ -1477,6 +1477,25 @@ class Machine:
         async with self._request("Reboot"):
             await self._run_command("system_reset", "Reboot")
         log.info("machine %s: reset requested", self.name, extra={"MACHINE": self.name})
+
+    async def inject_nmi(self) -> None:
+        """A non-maskable interrupt to every vCPU (QMP inject-nmi), as a
+        host's NMI button: a guest set up for it writes a crash dump, others
+        log it. A paused machine gets it when it runs again."""
+        async with self._request("InjectNMI"):
+            await self._run_command("inject-nmi", "InjectNMI")
+        log.info("machine %s: NMI injected", self.name, extra={"MACHINE": self.name})
+
+    async def drive_stats(self, dev: str) -> dict[str, int]:
+        """The drive's I/O counters since it was plugged (QMP query-blockstats)."""
+        async with self._request("DriveStats"):
+            if dev not in self.drives:
+                raise NoSuchDrive(f"machine {self.name} has no drive {dev!r}; see its Drives property")
+            reply = await self._run_command("query-blockstats", "DriveStats")
+        entry = blockstats.entry_of(reply, dev, cmdline.node_name(dev))
+        if entry is None:
+            raise QemuFailed(f"QEMU reports no block device for drive {dev} of {self.name} (query-blockstats)")
+        return blockstats.counters(entry)
 
     async def power_off(self, timeout: float) -> bool:
         """ACPI power button, pressed again every BUTTON_REPEAT s (a guest

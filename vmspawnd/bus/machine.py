@@ -25,6 +25,7 @@ DictList = Annotated[list[dict[str, Variant]], DBusSignature("aa{sv}")]
 DrivePort = Annotated[list[str], DBusSignature("ss")]
 UsedBudget = Annotated[list[int], DBusSignature("(uu)")]
 CountFlag = Annotated[list[Any], DBusSignature("(ub)")]
+Counters = Annotated[dict[str, int], DBusSignature("a{st}")]
 
 DEFAULT_UNPLUG_TIMEOUT = 10.0
 # What a machine's next run changes (Start() of a kept machine).
@@ -446,6 +447,19 @@ class MachineInterface(ServiceInterface):
     async def Reboot(self) -> None:
         await self._authorize(self.machine)
         await self.machine.reboot()
+
+    @dbus_method()
+    @replies_errors
+    async def InjectNMI(self) -> None:
+        await self._authorize(self.machine)
+        await self.machine.inject_nmi()
+
+    @dbus_method()
+    @replies_errors
+    async def DriveStats(self, drive_id: DBusStr) -> Counters:
+        """rd_req, rd_bytes, wr_req, wr_bytes, flush, errors since the drive was plugged."""
+        await self._authorize(self.machine)
+        return await self.machine.drive_stats(drive_id)
 
     @dbus_method()
     @replies_errors
