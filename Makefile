@@ -44,7 +44,7 @@ lint: deps
 	$(VENV)/bin/mypy
 
 test: lint
-	$(PY) -m pytest -v -p no:cacheprovider tests
+	$(PY) -m pytest -v -p no:cacheprovider --durations=30 tests
 	$(MAKE) nova-test
 
 nova-deps: $(NOVA_STAMP)
