@@ -126,19 +126,27 @@ async def settled_rss(site: Site, settle: float = 0.5) -> int:
 
 
 async def wait_ready(proc: subprocess.Popen[bytes], notify: socket.socket) -> tuple[int, str]:
+    # One receive in flight, never cancelled on the poll's timeout: a
+    # cancelled sock_recv that had just read the datagram loses READY=1 (it
+    # once broke the run: "no READY=1 within 30 s" from a daemon that was up).
     loop = asyncio.get_running_loop()
-    while True:
-        try:
-            async with asyncio.timeout(0.25):
-                msg = await loop.sock_recv(notify, 4096)
-        except TimeoutError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vmspawnd exited with status {proc.returncode} before READY=1") from None
-            continue
-        if b"READY=1" in msg:
-            now = time.perf_counter_ns()
-            status = [line for line in msg.decode(errors="replace").splitlines() if line.startswith("STATUS=")]
-            return now, status[0].removeprefix("STATUS=") if status else ""
+    recv: asyncio.Future[bytes] | None = None
+    try:
+        while True:
+            recv = recv or asyncio.ensure_future(loop.sock_recv(notify, 4096))
+            done, _ = await asyncio.wait({recv}, timeout=0.25)
+            if not done:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"vmspawnd exited with status {proc.returncode} before READY=1")
+                continue
+            msg, recv = recv.result(), None
+            if b"READY=1" in msg:
+                now = time.perf_counter_ns()
+                status = [line for line in msg.decode(errors="replace").splitlines() if line.startswith("STATUS=")]
+                return now, status[0].removeprefix("STATUS=") if status else ""
+    finally:
+        if recv is not None:
+            recv.cancel()
 
 
 async def wait_listed(site: Site) -> int:
