@@ -12,7 +12,7 @@
 # else with python3 (which vmspawnctl needs anyway).
 
 __vmspawnctl_verbs="list status plan create add-drive remove-drive add-share remove-share replace-drive eject-drive
-    add-nic remove-nic poweroff terminate console nmi drive-stats pause resume reboot start"
+    add-nic remove-nic poweroff terminate console nmi drive-stats pause resume reboot start suspend"
 __vmspawnctl_global_opts="--help --json --user --system --no-pager --no-legend --no-ask-password"
 __vmspawnctl_machine_opts="--kernel --initrd --cmdline --image --image-format --drive --disk-type --network
     --vsock --memory --cpus --spares --accel --firmware --qemu-extra --qemu-extra-string"
@@ -155,7 +155,7 @@ _vmspawnctl() {
     fi
 
     case $verb in
-        status | terminate | poweroff | console | pause | resume | reboot | start | add-drive | remove-drive | \
+        status | terminate | poweroff | console | pause | resume | reboot | start | suspend | add-drive | remove-drive | \
             add-share | remove-share | replace-drive | eject-drive | add-nic | remove-nic | nmi | drive-stats)
             if ((${#args[@]} == 0)); then
                 __vmspawnctl_reply "$(__vmspawnctl_machines "$ctl")" "$cur"

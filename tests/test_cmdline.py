@@ -751,3 +751,12 @@ def test_any_spec_gives_well_formed_argv(spec: MachineSpec, open_all: bool) -> N
         assert values(own, "-kernel") == ["/proc/self/fd/98" if open_all else str(spec.kernel)]
     if spec.initrd is not None:
         assert values(own, "-initrd") == ["/proc/self/fd/99" if open_all else str(spec.initrd)]
+
+
+def test_a_suspended_machines_start_waits_for_its_saved_state_with_its_vcpus_stopped() -> None:
+    plain = argv_for(spec())
+    resumed = argv_for(spec(), replace(RT, incoming=True))
+    # The same machine otherwise: the saved state loads only into the same devices.
+    assert resumed[: len(plain)] == plain
+    assert resumed[len(plain) :] == ["-S", "-incoming", "defer"]
+    assert "-incoming" not in plain

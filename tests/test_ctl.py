@@ -216,7 +216,7 @@ EXPECTED_EXIT = {
     "AccessDenied": 4, "QuotaExceeded": 4,
     "NoFreePort": 5, "UnplugInProgress": 5, "MachineExists": 5,
     "QemuFailed": 1, "UnplugTimeout": 1, "NotRunning": 1, "AlreadyRunning": 5,
-    "QemuUnresponsive": 1, "NoSpace": 1, "OpenTimeout": 1, "ConsoleBusy": 5,
+    "QemuUnresponsive": 1, "NoSpace": 1, "OpenTimeout": 1, "ConsoleBusy": 5, "Unsupported": 2,
 }  # fmt: skip
 
 
@@ -503,6 +503,7 @@ def test_completion_of_verbs_and_options() -> None:
     assert complete(["vmspawnctl", "add-share", "x", "/d", "--t"]) == ["--tag"]
     assert complete(["vmspawnctl", "remove-share", "x", "s", "--t"]) == ["--timeout"]
     assert complete(["vmspawnctl", "pa"]) == ["pause"]
+    assert complete(["vmspawnctl", "su"]) == ["suspend"]
     assert complete(["vmspawnctl", "sta"]) == ["status", "start"]
     assert complete(["vmspawnctl", "create", "x", "--kee"]) == ["--keep"]
     assert complete(["vmspawnctl", "plan", "x", "--kee"]) == []

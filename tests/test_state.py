@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vmspawnd import state
 from vmspawnd.errors import NoSpace
 from vmspawnd.model import (
     Accel,
@@ -152,6 +153,24 @@ def test_a_stopped_kept_machine_round_trips_with_its_plugged_drives() -> None:
     }
 
 
+def test_a_suspended_machine_round_trips_and_a_record_from_before_suspend_is_not_suspended() -> None:
+    r = record(spec=replace(record().spec, keep=True), pid=0, start_time=0, drives=(), stopped=True, suspended=True)
+    assert loads(dumps(r)) == r
+    d = json.loads(dumps(r))
+    assert d["suspended"] is True and d["version"] == 2
+    del d["suspended"]
+    assert loads(json.dumps(d)) == replace(r, suspended=False)
+
+
+def test_clear_all_but_log_keeps_the_saved_state_only_when_asked(tmp_path: Path) -> None:
+    for name in (state.SAVED, state.LOG, "state.json", "argv"):
+        (tmp_path / name).write_text("x")
+    state.clear_all_but_log(tmp_path, keep_saved=True)
+    assert {p.name for p in tmp_path.iterdir()} == {state.SAVED, state.LOG}
+    state.clear_all_but_log(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {state.LOG}
+
+
 @pytest.mark.parametrize(("old", "fdsets"), [(3, (3,)), (None, ())])
 def test_records_from_before_image_chains_keep_their_fdset(old: int | None, fdsets: tuple[int, ...]) -> None:
     d = json.loads(dumps(record()))
@@ -227,6 +246,7 @@ records = st.builds(
     shares=st.lists(machine_shares, max_size=3).map(tuple),
     stopped=st.booleans(),
     nics=st.lists(nics, max_size=3).map(tuple),
+    suspended=st.booleans(),
 )
 
 

@@ -108,6 +108,9 @@ class Runtime:
     console_sock: int = -1
     # A kept machine's drives on spare ports at boot, by device id.
     plugged: dict[str, PluggedFiles] = field(default_factory=dict)
+    # A suspended machine's start: QEMU waits for its saved state
+    # (migrate-incoming) and its vCPUs for the daemon's cont.
+    incoming: bool = False
 
     @property
     def console_fdset(self) -> Fdset:
@@ -353,4 +356,6 @@ def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
         argv += ["-initrd", str(spec.initrd) if rt.initrd_fd is None else f"/proc/self/fd/{rt.initrd_fd}"]
     if spec.cmdline:
         argv += ["-append", spec.cmdline]
+    if rt.incoming:
+        argv += ["-S", "-incoming", "defer"]
     return argv + list(spec.qemu_extra)

@@ -195,6 +195,10 @@ ERRORS: dict[str, tuple[Exit, _Hint]] = {
         Exit.BUSY,
         lambda c: f"it runs already; '{PROG} poweroff {c.name or 'NAME'}' stops it, then start it again",
     ),
+    "Unsupported": (
+        Exit.INVALID,
+        lambda c: f"the message says what has to change; '{PROG} status {c.name or 'NAME'}' shows the machine",
+    ),
     "QuotaExceeded": (
         Exit.DENIED,
         lambda c: "stop one of your machines or ask for less; the caps are in /etc/vmspawnd/vmspawnd.conf",
@@ -1005,11 +1009,11 @@ async def cmd_terminate(client: Client, args: argparse.Namespace) -> int:
     return Exit.OK
 
 
-RUN_STATE_METHODS = {"pause": "Pause", "resume": "Resume", "reboot": "Reboot", "start": "Start"}
+RUN_STATE_METHODS = {"pause": "Pause", "resume": "Resume", "reboot": "Reboot", "start": "Start", "suspend": "Suspend"}
 
 
 async def cmd_run_state(client: Client, args: argparse.Namespace) -> int:
-    """pause, resume, reboot, start: one method each, no arguments."""
+    """pause, resume, reboot, start, suspend: one method each, no arguments."""
     path = await client.machine_path(args.name)
     await client.call(RUN_STATE_METHODS[args.verb], path=path, interface=MACHINE_IFACE, manage=True)
     if args.json:
@@ -1172,6 +1176,7 @@ VERBS: dict[str, Callable[[Client, argparse.Namespace], Awaitable[int]]] = {
     "resume": cmd_run_state,
     "reboot": cmd_run_state,
     "start": cmd_run_state,
+    "suspend": cmd_run_state,
 }
 
 
@@ -1197,6 +1202,7 @@ examples:
   vmspawnctl remove-nic web nic1
   vmspawnctl console web
   vmspawnctl pause web
+  vmspawnctl suspend web
   vmspawnctl reboot web
   vmspawnctl drive-stats web disk0
   vmspawnctl poweroff web
@@ -1385,6 +1391,14 @@ VERB_HELP: dict[str, VerbHelp] = {
         "are opened again with its creator's rights. A running machine gives AlreadyRunning. 'terminate' "
         "removes a kept machine for good.",
         ("vmspawnctl start web", "vmspawnctl start web --json"),
+    ),
+    "suspend": VerbHelp(
+        "save a kept machine to disk and stop it",
+        "Save the guest's memory and device state to a file in the machine's runtime directory and stop its "
+        "QEMU (Suspend); the machine is then suspended. 'start' resumes it where it was (no new boot) and "
+        "removes the file; 'terminate' removes both. Only a machine created with --keep can be suspended, "
+        "and not one with hotplugged NICs or shares, virtiofs shares or vsock.",
+        ("vmspawnctl suspend web", "vmspawnctl start web"),
     ),
 }
 

@@ -73,6 +73,10 @@ class AccessDenied(VmspawndError):
     pass
 
 
+class Unsupported(VmspawndError):
+    """The machine cannot do this as it is (Suspend of a machine not kept); the message says what to change."""
+
+
 class QuotaExceeded(VmspawndError):
     pass
 
@@ -109,6 +113,7 @@ ALL_ERRORS: tuple[type[VmspawndError], ...] = (
     NotRunning,
     AlreadyRunning,
     AccessDenied,
+    Unsupported,
     QuotaExceeded,
     QemuUnresponsive,
     NoSpace,

@@ -33,6 +33,7 @@ from .errors import (
     QemuUnresponsive,
     UnplugInProgress,
     UnplugTimeout,
+    Unsupported,
     VmspawndError,
 )
 from .identity import Identity
@@ -81,6 +82,19 @@ CLEAN_SHUTDOWN = {"guest-shutdown", "host-qmp-quit", "host-signal"}
 # How long a re-attached QEMU's SHUTDOWN event may trail its exit: it is in
 # our socket before QEMU exits, reading it takes milliseconds.
 SHUTDOWN_EVENT_TIMEOUT = 2.0
+# Suspend and its resume: the name QEMU holds the saved state's fd under
+# (getfd, then `fd:` migration: QEMU 7.2 has no `file:` URI and the sandbox
+# forbids `exec:`), and how long writing or reading it may take: a fixed part
+# plus some per GiB of guest memory (a local file takes a fraction of it).
+SAVED_FD = "vmstate"
+MIGRATION_TIMEOUT = 30.0
+MIGRATION_TIMEOUT_PER_GIB = 30.0
+MIGRATION_ENDS = ("completed", "failed", "cancelled")
+EVENTS_CAPABILITY: dict[str, object] = {"capabilities": [{"capability": "events", "state": True}]}
+
+
+def migration_timeout(memory: int) -> float:
+    return MIGRATION_TIMEOUT + MIGRATION_TIMEOUT_PER_GIB * memory / (1 << 30)
 
 
 class Observer(Protocol):
@@ -174,6 +188,12 @@ class Machine:
         self._shutdown = asyncio.Event()
         self._shutdown_reason = ""
         self._writer = StateWriter(directory, self.record, spec.name)
+        # QEMU saved the guest's state to state.SAVED (Suspend): at rest the machine is suspended.
+        self.suspended = False
+        # This run resumes from state.SAVED (Start() of a suspended machine).
+        self.resuming = False
+        # Suspend waiting for QEMU's MIGRATION event that ends the save.
+        self._migration: asyncio.Future[str] | None = None
         self._next_fdset = 1
         self._next_controller = 1
         self._next_drive = len(spec.boot_drives)
@@ -206,7 +226,7 @@ class Machine:
 
     @property
     def leader(self) -> int:
-        return self.process.pid if self.process and self.state is not MachineState.STOPPED else 0
+        return self.process.pid if self.process and not self.state.at_rest else 0
 
     @property
     def defined(self) -> bool:
@@ -214,8 +234,10 @@ class Machine:
         return self.spec.keep and not self._forget
 
     def loaded_stopped(self, record: state.MachineRecord) -> None:
-        """A kept, stopped machine read back from its record (daemon start)."""
-        self.state = MachineState.STOPPED
+        """A kept, stopped (or suspended) machine read back from its record
+        (daemon start); suspended only while its saved state is there."""
+        self.suspended = record.suspended and (self.dir / state.SAVED).is_file()
+        self.state = MachineState.SUSPENDED if self.suspended else MachineState.STOPPED
         self._next_drive = max(self._next_drive, record.next_drive)
         self._next_controller = record.next_controller
         self._ended.set()
@@ -227,6 +249,7 @@ class Machine:
         after = Machine(spec, plan, self.id, self.dir, self.owner_uid, identity, self.systemd)
         after._next_drive = max(after._next_drive, self._next_drive)
         after._next_controller = self._next_controller
+        after.resuming = self.suspended
         return after
 
     # -- life cycle ---------------------------------------------------------
@@ -247,6 +270,7 @@ class Machine:
             self.identity.gid if self.identity else 0,
             tuple(s for dev, s in self.shares.items() if dev not in self._boot_shares),
             nics=tuple(self.nics.values()),
+            suspended=self.suspended,
         )
 
     def starting(self) -> None:
@@ -256,14 +280,25 @@ class Machine:
         self._notify("State", "StateReason")
 
     def start_failed(self, why: str) -> None:
-        self.state = MachineState.STOPPED
+        # A suspended machine stays suspended, its saved state kept for the next Start().
+        self.state = MachineState.SUSPENDED if self.suspended else MachineState.STOPPED
         self.reason = f"the last Start() failed: {why}"
         self._notify("State", "StateReason")
 
     def stopped_record(self) -> state.MachineRecord:
         """A kept machine at rest: its spec (drives on spare ports folded in), no process."""
         return state.MachineRecord(
-            self.spec, self.id, self.owner_uid, 0, 0, (), 1, self._next_controller, self._next_drive, stopped=True
+            self.spec,
+            self.id,
+            self.owner_uid,
+            0,
+            0,
+            (),
+            1,
+            self._next_controller,
+            self._next_drive,
+            stopped=True,
+            suspended=self.suspended,
         )
 
     async def save_stopped(self) -> None:
@@ -334,7 +369,7 @@ class Machine:
                 fs_fds = await self._start_virtiofsd(shares)
                 rt = cmdline.Runtime(
                     self.id, listener.fileno(), self.console_log, console, vsock_cid, opened, kernel_fd, initrd_fd,
-                    fs_fds, tap_fd, chains or {}, serial.fileno(), files,
+                    fs_fds, tap_fd, chains or {}, serial.fileno(), files, incoming=self.resuming,
                 )  # fmt: skip
                 argv = cmdline.build_argv(self.spec, self.plan, rt)
                 state.write_private(self.dir / "argv", "\n".join(argv) + "\n")
@@ -371,6 +406,8 @@ class Machine:
             if failed := await self._virtiofsd_failures():
                 raise QemuFailed(f"{e}; {failed}") from e
             raise
+        if self.resuming:
+            await self._restore()
         await self._running(must_persist=True)
         await self._connect_console()
         await self._sync_run_state()
@@ -485,6 +522,10 @@ class Machine:
         except (QmpDisconnected, QmpError, QemuFailed) as e:
             await self._monitor.close(QUIT_REPLY_TIMEOUT)
             raise QemuFailed(f"QEMU pid {record.pid} on {self.dir / 'qmp.sock'}: {e}") from e
+        # A QEMU that outlived a Suspend cut short (the daemon died before
+        # it quit) runs on: it is the truth, its saved state is stale.
+        if record.suspended and not record.stopped:
+            (self.dir / state.SAVED).unlink(missing_ok=True)
         await self._running(must_persist=False)
         await self._connect_console()
         await self._sync_run_state()
@@ -670,7 +711,7 @@ class Machine:
         await self._monitor.close()
         await self._writer.stop()
         if self._kept_logs or keep_dir:
-            state.clear_all_but_log(self.dir)
+            state.clear_all_but_log(self.dir, keep_saved=self.resuming)
         else:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -753,7 +794,7 @@ class Machine:
             await self._stop_virtiofsd()
             # No state write may land in the directory after it is cleaned.
             await self._writer.stop()
-            state.clear_all_but_log(self.dir)
+            state.clear_all_but_log(self.dir, keep_saved=self.suspended and self.defined)
             if self.defined:
                 self.spec = keep.fold(self.spec, self.drives.values())
                 await self.save_stopped()
@@ -762,7 +803,7 @@ class Machine:
                     state.clear_all_but_log(self.dir)
         finally:
             if self.state is MachineState.STOPPING:
-                self.state = MachineState.STOPPED
+                self.state = MachineState.SUSPENDED if self.suspended else MachineState.STOPPED
             self._ended.set()
         if self.on_ended:
             self.on_ended(self)
@@ -780,7 +821,7 @@ class Machine:
         if self.state is MachineState.STARTING and self._ended.is_set():
             raise NotRunning(f"machine {self.name} is being started; terminate it once Start() returned")
         self._forget = self._forget or forget
-        if self.spec.keep and self._forget and self.state is MachineState.STOPPED:
+        if self.spec.keep and self._forget and self.state.at_rest:
             shutil.rmtree(self.dir, ignore_errors=True)
             log.info("machine %s terminated, its record removed", self.name, extra={"MACHINE": self.name})
             if self.on_ended:
@@ -835,8 +876,8 @@ class Machine:
             raise NotRunning(f"machine {self.name} is {self.state}, not running; start it again with {again}")
 
     def check_startable(self) -> None:
-        """Only a kept machine that stopped may be started (Start)."""
-        if self.state is MachineState.STOPPED and self.spec.keep:
+        """Only a kept machine that stopped (or was suspended) may be started (Start)."""
+        if self.state.at_rest and self.spec.keep:
             return
         if self.state is MachineState.UNMANAGED:
             raise NotRunning(f"machine {self.name} is unmanaged: {self.reason}")
@@ -1370,6 +1411,10 @@ class Machine:
                         await self._remove_fdset(fdset)
         elif name == "RESET":
             log.info("machine %s: reset (%s)", self.name, data.get("reason", "?"), extra={"MACHINE": self.name})
+        elif name == "MIGRATION":
+            status = str(data.get("status", ""))
+            if self._migration is not None and not self._migration.done() and status in MIGRATION_ENDS:
+                self._migration.set_result(status)
         elif name == "SHUTDOWN":
             self._shutdown_reason = str(data.get("reason", ""))
             self._shutdown.set()
@@ -1532,6 +1577,180 @@ class Machine:
         log.info("machine %s ignored the ACPI power button for %g s; stopping QEMU", self.name, timeout)
         await self.terminate(forget=False)
         return True
+
+    # -- suspend to disk and resume --------------------------------------------
+
+    def _check_suspendable(self) -> None:
+        """What a suspended machine's next start cannot give back as it was:
+        QEMU's saved state only loads into the very same devices."""
+        if not self.spec.keep:
+            raise Unsupported(
+                f"machine {self.name} was not created with keep: only a kept machine stays defined to be resumed; "
+                "create it with keep=true to suspend it"
+            )
+        if removing := sorted(d.id for d in self.drives.values() if d.state is DriveState.REMOVING):
+            raise UnplugInProgress(
+                f"drives {', '.join(removing)} of {self.name} are being removed; suspend it once they are gone"
+            )
+        builtin = keep.boot_ids(self.spec)
+        # Hotplugged, but not plugged again by the next start.
+        why = [f"hotplugged NIC {n}" for n in sorted(self.nics)]
+        why += [f"hotplugged share {d}" for d in sorted(set(self.shares) - self._boot_shares)]
+        why += [f"ejected drive {d.id}" for d in self.drives.values() if d.id not in builtin and not d.path]
+        # Whose state QEMU 7.2 cannot save (it blocks migration).
+        why += [f"nvme drive {d.id}" for d in self.drives.values() if d.disk_type is DiskType.NVME]
+        why += ["virtiofs shares"] if self._boot_shares else []
+        # The guest CID is chosen afresh at each start.
+        why += ["vsock"] if self.spec.vsock else []
+        if why:
+            raise Unsupported(
+                f"machine {self.name} cannot be suspended: its {', '.join(why)} would not come back as they are "
+                "(hotplugged NICs and shares and ejected drives: remove them first; nvme drives, virtiofs shares "
+                "and vsock: QEMU cannot save their state, or the next start cannot give it back)"
+            )
+
+    async def suspend(self) -> None:
+        """Suspend(): QEMU writes the guest's memory and device state into
+        state.SAVED (the daemon opens the file, QEMU gets its fd), flushing
+        the disks as it completes; then QEMU quits and the machine is
+        suspended: Start() resumes it from there. A failure leaves it running
+        as it was, with no file."""
+        async with self._request("Suspend"):
+            self._check_suspendable()
+            assert self.process is not None
+            saved = self.dir / state.SAVED
+            try:
+                await self._save(saved)
+                self.suspended = True
+                # Before QEMU quits: a daemon killed now finds the machine suspended.
+                with state.space_of(self.dir):
+                    await self._writer.write_now()
+            except BaseException:
+                self.suspended = False
+                saved.unlink(missing_ok=True)
+                await self._resume_after_failed_save()
+                raise
+            log.info("machine %s: state saved to %s; stopping QEMU", self.name, saved, extra={"MACHINE": self.name})
+            # Within the request: nothing may run the guest on past its saved state.
+            await self.terminate(forget=False)
+
+    async def _resume_after_failed_save(self) -> None:
+        """QEMU runs the vCPUs again after a failed migration on its own, but
+        not after a completed one whose record could not be written."""
+        with contextlib.suppress(QmpError, QmpDisconnected, QemuUnresponsive):
+            if (await self._monitor.execute("query-status")).get("status") == "postmigrate":
+                await self._monitor.execute("cont")
+
+    async def _save(self, saved: Path) -> None:
+        """Migrate into the file `saved`, bounded; QemuFailed with QEMU's words if it fails."""
+        assert self.process is not None
+        fd = os.open(saved, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            await self._guarded("Suspend", self._monitor.get_fd(fd, SAVED_FD))
+        finally:
+            os.close(fd)
+        self._migration = asyncio.get_running_loop().create_future()
+        try:
+            try:
+                await self._monitor.execute("migrate-set-capabilities", EVENTS_CAPABILITY)
+                await self._monitor.execute("migrate", {"uri": f"fd:{SAVED_FD}"})
+            except QmpError as e:
+                # Refused before it took the fd (a device that blocks migration): the fd goes back.
+                with contextlib.suppress(QmpError, QmpDisconnected):
+                    await self._monitor.execute("closefd", {"fdname": SAVED_FD})
+                raise QemuFailed(f"QEMU refused to save machine {self.name}: {e}") from e
+            except QmpDisconnected as e:
+                raise NotRunning(f"machine {self.name} stopped during Suspend: {e}") from e
+            timeout = migration_timeout(self.spec.memory)
+            status = await self._migration_end(self._migration, timeout)
+        finally:
+            self._migration = None
+        if status == "completed":
+            return
+        if status == "timeout":
+            with contextlib.suppress(QmpError, QmpDisconnected, QemuUnresponsive):
+                await self._monitor.execute("migrate_cancel")
+            raise QemuFailed(f"QEMU did not finish saving machine {self.name} within {timeout:g} s; it runs on")
+        if status == "exited":
+            raise NotRunning(f"machine {self.name} stopped during Suspend: {await self._qemu_errors()}")
+        raise QemuFailed(f"QEMU could not save machine {self.name}: {await self._migration_error()}; it runs on")
+
+    async def _migration_end(self, ended: Coroutine[Any, Any, str] | asyncio.Future[str], timeout: float) -> str:
+        """How a migration ended (completed, failed, cancelled), "exited" if
+        QEMU did first, "timeout" past `timeout`."""
+        assert self.process is not None
+        waiter = asyncio.ensure_future(ended)
+        exited: asyncio.Future[Any] = self.process.exited
+        try:
+            await asyncio.wait({waiter, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+            return waiter.result()
+        return "exited" if self.process.exited.done() else "timeout"
+
+    async def _migration_error(self) -> str:
+        try:
+            info = await self._monitor.execute("query-migrate")
+        except (QmpError, QmpDisconnected, QemuUnresponsive) as e:
+            return f"(query-migrate failed: {e})"
+        return str(info.get("error-desc") or info.get("status") or "no reason given")
+
+    async def _incoming_end(self) -> str:
+        """The status that ends an incoming migration, read off the monitor
+        before the event task runs (restore happens before it starts)."""
+        while True:
+            name, data = await self._monitor.next_event()
+            if name == "MIGRATION" and (status := str(data.get("status", ""))) in MIGRATION_ENDS:
+                return status
+
+    async def _restore(self) -> None:
+        """A suspended machine's QEMU (-incoming defer, -S) loads the saved
+        state; its vCPUs wait for go_on(). QemuFailed if it cannot: the file stays."""
+        saved = self.dir / state.SAVED
+        try:
+            fd = os.open(saved, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as e:
+            raise QemuFailed(f"cannot open the saved state {saved} of machine {self.name}: {e.strerror}") from e
+        try:
+            await self._guarded("Start", self._monitor.get_fd(fd, SAVED_FD))
+        finally:
+            os.close(fd)
+        try:
+            await self._monitor.execute("migrate-set-capabilities", EVENTS_CAPABILITY)
+            await self._monitor.execute("migrate-incoming", {"uri": f"fd:{SAVED_FD}"})
+        except (QmpError, QmpDisconnected) as e:
+            raise QemuFailed(f"QEMU refused to load the saved state of {self.name}: {e}") from e
+        timeout = migration_timeout(self.spec.memory)
+        status = await self._migration_end(self._incoming_end(), timeout)
+        if status == "completed":
+            log.info("machine %s: saved state loaded from %s", self.name, saved, extra={"MACHINE": self.name})
+            return
+        if status == "timeout":
+            raise QemuFailed(f"QEMU did not load the saved state of {self.name} within {timeout:g} s")
+        # QEMU exits when an incoming migration fails; its words are in qemu.log.
+        assert self.process is not None
+        await self.process.wait(QUIT_TIMEOUT)
+        raise QemuFailed(f"QEMU could not load the saved state of {self.name}: {await self._qemu_errors()}")
+
+    async def go_on(self) -> None:
+        """The last step of a resume, once everything else of the start
+        succeeded: run the vCPUs, then the saved state goes (the guest runs
+        past it from now on)."""
+        if not self.resuming:
+            return
+        try:
+            await self._monitor.execute("cont")
+        except (QmpError, QmpDisconnected) as e:
+            raise QemuFailed(f"QEMU refused cont after loading the saved state of {self.name}: {e}") from e
+        self.resuming = False
+        self.suspended = False
+        try:
+            (self.dir / state.SAVED).unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("machine %s: cannot remove its saved state: %s", self.name, e, extra={"MACHINE": self.name})
+        self._run_state_changed(MachineState.RUNNING)
+        self.save()
 
     # -- share hotplug --------------------------------------------------------
 

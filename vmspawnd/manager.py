@@ -236,7 +236,7 @@ class Manager:
         """What `uid`'s machines take, listed (a stopped one its share, see
         quota.held) or being created or started, but machine `exclude`."""
         listed = [
-            quota.held(usage(m.spec), m.state is not MachineState.STOPPED)
+            quota.held(usage(m.spec), not m.state.at_rest)
             for m in self.machines.values()
             if m.owner_uid == uid and m.name != exclude and m.name not in self._creating
         ]
@@ -244,7 +244,7 @@ class Manager:
 
     def status(self) -> str:
         """systemd's STATUS= line: the machines that run, and the kept ones at rest."""
-        stopped = sum(m.state is MachineState.STOPPED for m in self.machines.values())
+        stopped = sum(m.state.at_rest for m in self.machines.values())
         text = f"{len(self.machines) - stopped} machines running"
         return f"{text}, {stopped} stopped" if stopped else text
 
@@ -277,7 +277,8 @@ class Manager:
         """Start(): boot a kept, stopped machine again: same name, id, ports and
         drives (the hotplugged ones at boot on their spare ports), every file
         opened again as its creator, its owner's quota checked as at create.
-        The next run replaces the stopped one under its name, on its object."""
+        The next run replaces the stopped one under its name, on its object;
+        a suspended one's resumes from its saved state (Machine.suspend)."""
         old = self.get(name)
         old.check_startable()
         owner = old.owner_uid
@@ -366,6 +367,8 @@ class Manager:
                     loaded.get("initrd"), plugged, lambda: self._confine(machine),
                 )  # fmt: skip
             await machine.query_accel()
+            # A suspended machine's guest runs on only once all else succeeded.
+            await machine.go_on()
         except BaseException:
             await asyncio.shield(machine.discard(keep_dir))
             self._release_identity(machine)
@@ -533,7 +536,7 @@ class Manager:
                 "machine %s: its QEMU (pid %d) ended while vmspawnd was down; kept, it is stopped now",
                 directory.name, record.pid, extra={"MACHINE": directory.name},
             )  # fmt: skip
-            state.clear_all_but_log(directory)
+            state.clear_all_but_log(directory, keep_saved=machine.suspended)
             await machine.save_stopped()
         return machine
 

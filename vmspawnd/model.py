@@ -46,6 +46,9 @@ class MachineState(enum.StrEnum):
     PAUSED = "paused"
     STOPPING = "stopping"
     STOPPED = "stopped"
+    # A kept machine whose memory and device state QEMU saved to a file
+    # (Suspend); Start() goes on from there.
+    SUSPENDED = "suspended"
     FAILED = "failed"
     # Its QEMU may be alive but the daemon cannot manage it (see StateReason);
     # its directory is kept and it is retried.
@@ -55,6 +58,11 @@ class MachineState(enum.StrEnum):
     def is_live(self) -> bool:
         """QEMU is up and takes commands (its vCPUs may be paused)."""
         return self in (MachineState.RUNNING, MachineState.PAUSED)
+
+    @property
+    def at_rest(self) -> bool:
+        """A kept machine with no QEMU that Start() boots or resumes."""
+        return self in (MachineState.STOPPED, MachineState.SUSPENDED)
 
 
 class PortRole(enum.StrEnum):

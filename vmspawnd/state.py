@@ -61,6 +61,9 @@ class MachineRecord:
     # A kept machine that is not running: no pid, its drives in spec.plugged.
     stopped: bool = False
     nics: tuple[Nic, ...] = ()
+    # A kept machine whose QEMU saved its state to SAVED (Suspend): Start()
+    # resumes it from there. Optional: records without it are not suspended.
+    suspended: bool = False
 
 
 def _plain(value: Any) -> Any:
@@ -238,6 +241,7 @@ def _record(d: dict[str, Any], version: int) -> MachineRecord:
         shares=tuple(_share(x, w) for w, x in _items(d, "shares", "")) if "shares" in d else (),
         stopped=_get(d, "stopped", bool, "") if version >= 2 else False,
         nics=tuple(_nic(x, w) for w, x in _items(d, "nics", "")) if "nics" in d else (),
+        suspended=_get(d, "suspended", bool, "", False),
     )
 
 
@@ -320,6 +324,8 @@ def write(directory: Path, record: MachineRecord) -> None:
 
 LOG = "qemu.log"
 CONSOLE = "console.log"
+# A suspended machine's memory and device state, as QEMU's migration wrote it.
+SAVED = "suspend.vmstate"
 
 
 def virtiofsd_log(device: str) -> str:
@@ -333,13 +339,14 @@ def is_log(name: str) -> bool:
     return name in (LOG, CONSOLE, f"{CONSOLE}.1") or (name.startswith(virtiofsd_log("")[:-4]) and name.endswith(".log"))
 
 
-def clear_all_but_log(directory: Path) -> list[Path]:
-    """Remove a dead machine's runtime state, keeping its logs (is_log).
+def clear_all_but_log(directory: Path, keep_saved: bool = False) -> list[Path]:
+    """Remove a dead machine's runtime state, keeping its logs (is_log) and,
+    with `keep_saved`, a suspended machine's saved state (SAVED).
 
     Returns what was removed.
     """
     try:
-        leftovers = [p for p in directory.iterdir() if not is_log(p.name)]
+        leftovers = [p for p in directory.iterdir() if not is_log(p.name) and not (keep_saved and p.name == SAVED)]
     except FileNotFoundError:
         return []
     for entry in leftovers:

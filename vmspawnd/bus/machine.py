@@ -444,6 +444,13 @@ class MachineInterface(ServiceInterface):
 
     @dbus_method()
     @replies_errors
+    async def Suspend(self) -> None:
+        """Save a kept machine's state to disk and stop its QEMU; Start() resumes it."""
+        await self._authorize(self.machine)
+        await self.machine.suspend()
+
+    @dbus_method()
+    @replies_errors
     async def Reboot(self) -> None:
         await self._authorize(self.machine)
         await self.machine.reboot()

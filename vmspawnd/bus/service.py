@@ -11,7 +11,6 @@ from ..errors import VmspawndError
 from ..machine import Machine
 from ..machined import Machined
 from ..manager import Manager
-from ..model import MachineState
 from . import BUS_NAME, MANAGER_PATH, caller
 from .guard import GuardedBus
 from .machine import RUN_PROPERTIES, MachineInterface
@@ -82,7 +81,7 @@ class BusService:
         self.iface.MachineNew(machine.name, iface.path)
         self._count_changed()
         # A kept machine reloaded stopped has no QEMU to register; Start registers its next run.
-        if machine.state is not MachineState.STOPPED:
+        if not machine.state.at_rest:
             self.machined.register(machine)
 
     def _machine_stopped(self, machine: Machine) -> None:
