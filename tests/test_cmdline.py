@@ -760,3 +760,10 @@ def test_a_suspended_machines_start_waits_for_its_saved_state_with_its_vcpus_sto
     assert resumed[: len(plain)] == plain
     assert resumed[len(plain) :] == ["-S", "-incoming", "defer"]
     assert "-incoming" not in plain
+
+
+def test_an_incoming_machine_waits_for_its_migration_stream() -> None:
+    """The destination of a live migration: same devices, QEMU waits for migrate-incoming."""
+    plain = argv_for(spec(hotplug_spares=2))
+    waiting = argv_for(spec(hotplug_spares=2), replace(RT, incoming=True, autostart=True))
+    assert waiting == [*plain, "-incoming", "defer"]

@@ -217,6 +217,7 @@ EXPECTED_EXIT = {
     "NoFreePort": 5, "UnplugInProgress": 5, "MachineExists": 5,
     "QemuFailed": 1, "UnplugTimeout": 1, "NotRunning": 1, "AlreadyRunning": 5,
     "QemuUnresponsive": 1, "NoSpace": 1, "OpenTimeout": 1, "ConsoleBusy": 5, "Unsupported": 2,
+    "MigrationFailed": 1, "MigrationInProgress": 5, "NotMigrating": 5,
 }  # fmt: skip
 
 

@@ -24,7 +24,10 @@ from vmspawnd.bus.options import (
     add_drive,
     add_drive_port,
     add_share,
+    incoming,
+    incoming_timeout,
     machine_spec,
+    migrate,
     power_off_timeout,
     remove_timeout,
 )
@@ -40,6 +43,7 @@ from vmspawnd.model import (
     MountSpec,
     Network,
     NetworkMode,
+    PluggedDrive,
 )
 
 V = Variant
@@ -89,6 +93,12 @@ VALID: dict[str, tuple[Variant, Any]] = {
     "qemu_extra": (V("as", ["-smp", "2"]), lambda s: s.qemu_extra == ("-smp", "2")),
     "firmware": (V("s", "uefi"), lambda s: s.firmware is Firmware.UEFI),
     "keep": (V("b", True), lambda s: s.keep is True),
+    "plugged": (
+        V("aa{sv}", [{"path": V("s", "/p"), "id": V("s", "disk3"), "port": V("s", "rp1")}]),
+        lambda s: s.plugged == (PluggedDrive("disk3", DriveSpec(Path("/p")), "rp1"),),
+    ),
+    # Not the spec's: how QEMU starts (incoming() reads it).
+    "incoming": (V("b", True), lambda s: s == MachineSpec("m")),
 }
 
 
@@ -664,3 +674,52 @@ def test_add_share_needs_a_tag_and_an_absolute_directory() -> None:
         add_share("/srv", {"tag": Variant("s", "t"), "cache": Variant("s", "auto")})
     with pytest.raises(InvalidArgument, match="must have type 'b'"):
         add_share("/srv", {"tag": Variant("s", "t"), "read_only": Variant("s", "yes")})
+
+
+def plugged_entry(**values: Any) -> dict[str, Variant]:
+    base = {"path": V("s", "/p"), "id": V("s", "disk3"), "port": V("s", "rp1")}
+    return base | {k: V("s", v) if isinstance(v, str) else v for k, v in values.items()}
+
+
+def test_plugged_scsi_drive_names_its_controller() -> None:
+    entry = plugged_entry(disk_type="virtio-scsi", controller="scsi2")
+    assert spec(plugged=V("aa{sv}", [entry])).plugged == (
+        PluggedDrive("disk3", DriveSpec(Path("/p"), DiskType.VIRTIO_SCSI), "rp1", "scsi2"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("entry", "fragment"),
+    [
+        ({"path": V("s", "/p"), "id": V("s", "disk3")}, "needs an 'id' and the spare 'port'"),
+        (plugged_entry(id="rp0"), "vmspawnd's own"),
+        (plugged_entry(id="9lives"), "is invalid"),
+        (plugged_entry(disk_type="virtio-scsi"), "names its 'controller'"),
+        (plugged_entry(controller="scsi1"), "names its 'controller'"),
+        (plugged_entry(disk_type="virtio-scsi", controller="ctl"), "names its 'controller'"),
+        (plugged_entry(path="rel"), "must be an absolute path"),
+        (plugged_entry(slot="x"), "unknown plugged[0] option 'slot'"),
+    ],
+)
+def test_plugged_refusals(entry: dict[str, Variant], fragment: str) -> None:
+    refused({"plugged": V("aa{sv}", [entry])}, fragment)
+
+
+def test_plugged_ids_are_unique() -> None:
+    refused({"plugged": V("aa{sv}", [plugged_entry(), plugged_entry(port="rp2")])}, "'disk3' more than once")
+
+
+def test_incoming_is_read_beside_the_spec() -> None:
+    assert incoming({"incoming": V("b", True)}) is True
+    assert incoming({}) is False
+
+
+def test_migrate_options() -> None:
+    assert migrate({}) == (0, 600.0)
+    assert migrate({"max_bandwidth": V("t", 1 << 20), "timeout_usec": V("t", 5_000_000)}) == (1 << 20, 5.0)
+    assert incoming_timeout({"timeout_usec": V("t", 2_000_000)}) == 2.0
+    for bad in ({"timeout_usec": V("t", 0)}, {"speed": V("t", 1)}, {"max_bandwidth": V("u", 1)}):
+        with pytest.raises(InvalidArgument):
+            migrate(bad)
+    with pytest.raises(InvalidArgument, match="unknown Incoming option"):
+        incoming_timeout({"max_bandwidth": V("t", 1)})

@@ -110,6 +110,8 @@ class Runtime:
     plugged: dict[str, PluggedFiles] = field(default_factory=dict)
     # A suspended machine's start: QEMU waits for its saved state
     # (migrate-incoming) and its vCPUs for the daemon's cont.
+    # A live migration's destination runs the vCPUs once its state is in.
+    autostart: bool = False
     incoming: bool = False
 
     @property
@@ -357,5 +359,5 @@ def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
     if spec.cmdline:
         argv += ["-append", spec.cmdline]
     if rt.incoming:
-        argv += ["-S", "-incoming", "defer"]
+        argv += ([] if rt.autostart else ["-S"]) + ["-incoming", "defer"]
     return argv + list(spec.qemu_extra)

@@ -222,6 +222,18 @@ ERRORS: dict[str, tuple[Exit, _Hint]] = {
         Exit.FAILED,
         lambda c: "the file system holding the file did not answer (a hung network mount?); check it, then retry",
     ),
+    "MigrationFailed": (
+        Exit.FAILED,
+        lambda c: (
+            f"the guest runs on where it was ('{PROG} status {c.name or 'NAME'}'); the message says why, "
+            f"the destination's qemu.log may say more"
+        ),
+    ),
+    "MigrationInProgress": (
+        Exit.BUSY,
+        lambda c: "the machine is migrating: wait for the migration to end, or cancel it (CancelMigration)",
+    ),
+    "NotMigrating": (Exit.BUSY, lambda c: "no migration of this machine is running; nothing to cancel or complete"),
 }
 
 # Errors from the bus itself, not from vmspawnd.

@@ -97,6 +97,18 @@ class ConsoleBusy(VmspawndError):
     """The console has its one writer already, or as many followers as it takes."""
 
 
+class MigrationFailed(VmspawndError):
+    """A live migration did not complete (QEMU's reason, a cancel, or its bound)."""
+
+
+class MigrationInProgress(VmspawndError):
+    """The machine is migrating: the request waits for the migration's end."""
+
+
+class NotMigrating(VmspawndError):
+    """CancelMigration or ForceCompleteMigration of a machine with no migration running."""
+
+
 ALL_ERRORS: tuple[type[VmspawndError], ...] = (
     InvalidArgument,
     NoSuchMachine,
@@ -119,4 +131,7 @@ ALL_ERRORS: tuple[type[VmspawndError], ...] = (
     NoSpace,
     OpenTimeout,
     ConsoleBusy,
+    MigrationFailed,
+    MigrationInProgress,
+    NotMigrating,
 )

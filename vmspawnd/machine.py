@@ -24,10 +24,13 @@ from .errors import (
     AccessDenied,
     AlreadyRunning,
     InvalidArgument,
+    MigrationFailed,
+    MigrationInProgress,
     NoSpace,
     NoSuchDrive,
     NoSuchNetwork,
     NoSuchShare,
+    NotMigrating,
     NotRunning,
     QemuFailed,
     QemuUnresponsive,
@@ -97,6 +100,22 @@ def migration_timeout(memory: int) -> float:
     return MIGRATION_TIMEOUT + MIGRATION_TIMEOUT_PER_GIB * memory / (1 << 30)
 
 
+# A live migration's stream: the name QEMU holds its fd under (getfd).
+MIGRATION_FD = "migration"
+
+
+class Outgoing:
+    """A migration out of this machine (Migrate) while it runs."""
+
+    def __init__(self) -> None:
+        # ForceCompleteMigration stopped the guest: a failed migration resumes it.
+        self.paused = False
+        # Set once Migrate is done with it (the guest runs again here, or the machine is gone).
+        self.finished = asyncio.Event()
+        # Its last MIGRATION status, once it ended.
+        self.end: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+
 class Observer(Protocol):
     def changed(self, machine: Machine, properties: set[str]) -> None: ...
     def drive_added(self, machine: Machine, drive: Drive) -> None: ...
@@ -145,6 +164,12 @@ class Machine:
         # Set while a command has gone unanswered: requests are refused at
         # once until QEMU answers again.
         self._unresponsive = ""
+        # Created with `incoming`: QEMU waits for the migration stream Incoming() feeds it.
+        self.incoming = False
+        # The migration out of this machine in flight (Migrate).
+        self._outgoing: Outgoing | None = None
+        # QEMU's MIGRATION status of the last migration in or out ("" before any).
+        self.migration_status = ""
         self.observer: Observer | None = None
         self.on_ended: Callable[[Machine], None] | None = None
         self.process: Process | None = None
@@ -230,8 +255,9 @@ class Machine:
 
     @property
     def defined(self) -> bool:
-        """A kept machine not terminated: it stays listed when it stops."""
-        return self.spec.keep and not self._forget
+        """A kept machine not terminated: it stays listed when it stops
+        (not while it waits for its incoming migration: a failed one removes it)."""
+        return self.spec.keep and not self._forget and not self.incoming
 
     def loaded_stopped(self, record: state.MachineRecord) -> None:
         """A kept, stopped (or suspended) machine read back from its record
@@ -369,7 +395,8 @@ class Machine:
                 fs_fds = await self._start_virtiofsd(shares)
                 rt = cmdline.Runtime(
                     self.id, listener.fileno(), self.console_log, console, vsock_cid, opened, kernel_fd, initrd_fd,
-                    fs_fds, tap_fd, chains or {}, serial.fileno(), files, incoming=self.resuming,
+                    fs_fds, tap_fd, chains or {}, serial.fileno(), files, incoming=self.resuming or self.incoming,
+                    autostart=self.incoming,
                 )  # fmt: skip
                 argv = cmdline.build_argv(self.spec, self.plan, rt)
                 state.write_private(self.dir / "argv", "\n".join(argv) + "\n")
@@ -465,7 +492,7 @@ class Machine:
             log.warning("machine %s: no interactive console: %s", self.name, e, extra={"MACHINE": self.name})
 
     async def _running(self, must_persist: bool) -> None:
-        self.state = MachineState.RUNNING
+        self.state = MachineState.INCOMING if self.incoming else MachineState.RUNNING
         self._writer.start()
         # Before the machine is announced: a daemon killed right after still
         # finds it. A re-attached machine has its record already: it goes on
@@ -871,6 +898,8 @@ class Machine:
         """Running or paused: QEMU is there and takes commands."""
         if self.state is MachineState.UNMANAGED:
             raise NotRunning(f"machine {self.name} is unmanaged: {self.reason}")
+        if self.state is MachineState.INCOMING:
+            raise NotRunning(f"machine {self.name} waits for its incoming migration (Incoming); it runs after it")
         if not self.state.is_live:
             again = "Start()" if self.spec.keep else "CreateMachine"
             raise NotRunning(f"machine {self.name} is {self.state}, not running; start it again with {again}")
@@ -897,6 +926,7 @@ class Machine:
         takes requests too: QEMU plugs and unplugs devices while its vCPUs
         stand still (the guest sees them when it runs again), as libvirt allows."""
         self._check_live()
+        self._check_not_migrating(what)
         if self._unresponsive:
             raise QemuUnresponsive(f"machine {self.name}: {self._unresponsive}; {what} refused until it answers")
         try:
@@ -1412,9 +1442,7 @@ class Machine:
         elif name == "RESET":
             log.info("machine %s: reset (%s)", self.name, data.get("reason", "?"), extra={"MACHINE": self.name})
         elif name == "MIGRATION":
-            status = str(data.get("status", ""))
-            if self._migration is not None and not self._migration.done() and status in MIGRATION_ENDS:
-                self._migration.set_result(status)
+            self._migration_event(str(data.get("status", "")))
         elif name == "SHUTDOWN":
             self._shutdown_reason = str(data.get("reason", ""))
             self._shutdown.set()
@@ -1910,3 +1938,187 @@ class Machine:
         log.info("machine %s: share %s (%s) removed", self.name, dev, gone.tag, extra={"MACHINE": self.name})
         self._tell(lambda o: o.share_removed(self, dev))
         self._notify("Shares", "Ports", "FreeSparePorts")
+
+    # -- live migration ---------------------------------------------------------
+    # The stream is a socket the caller connected and hands in (no network of
+    # the daemon's or QEMU's own); disks are shared storage: the destination
+    # opens the same paths, nothing of them is copied.
+
+    def _check_not_migrating(self, what: str) -> None:
+        if self._outgoing is not None:
+            raise MigrationInProgress(
+                f"machine {self.name} is migrating; {what} is refused until the migration ends (or CancelMigration)"
+            )
+
+    def _migration_event(self, status: str) -> None:
+        """A MIGRATION event (Suspend's save, a live migration in or out): the
+        Migration property, and the end whoever waits for one (self._migration)."""
+        self.migration_status = status
+        self._notify("Migration")
+        end = self._migration
+        if status in MIGRATION_ENDS and end is not None and not end.done():
+            end.set_result(status)
+
+    async def _hand_stream(self, fd: int, command: str, args: dict[str, object], method: str) -> None:
+        """MIGRATION events on, the stream `fd` handed over (getfd), then `command` takes it."""
+        try:
+            await self._monitor.execute("migrate-set-capabilities", EVENTS_CAPABILITY)
+            for key, value in args.items():
+                await self._monitor.execute("migrate-set-parameters", {key: value})
+            await self._monitor.get_fd(fd, MIGRATION_FD)
+            await self._monitor.execute(command, {"uri": f"fd:{MIGRATION_FD}"})
+        except QmpError as e:
+            with contextlib.suppress(QmpError, QmpDisconnected, QemuUnresponsive):
+                await self._monitor.execute("closefd", {"fdname": MIGRATION_FD})
+            raise QemuFailed(f"QEMU refused {command} for {method}: {e}") from e
+        except QmpDisconnected as e:
+            raise NotRunning(f"machine {self.name} stopped during {method}: {e}") from e
+
+    async def start_incoming(self, fd: int) -> asyncio.Future[str]:
+        """Incoming(), first half: the stream `fd` (the caller's, who may
+        close it once this returns) into the waiting QEMU (migrate-incoming).
+        A failure removes the machine: nothing is left behind."""
+        if self.state is not MachineState.INCOMING:
+            raise NotRunning(f"machine {self.name} is {self.state}: only a machine created with 'incoming' takes one")
+        if self._migration is not None:
+            raise MigrationInProgress(f"machine {self.name} receives its migration already")
+        end = self._migration = asyncio.get_running_loop().create_future()
+        try:
+            await self._hand_stream(fd, "migrate-incoming", {}, "Incoming")
+        except BaseException:
+            self._migration = None
+            await asyncio.shield(self.terminate())
+            raise
+        return end
+
+    async def finish_incoming(self, end: asyncio.Future[str], timeout: float) -> None:
+        """Incoming(), second half: returns once the migration completed and
+        the guest runs here (paused if the source had paused it). A failure,
+        or no end within `timeout`, removes the machine."""
+        try:
+            status = await self._migration_end(asyncio.shield(end), timeout)
+            if status != "completed":
+                if status == "exited":
+                    why = f"QEMU exited: {await self._qemu_errors()}"
+                else:
+                    why = f"no end within {timeout:g} s" if status == "timeout" else await self._migration_error()
+                raise MigrationFailed(f"the incoming migration of {self.name} failed: {why}; the machine is removed")
+        except BaseException:
+            await asyncio.shield(self.terminate())
+            raise
+        finally:
+            self._migration = None
+        self.incoming = False
+        self.state = MachineState.RUNNING
+        await self._sync_run_state()
+        self.save()
+        log.info("machine %s migrated in, %s", self.name, self.state, extra={"MACHINE": self.name})
+        self._notify("State")
+
+    def _check_migratable(self) -> None:
+        """What the destination could not rebuild: refused before anything is sent."""
+        if self.shares:
+            raise Unsupported(
+                f"machine {self.name} has virtiofs shares ({', '.join(sorted(self.shares))}): QEMU cannot migrate "
+                "vhost-user-fs devices; remove the hotplugged ones (RemoveShare) or create the machine without"
+            )
+        if self.nics:
+            raise Unsupported(
+                f"machine {self.name} has hotplugged network interfaces ({', '.join(sorted(self.nics))}), which the "
+                "destination cannot be created with yet; remove them first (RemoveNetwork)"
+            )
+        if nvme := sorted(d.id for d in self.drives.values() if d.disk_type is DiskType.NVME):
+            raise Unsupported(
+                f"machine {self.name} has nvme drives ({', '.join(nvme)}), whose state QEMU cannot migrate; "
+                "remove the hotplugged ones (RemoveDrive), or use virtio-blk or virtio-scsi"
+            )
+        if busy := sorted(d.id for d in self.drives.values() if d.state is DriveState.REMOVING):
+            raise UnplugInProgress(f"drives {', '.join(busy)} of {self.name} are being removed; wait for DriveRemoved")
+
+    async def start_migration(self, fd: int, max_bandwidth: int) -> Outgoing:
+        """Migrate(), first half: the machine's state into the stream `fd`
+        (the caller's, who may close it once this returns; a destination
+        created with `incoming` and fed by Incoming reads it)."""
+        async with self._request("Migrate"):
+            self._check_migratable()
+            outgoing = self._outgoing = Outgoing()
+            self._migration = outgoing.end
+            try:
+                params: dict[str, object] = {"max-bandwidth": max_bandwidth} if max_bandwidth else {}
+                await self._hand_stream(fd, "migrate", params, "Migrate")
+            except BaseException:
+                self._outgoing = self._migration = None
+                outgoing.finished.set()
+                raise
+        return outgoing
+
+    async def finish_migration(self, outgoing: Outgoing, timeout: float) -> None:
+        """Migrate(), second half. On completion this QEMU quits and the
+        machine is gone (a kept one too: it lives at the destination now).
+        On failure, a cancel, or no end within `timeout` (cancelled then) the
+        guest runs on here."""
+        try:
+            status = await self._migration_end(asyncio.shield(outgoing.end), timeout)
+            why = ""
+            if status == "timeout":
+                with contextlib.suppress(QmpError, QmpDisconnected, QemuUnresponsive):
+                    await self._monitor.execute("migrate_cancel")
+                status = await self._migration_end(asyncio.shield(outgoing.end), TIMEOUT)
+                why = f"no end within {timeout:g} s (then cancelled: {status})"
+            elif status == "exited":
+                raise NotRunning(f"machine {self.name} stopped during Migrate: {await self._qemu_errors()}")
+            elif status != "completed":
+                why = "cancelled (CancelMigration)" if status == "cancelled" else await self._migration_error()
+            if why:
+                await self._resume_after_migration(outgoing)
+                raise MigrationFailed(f"the migration of {self.name} failed: {why}; the guest runs on here")
+        except BaseException:
+            self._outgoing = self._migration = None
+            outgoing.finished.set()
+            raise
+        # With no await since: no request slips in before terminate() refuses them.
+        self._outgoing = self._migration = None
+        log.info("machine %s migrated out; its QEMU quits", self.name, extra={"MACHINE": self.name})
+        try:
+            await self.terminate()
+        finally:
+            outgoing.finished.set()
+
+    async def _resume_after_migration(self, outgoing: Outgoing) -> None:
+        """QEMU resumes a guest a failed migration had stopped; one that
+        ForceCompleteMigration paused is resumed here."""
+        if not outgoing.paused:
+            return
+        try:
+            await self._monitor.execute("cont")
+        except (QmpError, QmpDisconnected, QemuUnresponsive) as e:
+            log.warning("machine %s: cont after the failed migration: %s", self.name, e, extra={"MACHINE": self.name})
+            return
+        self._run_state_changed(MachineState.RUNNING)
+
+    def _migrating(self, method: str) -> Outgoing:
+        self._check_live()
+        if self._outgoing is None:
+            raise NotMigrating(f"machine {self.name} is not migrating; {method} needs a Migrate in progress")
+        return self._outgoing
+
+    async def cancel_migration(self) -> None:
+        """CancelMigration(): migrate_cancel; returns once the guest runs here again."""
+        outgoing = self._migrating("CancelMigration")
+        await self._run_command("migrate_cancel", "CancelMigration")
+        try:
+            await asyncio.wait_for(outgoing.finished.wait(), TIMEOUT)
+        except TimeoutError:
+            raise QemuUnresponsive(
+                f"the migration of {self.name} did not end within {TIMEOUT:g} s of its cancel"
+            ) from None
+
+    async def force_complete_migration(self) -> None:
+        """ForceCompleteMigration(): the guest is paused so its memory stops
+        changing and the migration converges (as libvirt does without
+        post-copy); a migration that fails after all resumes it."""
+        outgoing = self._migrating("ForceCompleteMigration")
+        if self.state is MachineState.RUNNING and not outgoing.paused:
+            outgoing.paused = True
+            await self._run_command("stop", "ForceCompleteMigration")
+            self._run_state_changed(MachineState.PAUSED)

@@ -254,7 +254,8 @@ class Manager:
             raise NoSuchMachine(f"no machine named {name!r}; ListMachines shows the ones there are")
         return machine
 
-    async def create(self, spec: MachineSpec, owner_uid: int) -> Machine:
+    async def create(self, spec: MachineSpec, owner_uid: int, incoming: bool = False) -> Machine:
+        """CreateMachine; `incoming`: QEMU waits for a migration stream (Machine.start_incoming)."""
         check_name(spec.name)
         if spec.name in self.machines or spec.name in self._reserved:
             raise MachineExists(f"a machine named {spec.name!r} exists already; pick another name or terminate it")
@@ -268,7 +269,7 @@ class Manager:
         self._reserved.add(spec.name)
         self._creating[spec.name] = (owner_uid, usage(spec))
         try:
-            return await self._create_with_fallback(spec, owner_uid)
+            return await self._with_fallback(spec, lambda s: self._create(s, owner_uid, incoming))
         finally:
             self._reserved.discard(spec.name)
             del self._creating[spec.name]
@@ -304,9 +305,6 @@ class Manager:
         await self._launch(new, keep_dir=True)
         return new
 
-    async def _create_with_fallback(self, spec: MachineSpec, owner_uid: int) -> Machine:
-        return await self._with_fallback(spec, lambda s: self._create(s, owner_uid))
-
     async def _with_fallback(self, spec: MachineSpec, run: Callable[[MachineSpec], Awaitable[Machine]]) -> Machine:
         """ "auto" means KVM where QEMU can use it: a host may have /dev/kvm
         and still fail (a nested KVM that aborts at the first vCPU reset),
@@ -322,7 +320,7 @@ class Manager:
             )  # fmt: skip
         return await run(replace(spec, accel=Accel.TCG))
 
-    async def _create(self, spec: MachineSpec, owner_uid: int) -> Machine:
+    async def _create(self, spec: MachineSpec, owner_uid: int, incoming: bool) -> Machine:
         plan = await self._plan(spec)
         directory = self.machines_dir / spec.name
         # A dead machine's leftovers (its kept logs) make way for the new
@@ -335,6 +333,7 @@ class Manager:
                 )
         shutil.rmtree(directory, ignore_errors=True)
         machine = Machine(spec, plan, uuid.uuid4().hex, directory, owner_uid, self._allocate_identity(), self.systemd)
+        machine.incoming = incoming
         await self._launch(machine, keep_dir=False)
         self.machines[spec.name] = machine
         self.on_new(machine)

@@ -42,6 +42,8 @@ class NetworkMode(enum.StrEnum):
 
 class MachineState(enum.StrEnum):
     STARTING = "starting"
+    # Created with `incoming`: QEMU waits for a migration stream (Incoming).
+    INCOMING = "incoming"
     RUNNING = "running"
     PAUSED = "paused"
     STOPPING = "stopping"

@@ -26,7 +26,14 @@ from dbus_fast import BusType, DBusError, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from vmspawnd.bus import BUS_NAME, MACHINE_IFACE, MANAGER_IFACE, MANAGER_PATH
-from vmspawnd.bus.options import ADD_DRIVE_OPTIONS, ADD_SHARE_OPTIONS, DRIVE_OPTIONS, MACHINE_OPTIONS, MOUNT_OPTIONS
+from vmspawnd.bus.options import (
+    ADD_DRIVE_OPTIONS,
+    ADD_SHARE_OPTIONS,
+    DRIVE_OPTIONS,
+    MACHINE_OPTIONS,
+    MOUNT_OPTIONS,
+    PLUGGED_OPTIONS,
+)
 from vmspawnd.state import is_log
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +50,8 @@ def variants(options: dict[str, Any], schema: dict[str, str]) -> dict[str, Varia
             out[key] = Variant("aa{sv}", [variants(d, DRIVE_OPTIONS) for d in value])
         elif key == "mounts":
             out[key] = Variant("aa{sv}", [variants(m, MOUNT_OPTIONS) for m in value])
+        elif key == "plugged":
+            out[key] = Variant("aa{sv}", [variants(p, PLUGGED_OPTIONS) for p in value])
         else:
             out[key] = Variant(schema[key], value)
     return out

@@ -3,7 +3,7 @@
 import asyncio
 import os
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from dbus_fast import Message, PropertyAccess, Variant
 from dbus_fast.aio import MessageBus
@@ -13,7 +13,7 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus
 from .. import cmdline, share, tap
 from ..chainopen import OpenedChain, open_chain
 from ..errors import InvalidArgument
-from ..machine import Machine
+from ..machine import Machine, Outgoing
 from ..model import Drive, DriveSpec, MachineShare, NetworkMode, Nic
 from ..topology import Port
 from . import MACHINE_IFACE, MANAGER_PATH, caller
@@ -26,6 +26,7 @@ DrivePort = Annotated[list[str], DBusSignature("ss")]
 UsedBudget = Annotated[list[int], DBusSignature("(uu)")]
 CountFlag = Annotated[list[Any], DBusSignature("(ub)")]
 Counters = Annotated[dict[str, int], DBusSignature("a{st}")]
+T = TypeVar("T")
 
 DEFAULT_UNPLUG_TIMEOUT = 10.0
 # What a machine's next run changes (Start() of a kept machine).
@@ -170,6 +171,7 @@ class MachineInterface(ServiceInterface):
             "FreeSparePorts": lambda: machine.ports.free_count,
             "ConsoleClients": lambda: list(machine.console.roster.summary),
             "Accel": lambda: machine.accel,
+            "Migration": lambda: machine.migration_status,
         }
         self.emit_properties_changed(
             {p: getters[p]() for p in properties if p in getters}, sorted(properties & INVALIDATED)
@@ -214,6 +216,12 @@ class MachineInterface(ServiceInterface):
     def Accel(self) -> DBusStr:
         """The accelerator QEMU runs with: kvm or tcg ("" while unknown)."""
         return self.machine.accel
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Migration(self) -> DBusStr:
+        """QEMU's status of the last migration in or out (setup, active,
+        completed, failed, cancelled...); "" before any."""
+        return self.machine.migration_status
 
     @dbus_property(access=PropertyAccess.READ)
     def Keep(self) -> DBusBool:
@@ -429,6 +437,56 @@ class MachineInterface(ServiceInterface):
         timeout = parse.power_off_timeout(timeout_usec)
         await self._authorize(self.machine)
         return await self.machine.power_off(timeout)
+
+    @dbus_method()
+    @replies_errors
+    async def Migrate(self, fd: DBusUnixFd, options: Options) -> None:
+        """The machine into the stream `fd` (a socket the caller connected to
+        the destination's Incoming); returns once it completed and this side is gone."""
+
+        async def start(stream: int) -> tuple[Outgoing, float]:
+            max_bandwidth, timeout = parse.migrate(options)
+            return await self.machine.start_migration(stream, max_bandwidth), timeout
+
+        outgoing, timeout = await self._pass_stream(fd, "Migrate", start)
+        await self.machine.finish_migration(outgoing, timeout)
+
+    @dbus_method()
+    @replies_errors
+    async def Incoming(self, fd: DBusUnixFd, options: Options) -> None:
+        """Feed a machine created with `incoming` its migration stream; returns once it runs here."""
+
+        async def start(stream: int) -> tuple[asyncio.Future[str], float]:
+            timeout = parse.incoming_timeout(options)
+            return await self.machine.start_incoming(stream), timeout
+
+        end, timeout = await self._pass_stream(fd, "Incoming", start)
+        await self.machine.finish_incoming(end, timeout)
+
+    async def _pass_stream(self, fd: int, method: str, start: Callable[[int], Awaitable[T]]) -> T:
+        """The caller's migration stream handed to QEMU by `start`; our
+        copies closed at once after: a cancel closing QEMU's must reach the
+        other side as the stream's end."""
+        passed = caller.passed_fds()
+        try:
+            check_passed(fd, passed, method)
+            await self._authorize(self.machine)
+            return await start(fd)
+        finally:
+            for passed_fd in passed:
+                os.close(passed_fd)
+
+    @dbus_method()
+    @replies_errors
+    async def CancelMigration(self) -> None:
+        await self._authorize(self.machine)
+        await self.machine.cancel_migration()
+
+    @dbus_method()
+    @replies_errors
+    async def ForceCompleteMigration(self) -> None:
+        await self._authorize(self.machine)
+        await self.machine.force_complete_migration()
 
     @dbus_method()
     @replies_errors

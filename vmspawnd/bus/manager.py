@@ -62,7 +62,7 @@ class ManagerInterface(ServiceInterface):
         # Who asks first: a caller who may not create learns nothing from the options.
         uid = await self._may_create()
         spec = parse.machine_spec(name, options)
-        machine = await self.manager.create(spec, owner_uid=uid)
+        machine = await self.manager.create(spec, owner_uid=uid, incoming=parse.incoming(options))
         return object_path(machine.name)
 
     @dbus_method()

@@ -14,6 +14,7 @@ from dbus_fast import Variant
 from .. import nic
 from ..cmdline import Share
 from ..errors import InvalidArgument
+from ..machine import DRIVE_ID, RESERVED_ID
 from ..model import (
     Accel,
     DiskType,
@@ -25,6 +26,7 @@ from ..model import (
     MountSpec,
     Network,
     NetworkMode,
+    PluggedDrive,
 )
 
 MACHINE_OPTIONS = {
@@ -46,8 +48,17 @@ MACHINE_OPTIONS = {
     "qemu_extra": "as",
     "firmware": "s",
     "keep": "b",
+    "plugged": "aa{sv}",
+    "incoming": "b",
 }
 DRIVE_OPTIONS = {"path": "s", "format": "s", "disk_type": "s", "read_only": "b", "serial": "s"}
+# A drive on a spare port at boot (a migrating machine's hotplugged drive, where it sits at the source).
+PLUGGED_OPTIONS = DRIVE_OPTIONS | {"id": "s", "port": "s", "controller": "s"}
+MIGRATE_OPTIONS = {"max_bandwidth": "t", "timeout_usec": "t"}
+INCOMING_OPTIONS = {"timeout_usec": "t"}
+# How long a migration may take unless the caller says otherwise.
+MIGRATION_TIMEOUT = 600.0
+CONTROLLER = re.compile(r"scsi\d+")
 MOUNT_OPTIONS = {"source": "s", "tag": "s", "read_only": "b"}
 ADD_DRIVE_OPTIONS = {"disk_type": "s", "format": "s", "read_only": "b", "serial": "s", "id": "s", "port": "s"}
 REMOVE_DRIVE_OPTIONS = {"timeout_usec": "t"}
@@ -63,7 +74,7 @@ MAX_CPUS = 288
 MAX_STRING = 4096
 # Array caps, checked before any entry is looked at. Drives and mounts each
 # need a port (at most 120 packed, ~200 behind switches); SCSI drives share one.
-MAX_ENTRIES = {"drives": 256, "mounts": 64, "qemu_extra": 1024}
+MAX_ENTRIES = {"drives": 256, "mounts": 64, "qemu_extra": 1024, "plugged": 256}
 IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 SERIAL = re.compile(r"[\x21-\x7e]*")
 
@@ -132,6 +143,52 @@ def network(value: str) -> Network:
     return Network(mode, tap)
 
 
+def plugged_drive(values: dict[str, Any], where: str) -> PluggedDrive:
+    """One `plugged` entry: a drive, its id, its spare port and (SCSI) its controller."""
+    if "id" not in values or "port" not in values:
+        raise InvalidArgument(f"{where} needs an 'id' and the spare 'port' it sits on")
+    spec = drive(values, DiskType.VIRTIO_BLK, where)
+    dev, controller = values["id"], values.get("controller", "")
+    if not DRIVE_ID.fullmatch(dev) or RESERVED_ID.fullmatch(dev):
+        raise InvalidArgument(f"{where} id {dev!r} is invalid or one of vmspawnd's own; give the drive's id")
+    if spec.disk_type.is_scsi != bool(controller) or (controller and not CONTROLLER.fullmatch(controller)):
+        raise InvalidArgument(f"{where}: a SCSI drive names its 'controller' (scsiN), any other drive none")
+    return PluggedDrive(dev, spec, values["port"], controller)
+
+
+def plugged(entries: list[dict[str, Variant]]) -> tuple[PluggedDrive, ...]:
+    drives = tuple(
+        plugged_drive(unpack(e, PLUGGED_OPTIONS, f"plugged[{i}]"), f"plugged[{i}]") for i, e in enumerate(entries)
+    )
+    ids = [p.id for p in drives]
+    if dup := sorted({i for i in ids if ids.count(i) > 1}):
+        raise InvalidArgument(f"plugged names drive id {', '.join(map(repr, dup))} more than once")
+    return drives
+
+
+def incoming(options: dict[str, Variant]) -> bool:
+    """CreateMachine's `incoming`: QEMU waits for a migration stream (the spec is checked by machine_spec)."""
+    value = options.get("incoming")
+    return bool(value.value) if isinstance(value, Variant) and value.signature == "b" else False
+
+
+def migration_timeout(v: dict[str, Any]) -> float:
+    timeout_usec = v.get("timeout_usec", int(MIGRATION_TIMEOUT * 1_000_000))
+    if not 0 < timeout_usec <= 24 * 3600 * 1_000_000:
+        raise InvalidArgument(f"timeout_usec {timeout_usec} is out of range; give 1 to 86400000000 (a day)")
+    return float(timeout_usec) / 1_000_000
+
+
+def migrate(options: dict[str, Variant]) -> tuple[int, float]:
+    """Migrate's (max_bandwidth in bytes/s, 0 for QEMU's own; timeout in s)."""
+    v = unpack(options, MIGRATE_OPTIONS, "Migrate")
+    return v.get("max_bandwidth", 0), migration_timeout(v)
+
+
+def incoming_timeout(options: dict[str, Variant]) -> float:
+    return migration_timeout(unpack(options, INCOMING_OPTIONS, "Incoming"))
+
+
 def machine_spec(name: str, options: dict[str, Variant]) -> MachineSpec:
     v = unpack(options, MACHINE_OPTIONS, "CreateMachine")
     disk_type = choice(DiskType, v.get("disk_type", "virtio-blk"), "disk_type")
@@ -171,6 +228,7 @@ def machine_spec(name: str, options: dict[str, Variant]) -> MachineSpec:
         qemu_extra=tuple(v.get("qemu_extra", [])),
         firmware=choice(Firmware, v.get("firmware", "bios"), "firmware"),
         keep=v.get("keep", False),
+        plugged=plugged(v.get("plugged", [])),
     )
 
 
