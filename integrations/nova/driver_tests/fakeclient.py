@@ -2,8 +2,9 @@
 
 It keeps the daemon's documented rules (DESIGN §2) that the driver relies on:
 names are unique, a kept machine stays stopped after PowerOff and Start
-boots it with its drives, drives take spare ports, errors carry the
-daemon's names. Tests of the driver against the real daemon live in
+boots it with its drives, Suspend of a kept machine leaves it suspended
+and Start resumes it, drives take spare ports, errors carry the daemon's
+names. Tests of the driver against the real daemon live in
 tests/integration.
 """
 
@@ -62,7 +63,7 @@ class FakeClient:
         return {
             "Name": name,
             "State": m.state,
-            "Leader": 0 if m.state == "stopped" else 4242,
+            "Leader": 0 if m.state in ("stopped", "suspended") else 4242,
             "Drives": [{"id": i, "path": p, "disk_type": "virtio-blk", "port": "", "state": "attached"}
                        for i, p in m.drives.items()],
             "FreeSparePorts": spares - len(m.drives),
@@ -77,9 +78,15 @@ class FakeClient:
 
     def start(self, name: str, timeout: float | None = None) -> None:
         m = self._get(name)
-        if m.state != "stopped":
+        if m.state not in ("stopped", "suspended"):
             raise VmspawndError("AlreadyRunning", f"machine {name!r} is {m.state}, not stopped")
         m.state = "running"
+
+    def suspend(self, name: str, timeout: float | None = None) -> None:
+        m = self._running(name)
+        if not m.options.get("keep"):
+            raise VmspawndError("Unsupported", f"machine {name!r} was not created with keep")
+        m.state = "suspended"
 
     def power_off(self, name: str, timeout: float) -> None:
         m = self._running(name)

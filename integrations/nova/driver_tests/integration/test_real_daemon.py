@@ -2,7 +2,8 @@
 
 One instance's life as Nova drives it: spawn, a volume attached (the guest
 sees it), power off and on (the volume is still there), reboot, the console
-output, the volume detached, destroy; nothing is left behind.
+output, suspend and resume (the same guest goes on, the volume still
+there), the volume detached, destroy; nothing is left behind.
 """
 
 from __future__ import annotations
@@ -113,6 +114,18 @@ def test_an_instance_life(driver: VmspawndDriver, workdir: Path) -> None:
         assert driver.get_info(instance).state == power_state.PAUSED
         driver.unpause(instance)
         assert driver.get_info(instance).state == power_state.RUNNING
+
+        # Suspend to disk and resume: the same guest goes on (no new boot), the volume still its own.
+        mark = console_size(driver, instance)
+        driver.suspend(ctxt, instance)
+        assert driver.get_info(instance).state == power_state.SUSPENDED
+        driver.resume(ctxt, instance, [], bdi)
+        assert driver.get_info(instance).state == power_state.RUNNING
+        # Resuming one that runs changes nothing.
+        driver.resume(ctxt, instance, [], bdi)
+        assert driver.get_info(instance).state == power_state.RUNNING
+        after = console_log(driver, instance).read_text(errors="replace")[mark:]
+        assert "VMSPAWN-GUEST-READY" not in after and "VMSPAWN-PCI" not in after, after[-2000:]
 
         mark = console_size(driver, instance)
         driver.detach_volume(ctxt, info, instance, "/dev/vdb")

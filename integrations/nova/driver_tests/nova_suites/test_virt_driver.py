@@ -35,10 +35,6 @@ NOT_IMPLEMENTED = {
     "test_swap_volume",
     # vmspawnd exposes no NMI.
     "test_trigger_crash_dump",
-    # No save of guest memory to disk.
-    "test_suspend",
-    "test_resume_unsuspended_instance",
-    "test_resume_suspended_instance",
     # vmspawnd exposes no block statistics.
     "test_block_stats",
     # No graphics; the serial console is vmspawnd's OpenConsole, not a TCP port Nova's proxy reaches.

@@ -75,11 +75,16 @@ def test_volumes_to_change_make_the_machine_hold_exactly_nova_s(present: list[st
 
 
 def test_every_daemon_state_has_a_power_state() -> None:
-    states = ["starting", "running", "paused", "stopping", "stopped", "failed", "unmanaged"]
+    states = ["starting", "running", "paused", "stopping", "stopped", "suspended", "failed", "unmanaged"]
     assert [mapping.power_state_name(s) for s in states] == [
-        "RUNNING", "RUNNING", "PAUSED", "RUNNING", "SHUTDOWN", "CRASHED", "NOSTATE",
+        "RUNNING", "RUNNING", "PAUSED", "RUNNING", "SHUTDOWN", "SUSPENDED", "CRASHED", "NOSTATE",
     ]  # fmt: skip
     assert mapping.power_state_name("something new") == "NOSTATE"
+
+
+@given(st.integers(1, 1 << 20))
+def test_a_save_may_take_longer_the_more_memory_and_never_less_than_half_a_minute(memory_mb: int) -> None:
+    assert 30 <= mapping.save_timeout(memory_mb) < mapping.save_timeout(memory_mb + 1024)
 
 
 @given(st.none() | st.integers(0, 300), st.integers(0, 300), st.integers(0, 300), st.integers(1, 300))

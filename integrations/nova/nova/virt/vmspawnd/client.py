@@ -136,6 +136,10 @@ class Client:
     def pause(self, name: str) -> None:
         self._machine(name, "Pause")
 
+    def suspend(self, name: str, timeout: float | None = None) -> None:
+        """The machine's state saved to disk, its QEMU gone; start() resumes it."""
+        self._machine(name, "Suspend", timeout=timeout)
+
     def resume(self, name: str) -> None:
         self._machine(name, "Resume")
 

@@ -379,7 +379,8 @@ class VmspawndDriver(driver.ComputeDriver):
     ) -> None:
         state = self._state(instance)
         name = self._name(instance)
-        if state in ("stopped", "failed"):
+        # A suspended one resumes where it was (Start), as a stopped one boots.
+        if state in ("stopped", "suspended", "failed"):
             present = [d["id"] for d in self.client.properties(name).get("Drives", [])]
             if mapping.volumes_to_change(present, self._wanted_volumes(block_device_info))[1]:
                 # A volume detached while it was off: the kept machine still
@@ -430,6 +431,45 @@ class VmspawndDriver(driver.ComputeDriver):
     def unpause(self, instance: Any) -> None:
         if self._state(instance) == "paused":
             self.client.resume(self._name(instance))
+
+    # -- suspend to disk --------------------------------------------------
+
+    def suspend(self, context: Any, instance: Any) -> None:
+        """The guest's memory and device state saved to disk and its QEMU
+        stopped (vmspawnd's Suspend, as libvirt's managed save)."""
+        try:
+            self.client.suspend(self._name(instance), mapping.save_timeout(instance.flavor.memory_mb) + vclient.MARGIN)
+        except vclient.VmspawndError as e:
+            if e.name == "NoSuchMachine":
+                raise exception.InstanceNotFound(instance_id=instance.uuid) from e
+            if e.name == "NotRunning":
+                raise exception.InstanceNotRunning(instance_id=instance.uuid) from e
+            raise exception.InstanceSuspendFailure(reason=str(e)) from e
+
+    def resume(
+        self,
+        context: Any,
+        instance: Any,
+        network_info: Any,
+        block_device_info: Any = None,
+        share_info: Any = None,
+    ) -> None:
+        """A suspended instance goes on where it was (Start resumes it); one
+        that runs already is left as it is: what Nova asked for holds."""
+        state = self._state(instance)
+        name = self._name(instance)
+        if state is None:
+            raise exception.InstanceNotFound(instance_id=instance.uuid)
+        if state != "suspended":
+            LOG.info("resume of %s, which is %s and not suspended: nothing to do", instance.uuid, state)
+            return
+        try:
+            self.client.start(name, mapping.save_timeout(instance.flavor.memory_mb) + vclient.MARGIN)
+        except vclient.VmspawndError as e:
+            # The daemon keeps it suspended, its saved state too: resume may be retried.
+            raise exception.InstanceResumeFailure(reason=str(e)) from e
+        # Volumes attached while it was suspended are plugged now.
+        self._plug_missing(name, block_device_info)
 
     def soft_delete(self, instance: Any) -> None:
         self.power_off(instance)

@@ -29,6 +29,8 @@ POWER_STATES = {
     "paused": "PAUSED",
     "stopping": "RUNNING",
     "stopped": "SHUTDOWN",
+    # Saved to disk, no QEMU (Suspend); Start() resumes it: libvirt's managed save.
+    "suspended": "SUSPENDED",
     "failed": "CRASHED",
     "unmanaged": "NOSTATE",
 }
@@ -97,6 +99,17 @@ def serial(volume_id: str) -> str:
 
 def power_state_name(state: str) -> str:
     return POWER_STATES.get(state, "NOSTATE")
+
+
+# The daemon bounds saving a machine, and loading it again, to 30 s plus 30 s
+# per GiB of guest memory (DESIGN §2, Suspend).
+SAVE_SECONDS = 30.0
+SAVE_SECONDS_PER_GIB = 30.0
+
+
+def save_timeout(memory_mb: int) -> float:
+    """How long Suspend, or the Start that resumes, may take the daemon."""
+    return SAVE_SECONDS + SAVE_SECONDS_PER_GIB * memory_mb / 1024
 
 
 def hotplug_spares(requested: int | None, default: int, volumes: int, most: int) -> int:
