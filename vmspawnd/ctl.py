@@ -83,7 +83,7 @@ exit status:
   0  success
   1  failed: QemuFailed, UnplugTimeout, NotRunning, any other error
   2  invalid argument or usage: InvalidArgument, TooManyPorts,
-     PcieSlotsExhausted, a bad command line
+     PcieSlotsExhausted, Unsupported, a bad command line
   3  not found: NoSuchMachine, NoSuchDrive, NoSuchNetwork, NoSuchShare, a
      file that does not exist
   4  access denied: AccessDenied (the daemon's or the bus policy's),

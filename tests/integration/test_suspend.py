@@ -8,6 +8,7 @@ Each test runs its own bus and daemon (conftest's site): one restarts it.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from dbus_fast import DBusError
 
 from .harness import Client, Site, blank_image, guest_options, image_options, wait_console
+from .test_ctl import ctl, expect_error, ok
 from .test_keep import call, machine_qemus
 from .test_lifecycle import ticks
 
@@ -100,11 +102,14 @@ async def test_a_resume_that_fails_leaves_it_suspended_with_its_file_and_termina
 ) -> None:
     client = site_client
     image = blank_image(tmp_path, "blank.raw")
+    bus = {"DBUS_SYSTEM_BUS_ADDRESS": site.address}
     # Only a kept machine can be suspended.
     plain = await client.create("plain", **image_options(image))
     with pytest.raises(DBusError) as e:
         await call(client, plain, "Suspend")
     assert e.value.type == E + "Unsupported" and "keep" in e.value.text
+    # vmspawnctl says so too, as invalid (exit 2), with its hint.
+    expect_error(ctl("suspend", "plain", env=bus), 2, "not created with keep", "what has to change")
     assert await client.prop(plain, "State") == "running"
     await client.call("TerminateMachine", "s", ["plain"])
 
@@ -150,8 +155,8 @@ async def test_a_resume_that_fails_leaves_it_suspended_with_its_file_and_termina
     assert await client.prop(path, "Ports") == ports
     assert not saved.exists()
 
-    # Suspended again, then terminated: the saved state goes with it.
-    await call(client, path, "Suspend")
+    # Suspended again (by vmspawnctl), then terminated: the saved state goes with it.
+    assert json.loads(ok("suspend", "dozer", "--json", env=bus)) == {"machine": "dozer", "state": "suspended"}
     await expect_suspended(client, site, "dozer", path)
     await client.call("TerminateMachine", "s", ["dozer"])
     assert await client.names() == []
