@@ -24,6 +24,8 @@ class FakeMachine:
     state: str = "running"
     drives: dict[str, str] = field(default_factory=dict)
     console: str = ""
+    # NMIs injected (InjectNMI).
+    nmis: int = 0
 
 
 class FakeClient:
@@ -103,6 +105,16 @@ class FakeClient:
 
     def resume(self, name: str) -> None:
         self._running(name).state = "running"
+
+    def inject_nmi(self, name: str) -> None:
+        self._running(name).nmis += 1
+
+    def drive_stats(self, name: str, drive_id: str) -> dict[str, int]:
+        m = self._running(name)
+        if drive_id not in m.drives:
+            raise VmspawndError("NoSuchDrive", f"machine {name} has no drive {drive_id!r}")
+        # QEMU counts from the plug; nothing reads an in-memory drive.
+        return dict.fromkeys(("rd_req", "rd_bytes", "wr_req", "wr_bytes", "flush", "errors"), 0)
 
     def add_drive(self, name: str, path: str, options: dict[str, Any]) -> tuple[str, str]:
         m = self._get(name)

@@ -1,7 +1,8 @@
 """The driver against a real vmspawnd on a private bus, the tiny guest under TCG.
 
 One instance's life as Nova drives it: spawn, a volume attached (the guest
-sees it), power off and on (the volume is still there), reboot, the console
+sees it, its block stats count the guest's reads), an NMI (the guest logs
+it), power off and on (the volume is still there), reboot, the console
 output, suspend and resume (the same guest goes on, the volume still
 there), the volume detached, destroy; nothing is left behind.
 """
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 from nova.compute import power_state, provider_tree
 from nova.tests.unit import fake_instance
+from oslo_serialization import jsonutils
 from tests.integration.harness import Daemon, not_just_logs, qemu_pids, wait_console
 
 from nova import context as nova_context
@@ -72,7 +74,32 @@ def test_unknown_instance_is_not_found(driver: VmspawndDriver) -> None:
         driver.get_info(new_instance())
 
 
-def test_an_instance_life(driver: VmspawndDriver, workdir: Path) -> None:
+def volume_stats_and_nmi(
+    driver: VmspawndDriver, instance: Any, info: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """block_stats of the volume at /dev/vdb counts the guest's reads of it
+    (its partition scan), and trigger_crash_dump's NMI reaches the guest."""
+    # No Nova database here: its lookup gives the mapping the compute manager records at attach.
+    bdm = objects.BlockDeviceMapping(
+        volume_id=info["serial"], device_name="/dev/vdb", source_type="volume", destination_type="volume",
+        connection_info=jsonutils.dumps(info),
+    )  # fmt: skip
+    monkeypatch.setattr(
+        objects.BlockDeviceMappingList,
+        "get_by_instance_uuid",
+        lambda ctxt, uuid: objects.BlockDeviceMappingList(objects=[bdm]),
+    )
+    rd_req, rd_bytes, wr_req, wr_bytes, errors = driver.block_stats(instance, "vdb")
+    # The guest read it when it found it, and wrote nothing.
+    assert rd_req > 0 and rd_bytes >= 512 and (wr_req, wr_bytes, errors) == (0, 0, 0)
+    assert driver.block_stats(instance, info["serial"])[:2] >= (rd_req, rd_bytes)
+    assert driver.block_stats(instance, "vdz") is None
+    mark = console_size(driver, instance)
+    driver.trigger_crash_dump(instance)
+    console(driver, instance, "NMI received for unknown reason", start=mark)
+
+
+def test_an_instance_life(driver: VmspawndDriver, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ctxt = nova_context.get_admin_context()
     instance = new_instance()
     driver.spawn(ctxt, instance, objects.ImageMeta.from_dict({}), [], None, {}, network_info=[])
@@ -91,10 +118,15 @@ def test_an_instance_life(driver: VmspawndDriver, workdir: Path) -> None:
         driver.attach_volume(ctxt, info, instance, "/dev/vdb")
         serial = re.escape(mapping.serial(volume_id))
         console(driver, instance, rf"VMSPAWN-BLOCK-ADD \w+ serial={serial}", start=mark)
+        volume_stats_and_nmi(driver, instance, info, monkeypatch)
 
         # Off and on: the volume comes back with the machine.
         driver.power_off(instance, timeout=30)
         assert driver.get_info(instance).state == power_state.SHUTDOWN
+        # Stopped: no NMI (as libvirt: InstanceNotRunning), no stats (None).
+        with pytest.raises(exception.InstanceNotRunning):
+            driver.trigger_crash_dump(instance)
+        assert driver.block_stats(instance, "vdb") is None
         mark = console_size(driver, instance)
         bdi = {"block_device_mapping": [{"connection_info": info, "mount_device": "/dev/vdb"}]}
         driver.power_on(ctxt, instance, [], bdi)

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from typing import Any
 
 import fixtures
 from nova.tests.unit.virt import test_virt_drivers as upstream
+from oslo_serialization import jsonutils
 
 from driver_tests.fakeclient import FakeClient
-from nova import test
+from nova import objects, test
 
 # Tests whose driver method raises NotImplementedError, and why.
 NOT_IMPLEMENTED = {
@@ -33,10 +35,6 @@ NOT_IMPLEMENTED = {
     "test_migrate_disk_and_power_off",
     # A swap keeps the guest's disk while its backing changes (a block mirror): vmspawnd has none.
     "test_swap_volume",
-    # vmspawnd exposes no NMI.
-    "test_trigger_crash_dump",
-    # vmspawnd exposes no block statistics.
-    "test_block_stats",
     # No graphics; the serial console is vmspawnd's OpenConsole, not a TCP port Nova's proxy reaches.
     "test_get_vnc_console",
     "test_get_spice_console",
@@ -45,8 +43,7 @@ NOT_IMPLEMENTED = {
     # No live migration.
     "test_live_migration_force_complete",
     "test_live_migration_abort",
-    # Host power and enabling are the operator's, as with libvirt.
-    "test_set_host_enabled",
+    # Host power is the operator's, as with libvirt.
     "test_host_power_action_reboot",
     "test_host_power_action_shutdown",
     "test_host_power_action_startup",
@@ -58,6 +55,18 @@ def fake_volume(data: dict[str, Any]) -> tuple[str, str]:
     fd, path = tempfile.mkstemp(prefix="fake-volume-")
     os.close(fd)
     return path, "raw"
+
+
+def attach_named_volume(driver: Any, context: Any, instance: Any, device: str) -> str:
+    """A fake volume attached at `device`, with the mapping the compute manager records."""
+    volume_id = str(uuid.uuid4())
+    connection_info = {"driver_volume_type": "fake", "serial": volume_id, "data": {}}
+    objects.BlockDeviceMapping(
+        context, instance_uuid=instance.uuid, volume_id=volume_id, device_name=device, source_type="volume",
+        destination_type="volume", connection_info=jsonutils.dumps(connection_info),
+    ).create()  # fmt: skip
+    driver.attach_volume(context, connection_info, instance, device)
+    return volume_id
 
 
 class RecordingLog:
@@ -76,15 +85,22 @@ class RecordingLog:
         return getattr(self.real, name)
 
 
-class VmspawndDriverTestCase(upstream._VirtDriverTestCase, test.TestCase):
-    def setUp(self) -> None:
-        self.driver_module = "nova.virt.vmspawnd.VmspawndDriver"
+class FakeVmspawnd(fixtures.Fixture):
+    """The driver over the in-memory vmspawnd, taking Nova's fake volumes."""
+
+    def _setUp(self) -> None:
         self.useFixture(fixtures.MonkeyPatch("nova.virt.vmspawnd.client.Client", FakeClient))
-        self.log = RecordingLog(upstream.LOG)
-        self.useFixture(fixtures.MonkeyPatch("nova.tests.unit.virt.test_virt_drivers.LOG", self.log))
         self.useFixture(
             fixtures.MonkeyPatch("nova.virt.vmspawnd.VmspawndDriver.volume_types", {"local": None, "fake": fake_volume})
         )
+
+
+class VmspawndDriverTestCase(upstream._VirtDriverTestCase, test.TestCase):
+    def setUp(self) -> None:
+        self.driver_module = "nova.virt.vmspawnd.VmspawndDriver"
+        self.useFixture(FakeVmspawnd())
+        self.log = RecordingLog(upstream.LOG)
+        self.useFixture(fixtures.MonkeyPatch("nova.tests.unit.virt.test_virt_drivers.LOG", self.log))
         super().setUp()
         # Nova's test image is an AMI: boot the configured kernel, as a test host does.
         self.flags(kernel="/boot/vmlinuz-test", group="vmspawnd")
@@ -100,6 +116,29 @@ class VmspawndDriverTestCase(upstream._VirtDriverTestCase, test.TestCase):
                 if hit
                 else f"{name} is listed in NOT_IMPLEMENTED but ran without NotImplementedError"
             )
+
+    def test_set_host_enabled(self) -> None:
+        # By the time os-hosts reaches a nova-compute it has its service record.
+        objects.Service(
+            self.ctxt, host="myhostname", binary="nova-compute", topic="compute", disabled=True,
+            disabled_reason="AUTO: lost its hypervisor",
+        ).create()  # fmt: skip
+        super().test_set_host_enabled()
+        service = objects.Service.get_by_compute_host(self.ctxt, "myhostname")
+        self.assertFalse(service.disabled)
+        self.assertIsNone(service.disabled_reason)
+
+    def test_block_stats(self) -> None:
+        # Nova names the disk by its device name: here "someid" is a volume's.
+        running = self._get_running_instance
+
+        def with_volume(obj: bool = True) -> tuple[Any, Any]:
+            instance, network_info = running(obj)
+            attach_named_volume(self.connection, self.ctxt, instance, "/dev/someid")
+            return instance, network_info
+
+        self._get_running_instance = with_volume  # type: ignore[method-assign]
+        super().test_block_stats()
 
     def test_live_migration(self) -> None:
         self.skipTest("vmspawnd has no live migration yet")

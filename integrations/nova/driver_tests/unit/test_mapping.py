@@ -110,3 +110,33 @@ def test_inventory(vcpus: int, memory_mb: int, disk_gb: int, ports: int, most: i
     assert (mapping.HOTPLUG_RC in inv) == (ports > 0)
     for entry in inv.values():
         assert 1 <= entry["min_unit"] <= entry["max_unit"] <= entry["total"]
+
+
+volume_ids = st.uuids().map(str)
+device_names = st.from_regex(r"[sv]d[a-z]{1,2}", fullmatch=True)
+
+
+@given(st.dictionaries(device_names, volume_ids, max_size=6), st.booleans(), st.data())
+def test_block_stats_finds_a_volume_by_its_device_name_with_or_without_dev_or_its_id(
+    named: dict[str, str], with_dev: bool, data: st.DataObject
+) -> None:
+    volumes: list[tuple[str | None, str]] = [(f"/dev/{name}" if with_dev else name, v) for name, v in named.items()]
+    volumes.append((None, "unnamed-volume"))
+    for name, volume_id in named.items():
+        assert mapping.volume_for_disk(name, volumes) == volume_id
+        assert mapping.volume_for_disk(f"/dev/{name}", volumes) == volume_id
+        assert mapping.volume_for_disk(volume_id, volumes) == volume_id
+    assert mapping.volume_for_disk("unnamed-volume", volumes) == "unnamed-volume"
+    unknown = data.draw(device_names.filter(lambda n: n not in named))
+    assert mapping.volume_for_disk(unknown, volumes) is None
+
+
+def test_a_device_name_wins_over_a_volume_id_that_looks_the_same() -> None:
+    assert mapping.volume_for_disk("vdb", [("/dev/vdc", "vdb"), ("/dev/vdb", "v2")]) == "v2"
+
+
+@given(st.fixed_dictionaries({k: st.integers(0, 2**64 - 1) for k in (*mapping.BLOCK_STATS, "flush")}))
+def test_block_stats_are_libvirts_five_counters_in_its_order(counters: dict[str, int]) -> None:
+    assert mapping.block_stats(counters) == tuple(
+        counters[k] for k in ("rd_req", "rd_bytes", "wr_req", "wr_bytes", "errors")
+    )

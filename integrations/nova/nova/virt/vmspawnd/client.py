@@ -143,6 +143,14 @@ class Client:
     def resume(self, name: str) -> None:
         self._machine(name, "Resume")
 
+    def inject_nmi(self, name: str) -> None:
+        self._machine(name, "InjectNMI")
+
+    def drive_stats(self, name: str, drive_id: str) -> dict[str, int]:
+        """rd_req, rd_bytes, wr_req, wr_bytes, flush, errors of one drive."""
+        (stats,) = self._machine(name, "DriveStats", "s", (drive_id,))
+        return {key: int(value) for key, value in stats.items()}
+
     def add_drive(self, name: str, path: str, options: dict[str, Any]) -> tuple[str, str]:
         drive_id, port = self._machine(name, "AddDrive", "sa{sv}", (path, variants(options, ADD_DRIVE_OPTIONS)))
         return drive_id, port

@@ -22,7 +22,8 @@ from oslo_log import log as logging
 from oslo_serialization import jsonutils
 from oslo_utils import units, versionutils
 
-from nova import exception
+from nova import context as nova_context
+from nova import exception, objects
 from nova.virt import driver, hardware, images
 from nova.virt.vmspawnd import client as vclient
 from nova.virt.vmspawnd import conf as vconf
@@ -36,6 +37,8 @@ vconf.register(CONF)
 MAX_CONSOLE_BYTES = 100 * units.Ki
 HYPERVISOR_TYPE = fields.HVType.QEMU
 FORCED_OFF = 1e-6  # s
+# The reason recorded on this host's nova-compute service when set_host_enabled disables it.
+HOST_DISABLED_REASON = "disabled by set_host_enabled (os-hosts)"
 
 
 def local_volume(data: dict[str, Any]) -> tuple[str, str]:
@@ -101,6 +104,19 @@ class VmspawndDriver(driver.ComputeDriver):
 
     def cleanup_host(self, host: str) -> None:
         self.client.close()
+
+    def set_host_enabled(self, enabled: bool) -> str:
+        """This host's nova-compute service record, as libvirt's _set_host_enabled
+        keeps it: disabled (with a reason) or enabled, so the scheduler's
+        ComputeFilter skips it or not (the compute manager sets the provider's
+        COMPUTE_STATUS_DISABLED trait). It is the operator's call (os-hosts),
+        so unlike libvirt's automatic one it also undoes a manual disable."""
+        service = objects.Service.get_by_compute_host(nova_context.get_admin_context(), self._host)
+        service.disabled = not enabled
+        service.disabled_reason = None if enabled else HOST_DISABLED_REASON
+        service.save()
+        LOG.info("compute service on %s %s", self._host, "enabled" if enabled else "disabled")
+        return "enabled" if enabled else "disabled"
 
     def get_available_nodes(self, refresh: bool = False) -> list[str]:
         return [self._host]
@@ -478,6 +494,17 @@ class VmspawndDriver(driver.ComputeDriver):
         if self._state(instance) in ("stopped", "failed"):
             self.client.start(self._name(instance))
 
+    def trigger_crash_dump(self, instance: Any) -> None:
+        """An NMI to every vCPU (InjectNMI): a guest with kdump set up writes a crash dump."""
+        try:
+            self.client.inject_nmi(self._name(instance))
+        except vclient.VmspawndError as e:
+            if e.name == "NotRunning":
+                raise exception.InstanceNotRunning(instance_id=instance.uuid) from e
+            if e.name == "NoSuchMachine":
+                raise exception.InstanceNotFound(instance_id=instance.uuid) from e
+            raise
+
     def snapshot(self, context: Any, instance: Any, image_id: str, update_task_state: Any) -> None:
         if self._state(instance) != "running":
             raise exception.InstanceNotRunning(instance_id=instance.uuid)
@@ -529,6 +556,31 @@ class VmspawndDriver(driver.ComputeDriver):
         return str(
             jsonutils.dumps([{"path": d["path"], "type": d["disk_type"]} for d in drives if d["path"] not in volumes])
         )
+
+    def block_stats(self, instance: Any, disk_id: str) -> tuple[int, int, int, int, int] | None:
+        """(rd_req, rd_bytes, wr_req, wr_bytes, errors) of the volume `disk_id`
+        names (a device name, as the compute manager passes it, or a volume
+        id): its drive's DriveStats. None, as with libvirt, when the volume is
+        not (or no longer) attached or the instance does not run."""
+        bdms = objects.BlockDeviceMappingList.get_by_instance_uuid(nova_context.get_admin_context(), instance.uuid)
+        volumes = [(bdm.device_name, self._bdm_volume(bdm)) for bdm in bdms if bdm.is_volume]
+        volume_id = mapping.volume_for_disk(disk_id, volumes)
+        if volume_id is None:
+            LOG.info("no volume %s on instance %s: no block stats", disk_id, instance.uuid)
+            return None
+        try:
+            counters = self.client.drive_stats(self._name(instance), mapping.drive_id(volume_id))
+        except vclient.VmspawndError as e:
+            if e.name not in ("NoSuchDrive", "NoSuchMachine", "NotRunning"):
+                raise
+            LOG.info("no block stats of %s on instance %s: %s", disk_id, instance.uuid, e)
+            return None
+        return mapping.block_stats(counters)
+
+    def _bdm_volume(self, bdm: Any) -> str:
+        """What attach_volume made the drive id of: the connection's serial, else the volume id."""
+        connection_info = jsonutils.loads(bdm.connection_info) if bdm.connection_info else {}
+        return self._volume_id(connection_info) or str(bdm.volume_id)
 
     # -- volumes ----------------------------------------------------------
 

@@ -148,3 +148,23 @@ def inventory(vcpus: int, memory_mb: int, disk_gb: int, hotplug_ports: int, most
             "allocation_ratio": 1.0,
         }
     return inv
+
+
+def volume_for_disk(disk_id: str, volumes: list[tuple[str | None, str]]) -> str | None:
+    """The volume Nova names `disk_id` in block_stats: by its device name (the
+    compute manager passes it without "/dev/") or by its volume id.
+    `volumes`: (device name, volume id) of the instance's volume mappings."""
+    for device_name, volume_id in volumes:
+        if device_name is not None and device_name.removeprefix("/dev/") == disk_id.removeprefix("/dev/"):
+            return volume_id
+    return next((volume_id for _, volume_id in volumes if volume_id == disk_id), None)
+
+
+# DriveStats' counters in the order of libvirt's virDomainBlockStats tuple.
+BLOCK_STATS = ("rd_req", "rd_bytes", "wr_req", "wr_bytes", "errors")
+
+
+def block_stats(counters: dict[str, int]) -> tuple[int, int, int, int, int]:
+    """(rd_req, rd_bytes, wr_req, wr_bytes, errs), as libvirt's blockStats gives them."""
+    rd_req, rd_bytes, wr_req, wr_bytes, errors = (int(counters[key]) for key in BLOCK_STATS)
+    return rd_req, rd_bytes, wr_req, wr_bytes, errors
