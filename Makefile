@@ -9,7 +9,7 @@ PYTHON ?= /usr/bin/python3
 STAMP := $(VENV)/.installed
 APT_PACKAGES := qemu-system-x86 qemu-utils qemu-system-common libsystemd-dev pkg-config gcc \
 	python3-venv python3-dev linux-image-amd64 busybox-static polkitd ovmf dbus cpio zstd xz-utils \
-	systemd util-linux python3-pip python3-setuptools systemd-container mmdebstrap
+	systemd util-linux python3-pip python3-setuptools systemd-container mmdebstrap qemu-guest-agent
 PREFIX ?= /usr
 DESTDIR ?=
 # dbus-daemon and polkitd read their policy from /usr/share only, whatever PREFIX is.

@@ -767,3 +767,38 @@ def test_an_incoming_machine_waits_for_its_migration_stream() -> None:
     plain = argv_for(spec(hotplug_spares=2))
     waiting = argv_for(spec(hotplug_spares=2), replace(RT, incoming=True, autostart=True))
     assert waiting == [*plain, "-incoming", "defer"]
+
+
+# -- the guest agent ------------------------------------------------------------
+
+
+def test_the_guest_agent_port_sits_on_the_implicit_virtio_serial_device() -> None:
+    s = spec(guest_agent=True)
+    plan = plan_machine(s, TYPES)
+    argv = build_argv(s, plan, replace(RT, agent_sock=9))
+    [serial] = [i.id for i in plan.implicit if i.driver == "virtio-serial-pci"]
+    assert device(argv, "qga0") == {
+        "driver": "virtserialport", "id": "qga0", "bus": f"{serial}.0", "chardev": "qga0",
+        "name": "org.qemu.guest_agent.0",
+    }  # fmt: skip
+    assert "socket,id=qga0,fd=9,server=on,wait=off" in values(argv, "-chardev")
+    # No new PCI device: the plan is the one without the agent.
+    assert plan == plan_machine(spec(), TYPES)
+
+
+def test_no_guest_agent_no_port() -> None:
+    argv = argv_for(spec())
+    assert not [d for d in devices(argv) if d.get("id") == "qga0"]
+    assert not [c for c in values(argv, "-chardev") if "qga0" in c]
+
+
+def test_a_guest_agent_port_needs_its_socket() -> None:
+    with pytest.raises(ValueError, match="listening socket"):
+        argv_for(spec(guest_agent=True))
+
+
+def test_qemu_extra_may_not_take_the_agents_id_when_there_is_an_agent() -> None:
+    extra = ("-chardev", "socket,id=qga0,path=/tmp/x")
+    with pytest.raises(VmspawndError, match="qga0"):
+        plan_machine(spec(guest_agent=True, qemu_extra=extra), TYPES)
+    plan_machine(spec(qemu_extra=extra), TYPES)

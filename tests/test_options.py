@@ -99,6 +99,7 @@ VALID: dict[str, tuple[Variant, Any]] = {
     ),
     # Not the spec's: how QEMU starts (incoming() reads it).
     "incoming": (V("b", True), lambda s: s == MachineSpec("m")),
+    "guest_agent": (V("b", True), lambda s: s.guest_agent is True),
 }
 
 

@@ -135,6 +135,14 @@ def test_a_version_1_record_still_loads_as_a_machine_that_is_not_kept() -> None:
         loads(json.dumps(d))
 
 
+def test_a_record_from_before_the_guest_agent_loads_without_one() -> None:
+    r = record(spec=replace(record().spec, guest_agent=True))
+    d = json.loads(dumps(r))
+    assert d["spec"]["guest_agent"] is True
+    del d["spec"]["guest_agent"]
+    assert loads(json.dumps(d)) == replace(r, spec=replace(r.spec, guest_agent=False))
+
+
 def test_a_stopped_kept_machine_round_trips_with_its_plugged_drives() -> None:
     plugged = (
         PluggedDrive("disk3", DriveSpec(Path("/x.qcow2"), DiskType.NVME, ImageFormat.QCOW2, True, "S3"), "rp4"),
@@ -205,6 +213,7 @@ specs = st.builds(
     firmware=st.sampled_from(list(Firmware)),
     keep=st.booleans(),
     plugged=st.lists(st.builds(PluggedDrive, texts, drive_specs, texts, texts), max_size=3).map(tuple),
+    guest_agent=st.booleans(),
 )
 drives = st.builds(
     Drive,

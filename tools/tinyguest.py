@@ -22,6 +22,7 @@ The guest speaks a line protocol on its serial console (ttyS0)::
     VMSPAWN-NET-REMOVE <name> mac=<mac>                 # unplugged interface
     VMSPAWN-MEDIA <name> size=<bytes> head=<text>       # a cdrom's medium changed (size=0: none)
     VMSPAWN-POWEROFF                                    # ACPI power button
+    VMSPAWN-AGENT <port>                                # qemu-ga holds the guest agent's port
     VMSPAWN-TICK <uptime>                               # tinyguest.tick: every 0.5 s
 
 PCI ids and class are lower-case hex without ``0x`` (``1af4:1042``,
@@ -38,6 +39,13 @@ idempotent.  A hotplugged virtiofs share is mounted on /hot/TAG for each
 tell a device's tag, so the guest tries the tags it was given); the guest
 reports the first line of the share's ``hello`` file, and unmounts the share
 once a file named ``unmount`` appears in it (the host's way to tell it).
+With a virtio-serial port named ``org.qemu.guest_agent.0`` (vmspawnd's
+``guest_agent``) the guest runs qemu-ga on it, in the background (boot
+does not wait), and reports AGENT once qemu-ga has the port open; root's
+password lives in /etc/shadow (``*`` at boot), which the guest's chpasswd
+(a busybox script: busybox-static has none) rewrites for qemu-ga's
+guest-set-user-password. ``tinyguest.noagent`` on the kernel command line
+leaves the port without an agent (a guest that answers nothing).
 Add ``tinyguest.shell`` to the kernel command line for an
 interactive shell on the console (prompts mix with the lines), and
 ``tinyguest.tick`` for a TICK line with the guest's uptime twice a second.
@@ -70,6 +78,8 @@ from pathlib import Path
 __all__ = ["CMDLINE", "Guest", "build", "default_cache_dir", "find_kernel"]
 
 BUSYBOX = Path("/bin/busybox")
+# From Debian's qemu-guest-agent, with the libraries ldd names.
+QEMU_GA = Path("/usr/sbin/qemu-ga")
 MODULES_ROOT = Path("/lib/modules")
 
 # Kernel command line.  Beyond the required bits, every extra flag removes a
@@ -256,6 +266,12 @@ for e in /sys/class/input/event*; do
     fd=$((fd + 1))
 done
 
+# The guest agent's port, if it was named before the listener ran (later
+# names come as events to the hotplug helper).
+for p in /sys/class/virtio-ports/*; do
+    [ -e "$p" ] && agent_port "${p##*/}"
+done
+
 # From here on the hotplug helper reports; events racing with the snapshot
 # below may show up both as BLOCK and BLOCK-ADD (consumers must dedupe).
 : > /run/vmspawn-ready
@@ -322,6 +338,12 @@ if [ "$DEVPATH" = /devices/virtual/mem/null ]; then
     : > /run/uevent-alive
     exit 0
 fi
+# A port's name comes after the port (a change event): the agent may start any time.
+if [ "$SUBSYSTEM" = virtio-ports ]; then
+    . /etc/tinyguest.sh
+    agent_port "${DEVPATH##*/}"
+    exit 0
+fi
 [ -e /run/vmspawn-ready ] || exit 0
 if [ "$SUBSYSTEM" = virtio ] && [ "$ACTION" = bind ] && [ "$DRIVER" = virtiofs ]; then
     . /etc/tinyguest.sh
@@ -376,6 +398,35 @@ esac
 exit 0
 """
 
+# qemu-ga's guest-set-user-password runs chpasswd ("user:password" lines on
+# stdin, -e: the password is a crypt(3) hash already): busybox-static has
+# mkpasswd but no chpasswd, so this one writes /etc/shadow itself.
+_CHPASSWD = r"""#!/bin/sh
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+crypted=
+[ "$1" = -e ] && crypted=1
+while IFS= read -r line; do
+    user=${line%%:*} pass=${line#*:}
+    if [ -z "$crypted" ]; then
+        pass=$(printf '%s\n' "$pass" | mkpasswd -m sha512 -P 0) || exit 1
+    fi
+    # From the environment: awk -v would interpret backslashes.
+    if ! u=$user p=$pass awk -F: -v OFS=: '$1 == ENVIRON["u"] { $2 = ENVIRON["p"]; found = 1 } { print }
+            END { exit !found }' /etc/shadow > /etc/shadow.new; then
+        rm -f /etc/shadow.new
+        echo "chpasswd: no user $user in /etc/shadow" >&2
+        exit 1
+    fi
+    chmod 600 /etc/shadow.new
+    mv /etc/shadow.new /etc/shadow
+done
+"""
+
+_PASSWD = "root:x:0:0:root:/root:/bin/sh\n"
+_GROUP = "root:x:0:\n"
+# No password: nothing logs in until one is set.
+_SHADOW = "root:*:19000:0:99999:7:::\n"
+
 _LIB = r"""# Shared by /init and /sbin/hotplug.
 # serial_of NAME: print the serial of /sys/block/NAME (may be empty).
 serial_of() {
@@ -396,6 +447,31 @@ serial_of() {
 $s
 EOF
     echo "$s"
+}
+
+# agent_port VPORT: if /dev/VPORT is the guest agent's port, start qemu-ga
+# on it (once), in the background, and report AGENT once it holds the port.
+agent_port() {
+    n=
+    [ -r "/sys/class/virtio-ports/$1/name" ] && read -r n < "/sys/class/virtio-ports/$1/name"
+    [ "$n" = org.qemu.guest_agent.0 ] || return 0
+    grep -q tinyguest.noagent /proc/cmdline && return 0
+    mkdir /run/agent 2>/dev/null || return 0
+    (
+        qemu-ga -m virtio-serial -p "/dev/$1" -t /run/agent -f /run/agent/qemu-ga.pid \
+            </dev/null >/run/agent/qemu-ga.log 2>&1 &
+        pid=$! i=0
+        while [ $i -lt 1000 ]; do
+            if ls -l "/proc/$pid/fd" 2>/dev/null | grep -q "/dev/$1"; then
+                echo "VMSPAWN-AGENT $1" > /dev/console
+                exit 0
+            fi
+            [ -d "/proc/$pid" ] || break
+            usleep 10000
+            i=$((i + 1))
+        done
+        echo "VMSPAWN-AGENT-FAILED $1 $(tail -n 3 /run/agent/qemu-ga.log | tr '\n' ' ')" > /dev/console
+    ) &
 }
 
 # hot_share: a virtiofs device was bound; mount each tinyguest.hotmount=TAG
@@ -713,16 +789,38 @@ def _check_static(busybox: Path) -> None:
             raise RuntimeError(f"{busybox} is dynamically linked (hint: apt-get install busybox-static)")
 
 
-def build_initramfs(kver: str, busybox: Path = BUSYBOX) -> bytes:
+def agent_files(qemu_ga: Path = QEMU_GA) -> dict[str, Path]:
+    """qemu-ga and the libraries it loads (ldd's list): path in the guest -> file on the host."""
+    if not qemu_ga.is_file():
+        raise RuntimeError(f"{qemu_ga} missing (hint: apt-get install qemu-guest-agent)")
+    out = subprocess.run(["ldd", str(qemu_ga)], capture_output=True, text=True, check=True).stdout
+    files = {str(qemu_ga).lstrip("/"): qemu_ga}
+    for line in out.splitlines():
+        # "libglib-2.0.so.0 => /lib/x86_64-linux-gnu/libglib-2.0.so.0 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        words = line.split()
+        path = words[2] if len(words) >= 3 and words[1] == "=>" else words[0] if words else ""
+        if path.startswith("/"):
+            files[path.lstrip("/")] = Path(path)
+    return files
+
+
+def _parents(paths: Iterable[str]) -> list[str]:
+    """Every directory above `paths`, parents first."""
+    dirs = {str(parent) for p in paths for parent in Path(p).parents if str(parent) != "."}
+    return sorted(dirs, key=lambda d: (d.count("/"), d))
+
+
+def build_initramfs(kver: str, busybox: Path = BUSYBOX, agent: dict[str, Path] | None = None) -> bytes:
     if not busybox.is_file():
         raise RuntimeError(f"{busybox} missing (hint: apt-get install busybox-static)")
     _check_static(busybox)
+    agent = agent_files() if agent is None else agent
     applets = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, check=True).stdout.split()
     modules = resolve_modules(MODULES_ROOT / kver, WANTED_MODULES)
 
     mdir = f"lib/modules/{kver}"
     cpio = _Cpio()
-    for d in (
+    base = (
         "bin",
         "sbin",
         "usr",
@@ -739,7 +837,8 @@ def build_initramfs(kver: str, busybox: Path = BUSYBOX) -> bytes:
         mdir,
         "etc/modprobe.d",
         "root",
-    ):
+    )
+    for d in (*base, *(d for d in _parents(agent) if d not in base)):
         cpio.dir(d)
     # init's stdio is opened before devtmpfs is mounted, so ship the node.
     cpio.chardev("dev/console", 5, 1)
@@ -763,6 +862,12 @@ def build_initramfs(kver: str, busybox: Path = BUSYBOX) -> bytes:
     cpio.file("etc/tinyguest-init.sh", main.encode(), 0o755)
     cpio.file("sbin/hotplug", _HOTPLUG.encode(), 0o755)
     cpio.file("etc/tinyguest.sh", _LIB.encode())
+    for guest_path, host_path in agent.items():
+        cpio.file(guest_path, host_path.read_bytes(), 0o755)
+    cpio.file("usr/sbin/chpasswd", _CHPASSWD.encode(), 0o755)
+    cpio.file("etc/passwd", _PASSWD.encode())
+    cpio.file("etc/group", _GROUP.encode())
+    cpio.file("etc/shadow", _SHADOW.encode(), 0o600)
     return cpio.finish()
 
 
@@ -837,9 +942,11 @@ def build(cache_dir: Path) -> Guest:
 
     script_hash = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
     moddir = MODULES_ROOT / kver
-    idir = cache_dir / f"initrd-{kver}-{_digest(script_hash, _stat_id(BUSYBOX), _stat_id(moddir / 'modules.dep'))}"
+    agent = agent_files()
+    inputs = [_stat_id(BUSYBOX), _stat_id(moddir / "modules.dep"), *(_stat_id(p) for p in agent.values())]
+    idir = cache_dir / f"initrd-{kver}-{_digest(script_hash, *inputs)}"
     if not idir.is_dir():
-        _publish(cache_dir, idir, {"initrd.cpio": build_initramfs(kver)})
+        _publish(cache_dir, idir, {"initrd.cpio": build_initramfs(kver, agent=agent)})
 
     try:
         for entry in (kdir, idir):

@@ -29,6 +29,16 @@ INTERACTIVE_TIMEOUT = 300.0
 class Action(enum.StrEnum):
     CREATE = "org.vmspawnd1.create-machine"
     MANAGE = "org.vmspawnd1.manage-machine"
+    # More than managing: it hands out a login to the guest (its own action, auth_admin each time).
+    SET_PASSWORD = "org.vmspawnd1.set-user-password"
+
+
+# What each action lets a caller do, for AccessDenied's message.
+WHAT = {
+    Action.CREATE: "create machines",
+    Action.MANAGE: "manage this machine",
+    Action.SET_PASSWORD: "set a password in this machine's guest",
+}
 
 
 @dataclass(frozen=True)
@@ -114,7 +124,7 @@ async def authorize(
         log.info("polkit not usable for %s by uid %d (%s): denying", action, uid, verdict.unavailable)
     else:
         log.info("polkit denies uid %d (%s): %s", uid, sender, action)
-    what = "create machines" if action is Action.CREATE else "manage this machine"
+    what = WHAT[action]
     hint = (
         "; polkit would allow it after authentication: call with interactive authorization allowed"
         " (gdbus call --interactive; busctl allows it by default) and a polkit agent running"

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .imagechain import Layer, Role, opaque, single
 from .model import Accel, DiskType, DriveSpec, Firmware, ImageFormat, MachineSpec, MiB, NetworkMode, PortKind
-from .topology import Plan, Port, drive_id
+from .qga import PORT_NAME
+from .topology import AGENT_ID, Plan, Port, drive_id
 
 QEMU = "qemu-system-x86_64"
 OVMF = Path("/usr/share/ovmf/OVMF.fd")
@@ -113,6 +114,8 @@ class Runtime:
     # A live migration's destination runs the vCPUs once its state is in.
     autostart: bool = False
     incoming: bool = False
+    # The listening socket of the guest agent's port (guest_agent machines).
+    agent_sock: int = -1
 
     @property
     def console_fdset(self) -> Fdset:
@@ -280,6 +283,19 @@ def fs_chardev(chardev: str) -> dict[str, object]:
     return {"id": chardev, "backend": {"type": "socket", "data": {"addr": addr, "server": False}}}
 
 
+def agent_args(plan: Plan, rt: Runtime) -> list[str]:
+    """The guest agent's virtio-serial port on the machine's virtio-serial
+    device, its chardev a server socket the daemon connects to per call."""
+    if rt.agent_sock < 0:
+        raise ValueError("a guest agent port needs the listening socket the daemon made")
+    return [
+        "-chardev", opts("socket", id=AGENT_ID, fd=rt.agent_sock, server="on", wait="off"),
+        "-device", opts(
+            "virtserialport", id=AGENT_ID, bus=f"{plan.serial_controller}.0", chardev=AGENT_ID, name=PORT_NAME
+        ),
+    ]  # fmt: skip
+
+
 def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
     fs = shares(spec)
     argv = [
@@ -319,6 +335,9 @@ def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
     for implicit in plan.implicit:
         props = IMPLICIT_PROPS.get(implicit.driver, {})
         argv += ["-device", opts(implicit.driver, id=implicit.id, bus="pcie.0", addr=implicit.addr, **props)]
+
+    if spec.guest_agent:
+        argv += agent_args(plan, rt)
 
     if plan.scsi_controller:
         argv += _device_args(scsi_controller(plan.scsi_controller, plan.port_carrying(plan.scsi_controller).id))

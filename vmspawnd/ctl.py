@@ -234,6 +234,19 @@ ERRORS: dict[str, tuple[Exit, _Hint]] = {
         lambda c: "the machine is migrating: wait for the migration to end, or cancel it (CancelMigration)",
     ),
     "NotMigrating": (Exit.BUSY, lambda c: "no migration of this machine is running; nothing to cancel or complete"),
+    "AgentUnavailable": (
+        Exit.FAILED,
+        lambda c: (
+            f"create the machine with --guest-agent and run qemu-ga in the guest (package qemu-guest-agent); "
+            f"'{PROG} console {c.name or 'NAME'}' shows whether the guest is up"
+        ),
+    ),
+    "AgentFailed": (
+        Exit.FAILED,
+        lambda c: (
+            "the message quotes the guest agent; check that the user exists in the guest and qemu-ga may run chpasswd"
+        ),
+    ),
 }
 
 # Errors from the bus itself, not from vmspawnd.

@@ -109,6 +109,14 @@ class NotMigrating(VmspawndError):
     """CancelMigration or ForceCompleteMigration of a machine with no migration running."""
 
 
+class AgentUnavailable(VmspawndError):
+    """No guest agent answers: the machine has no agent port, or nothing in the guest answers on it."""
+
+
+class AgentFailed(VmspawndError):
+    """The guest agent answered, with an error (in its own words) or with what is not a reply."""
+
+
 ALL_ERRORS: tuple[type[VmspawndError], ...] = (
     InvalidArgument,
     NoSuchMachine,
@@ -134,4 +142,6 @@ ALL_ERRORS: tuple[type[VmspawndError], ...] = (
     MigrationFailed,
     MigrationInProgress,
     NotMigrating,
+    AgentUnavailable,
+    AgentFailed,
 )

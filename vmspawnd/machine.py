@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import logging
@@ -17,11 +18,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import acl, blockstats, cmdline, imagechain, keep, nic, qemulog, reconcile, share, state
+from . import acl, blockstats, cmdline, imagechain, keep, nic, qemulog, qga, reconcile, share, state
 from .chainopen import OpenedChain
 from .console import Console
 from .errors import (
     AccessDenied,
+    AgentUnavailable,
     AlreadyRunning,
     InvalidArgument,
     MigrationFailed,
@@ -57,6 +59,12 @@ QUIT_TIMEOUT = 5.0
 # has not enabled the button yet, and a press before that is lost.
 BUTTON_REPEAT = 2.0
 CONSOLE_SOCK = "console.sock"
+# QEMU's end of the guest agent's virtio-serial port (guest_agent machines).
+AGENT_SOCK = "agent.sock"
+# SetUserPassword: Linux's useradd takes names of at most 32 characters; 256 leaves room for others.
+USER_NAME_MAX = 256
+USER_NAME = re.compile(rf"[^:/\s\x00-\x1f\x7f]{{1,{USER_NAME_MAX}}}")
+PASSWORD_MAX = 4096
 # How long terminate() waits for quit's reply: a QEMU that cannot answer it
 # cannot act on SIGTERM either, so it is killed.
 QUIT_REPLY_TIMEOUT = 2.0
@@ -69,7 +77,7 @@ SHARE_CHARDEV = "{}" + reconcile.CHARDEV_SUFFIX
 # Ids the daemon gives its own devices.
 CONTROLLER_ID = re.compile(r"scsi\d+")
 BOOT_NIC = "net0"
-RESERVED_ID = re.compile(r"(rp|scsi|implicit|fs|sw)\d+|sw\d+p\d+|net0|vsock0|rootfs")
+RESERVED_ID = re.compile(r"(rp|scsi|implicit|fs|sw)\d+|sw\d+p\d+|net0|vsock0|rootfs|qga0")
 # QEMU >= 6.2 refuses device_del while the slot's power indicator blinks
 # (the guest is still handling the last plug); it clears on its own.
 GUEST_BUSY = "guest is busy"
@@ -124,6 +132,33 @@ class Observer(Protocol):
     def share_removed(self, machine: Machine, share_id: str) -> None: ...
     def network_added(self, machine: Machine, card: Nic) -> None: ...
     def network_removed(self, machine: Machine, nic_id: str) -> None: ...
+
+
+@contextlib.contextmanager
+def _listening(path: str) -> Iterator[socket.socket]:
+    """A listening socket for QEMU to hold (the monitor, the console, the
+    guest agent); only root connects by its path."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen()
+        yield sock
+
+
+def check_password_request(user: str, password: str) -> None:
+    """What SetUserPassword may pass to the agent (qemu-ga writes "user:password"
+    to chpasswd: a ':' in the name or a line break in either would be a second entry)."""
+    if not USER_NAME.fullmatch(user):
+        raise InvalidArgument(
+            f"user name {user[:64]!r} is invalid: give 1-{USER_NAME_MAX} characters without ':', '/', "
+            "white space or control characters"
+        )
+    if not password:
+        raise InvalidArgument("the password is empty")
+    if len(password) > PASSWORD_MAX:
+        raise InvalidArgument(f"the password is longer than {PASSWORD_MAX} characters")
+    if any(ord(c) < 0x20 or c == "\x7f" for c in password):
+        raise InvalidArgument("the password contains a line break or another control character")
 
 
 def qemu_errors(log_path: Path) -> str:
@@ -196,6 +231,8 @@ class Machine:
         self._next_nic = 1
         # Serialises the requests to this machine; different machines run in parallel.
         self._lock = asyncio.Lock()
+        # Guest agent calls wait on the guest, not on QEMU: one at a time, apart from the requests.
+        self._agent_lock = asyncio.Lock()
         # RemoveDrive calls waiting for their DEVICE_DELETED; each is awaited by its caller.
         self._waiters: dict[str, asyncio.Future[None]] = {}
         # SCSI controllers unplugged with their last drive, until their DEVICE_DELETED.
@@ -376,17 +413,12 @@ class Machine:
         with (
             self._sock_path() as sock_path,
             self._sock_path(CONSOLE_SOCK) as serial_path,
+            self._sock_path(AGENT_SOCK) as agent_path,
             contextlib.ExitStack() as held,
         ):
-            listener = held.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-            serial = held.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-            listener.bind(sock_path)
-            # QEMU has the listener: only root connects by the path.
-            os.chmod(sock_path, 0o600)
-            listener.listen()
-            serial.bind(serial_path)
-            os.chmod(serial_path, 0o600)
-            serial.listen()
+            listener = held.enter_context(_listening(sock_path))
+            serial = held.enter_context(_listening(serial_path))
+            agent = held.enter_context(_listening(agent_path)) if self.spec.guest_agent else None
             console = self._open_console()
             fs_fds: dict[str, int] = {}
             output: int | None = None
@@ -396,11 +428,12 @@ class Machine:
                 rt = cmdline.Runtime(
                     self.id, listener.fileno(), self.console_log, console, vsock_cid, opened, kernel_fd, initrd_fd,
                     fs_fds, tap_fd, chains or {}, serial.fileno(), files, incoming=self.resuming or self.incoming,
-                    autostart=self.incoming,
+                    autostart=self.incoming, agent_sock=agent.fileno() if agent else -1,
                 )  # fmt: skip
                 argv = cmdline.build_argv(self.spec, self.plan, rt)
                 state.write_private(self.dir / "argv", "\n".join(argv) + "\n")
                 inherited = (listener.fileno(), serial.fileno(), console, *opened.values(), *fs_fds.values())
+                inherited += (agent.fileno(),) if agent else ()
                 inherited += tuple(fs.fd for f in files.values() for fs in f.fdsets.values())
                 boot = tuple(fd for fd in (kernel_fd, initrd_fd, tap_fd) if fd is not None)
                 self.process = Process.spawn(
@@ -1569,6 +1602,36 @@ class Machine:
         if entry is None:
             raise QemuFailed(f"QEMU reports no block device for drive {dev} of {self.name} (query-blockstats)")
         return blockstats.counters(entry)
+
+    async def set_user_password(self, user: str, password: str, crypted: bool) -> None:
+        """Set `user`'s password in the guest through its agent (qemu-ga's
+        guest-set-user-password; `crypted`: `password` is a crypt(3) hash).
+        The password goes into no log and no error."""
+        check_password_request(user, password)
+        self._check_live()
+        if not self.spec.guest_agent:
+            raise AgentUnavailable(
+                f"machine {self.name} was created without guest_agent: it has no agent port; "
+                "create it with guest_agent=true (and qemu-ga in the guest)"
+            )
+        if self.state is MachineState.PAUSED:
+            raise AgentUnavailable(f"machine {self.name} is paused: its guest agent cannot answer; Resume it first")
+        arguments: dict[str, object] = {
+            "username": user,
+            "password": base64.b64encode(password.encode()).decode(),
+            "crypted": crypted,
+        }
+        try:
+            async with asyncio.timeout(qga.SYNC_TIMEOUT):
+                await self._agent_lock.acquire()
+        except TimeoutError:
+            raise AgentUnavailable(f"machine {self.name}: an earlier guest agent call is still waiting") from None
+        try:
+            with self._sock_path(AGENT_SOCK) as path:
+                await qga.call(path, "guest-set-user-password", arguments, f"machine {self.name}")
+        finally:
+            self._agent_lock.release()
+        log.info("machine %s: password of guest user %r set", self.name, user, extra={"MACHINE": self.name})
 
     async def power_off(self, timeout: float) -> bool:
         """ACPI power button, pressed again every BUTTON_REPEAT s (a guest

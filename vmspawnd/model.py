@@ -216,6 +216,8 @@ class MachineSpec:
     keep: bool = False
     # A kept machine's hotplugged drives, at boot on the spare ports they had.
     plugged: tuple[PluggedDrive, ...] = ()
+    # A virtio-serial port for the QEMU guest agent (qemu-ga) in the guest.
+    guest_agent: bool = False
 
     @property
     def boot_drives(self) -> tuple[DriveSpec, ...]:

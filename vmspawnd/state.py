@@ -174,6 +174,8 @@ def _spec(d: Any, where: str = "spec", version: int = VERSION) -> MachineSpec:
         firmware=_enum(d, "firmware", Firmware, where),
         keep=_get(d, "keep", bool, where) if version >= 2 else False,
         plugged=tuple(_plugged(x, w) for w, x in _items(d, "plugged", where)) if version >= 2 else (),
+        # Optional: records written before the guest agent have none.
+        guest_agent=_get(d, "guest_agent", bool, where, default=False),
     )
 
 

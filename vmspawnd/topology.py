@@ -45,11 +45,14 @@ SWITCH_PORTS = 32
 BUS_LIMIT = 192
 # Added to every machine on pcie.0, at the lowest free slots.
 IMPLICIT_DEVICES = ("virtio-rng-pci", "virtio-balloon-pci", "virtio-serial-pci")
+SERIAL_CONTROLLER = "virtio-serial-pci"
 PCIE0 = "pcie.0"
 # Options in qemu_extra whose values carry ids (device, node, backend names).
 _ID_OPTIONS = ("device", "blockdev", "drive", "netdev", "nic", "chardev", "object", "fsdev", "add-fd", "audiodev")
 # Ids and names the daemon uses outside the plan (cmdline.build_argv).
 FIXED_IDS = ("qmp", "console", "mem")
+# The guest agent's chardev and its virtserialport (guest_agent machines).
+AGENT_ID = "qga0"
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,12 @@ class Plan:
 
     def port_carrying(self, device: str) -> Port:
         return next(p for p in self.ports if p.carries == device)
+
+    @property
+    def serial_controller(self) -> str:
+        """The implicit virtio-serial-pci's id: the guest agent's port sits on
+        it (every plan has one: its slot counts in the budget)."""
+        return next(i.id for i in self.implicit if i.driver == SERIAL_CONTROLLER)
 
 
 def drive_id(index: int) -> str:
@@ -494,6 +503,7 @@ def plan_machine(spec: MachineSpec, types: DeviceTypes) -> Plan:
     fixed = [drive_id(i) for i in range(len(spec.boot_drives))]
     fixed += [p.id for p in spec.plugged]
     fixed += [f"{d}-node" for d in fixed] + [d for d in builtin if d != scsi_controller] + list(FIXED_IDS)
+    fixed += [AGENT_ID] if spec.guest_agent else []
     fixed += [p.controller for p in spec.plugged if p.controller]
     if clash := sorted(taken & set(fixed)):
         raise InvalidArgument(

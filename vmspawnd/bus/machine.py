@@ -10,7 +10,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusBool, DBusSignature, DBusStr, DBusUInt32, DBusUInt64, DBusUnixFd
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
-from .. import cmdline, share, tap
+from .. import auth, cmdline, share, tap
 from ..chainopen import OpenedChain, open_chain
 from ..errors import InvalidArgument
 from ..machine import Machine, Outgoing
@@ -525,6 +525,13 @@ class MachineInterface(ServiceInterface):
         """rd_req, rd_bytes, wr_req, wr_bytes, flush, errors since the drive was plugged."""
         await self._authorize(self.machine)
         return await self.machine.drive_stats(drive_id)
+
+    @dbus_method()
+    @replies_errors
+    async def SetUserPassword(self, user: DBusStr, password: DBusStr, crypted: DBusBool) -> None:
+        """The guest agent sets `user`'s password (`crypted`: a crypt(3) hash)."""
+        await self._authorize(self.machine, auth.Action.SET_PASSWORD)
+        await self.machine.set_user_password(user, password, crypted)
 
     @dbus_method()
     @replies_errors

@@ -50,6 +50,7 @@ MACHINE_OPTIONS = {
     "keep": "b",
     "plugged": "aa{sv}",
     "incoming": "b",
+    "guest_agent": "b",
 }
 DRIVE_OPTIONS = {"path": "s", "format": "s", "disk_type": "s", "read_only": "b", "serial": "s"}
 # A drive on a spare port at boot (a migrating machine's hotplugged drive, where it sits at the source).
@@ -229,6 +230,7 @@ def machine_spec(name: str, options: dict[str, Variant]) -> MachineSpec:
         firmware=choice(Firmware, v.get("firmware", "bios"), "firmware"),
         keep=v.get("keep", False),
         plugged=plugged(v.get("plugged", [])),
+        guest_agent=v.get("guest_agent", False),
     )
 
 

@@ -64,8 +64,9 @@ class BusService:
     async def may_create(self) -> int:
         return await self._authorize(auth.Action.CREATE, None)
 
-    async def may_manage(self, machine: Machine) -> int:
-        return await self._authorize(auth.Action.MANAGE, machine)
+    async def may_manage(self, machine: Machine, action: auth.Action = auth.Action.MANAGE) -> int:
+        """Whether the caller may do `action` (managing, or more) to `machine`."""
+        return await self._authorize(action, machine)
 
     def _machine_new(self, machine: Machine) -> None:
         iface = MachineInterface(
