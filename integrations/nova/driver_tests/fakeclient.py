@@ -59,15 +59,22 @@ class FakeClient:
         self._get(name)
         del self.machines[name]
 
+    @staticmethod
+    def _boot_drives(options: dict[str, Any]) -> dict[str, str]:
+        """The drives a machine boots with, by the daemon's ids: the image disk0, then `drives`."""
+        paths = ([options["image"]] if "image" in options else []) + [d["path"] for d in options.get("drives", [])]
+        return {f"disk{i}": path for i, path in enumerate(paths)}
+
     def properties(self, name: str) -> dict[str, Any]:
         m = self._get(name)
         spares = m.options.get("hotplug_spares", 0)
+        drives = self._boot_drives(m.options) | m.drives
         return {
             "Name": name,
             "State": m.state,
             "Leader": 0 if m.state in ("stopped", "suspended") else 4242,
             "Drives": [{"id": i, "path": p, "disk_type": "virtio-blk", "port": "", "state": "attached"}
-                       for i, p in m.drives.items()],
+                       for i, p in drives.items()],
             "FreeSparePorts": spares - len(m.drives),
             "ConsoleLog": m.console,
         }  # fmt: skip

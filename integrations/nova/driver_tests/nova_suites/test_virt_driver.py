@@ -27,12 +27,6 @@ NOT_IMPLEMENTED = {
     "test_snapshot_running",
     # No guest agent.
     "test_set_admin_password",
-    # No rescue boot.
-    "test_rescue",
-    "test_unrescue_unrescued_instance",
-    "test_unrescue_rescued_instance",
-    # No cold migration or resize (no shared disk handling).
-    "test_migrate_disk_and_power_off",
     # A swap keeps the guest's disk while its backing changes (a block mirror): vmspawnd has none.
     "test_swap_volume",
     # No graphics; the serial console is vmspawnd's OpenConsole, not a TCP port Nova's proxy reaches.

@@ -140,3 +140,31 @@ def test_block_stats_are_libvirts_five_counters_in_its_order(counters: dict[str,
     assert mapping.block_stats(counters) == tuple(
         counters[k] for k in ("rd_req", "rd_bytes", "wr_req", "wr_bytes", "errors")
     )
+
+
+@given(names, uuids)
+def test_a_rescue_machine_is_its_instance_s_and_never_an_instance(name: str, instance_uuid: str) -> None:
+    rescue = mapping.rescue_name(instance_uuid)
+    assert mapping.MACHINE_NAME.fullmatch(rescue)
+    assert mapping.rescued_instance(rescue) == instance_uuid
+    assert mapping.parse_machine_name(rescue) is None
+    assert rescue != mapping.machine_name(name, instance_uuid)
+    assert mapping.rescued_instance(mapping.machine_name(name, instance_uuid)) is None
+
+
+@given(st.text(max_size=80))
+def test_only_a_rescue_name_names_a_rescued_instance(name: str) -> None:
+    rescued = mapping.rescued_instance(name)
+    assert rescued is None or name == mapping.rescue_name(rescued)
+
+
+@pytest.mark.parametrize(
+    ("paths", "outside"),
+    [
+        (["/i/u/disk", "/i/u/sub/disk.local"], []),
+        (["/i/u/../v/disk", "/i/uu/disk", "/var/lib/x.raw"], ["/i/u/../v/disk", "/i/uu/disk", "/var/lib/x.raw"]),
+        (["/i/u"], []),
+    ],
+)
+def test_what_is_outside_an_instance_directory(paths: list[str], outside: list[str]) -> None:
+    assert mapping.outside(paths, "/i/u/") == outside

@@ -36,7 +36,10 @@ MACHINE_OPTIONS = {
     "hotplug_spares": "u",
     "accel": "s",
     "keep": "b",
+    "drives": "aa{sv}",
 }
+# One entry of CreateMachine's `drives`.
+DRIVE_OPTIONS = {"path": "s", "format": "s", "disk_type": "s", "read_only": "b", "serial": "s"}
 ADD_DRIVE_OPTIONS = {"disk_type": "s", "format": "s", "read_only": "b", "serial": "s", "id": "s"}
 
 DEFAULT_TIMEOUT = 60.0
@@ -71,7 +74,14 @@ def object_path(name: str) -> str:
 
 
 def variants(options: dict[str, Any], schema: dict[str, str]) -> dict[str, tuple[str, Any]]:
-    return {key: (schema[key], value) for key, value in options.items()}
+    return {key: (schema[key], wrapped(schema[key], value)) for key, value in options.items()}
+
+
+def wrapped(signature: str, value: Any) -> Any:
+    """A value for jeepney: each entry of an aa{sv} (drives) as variants too."""
+    if signature == "aa{sv}":
+        return [variants(entry, DRIVE_OPTIONS) for entry in value]
+    return value
 
 
 def plain(variant: tuple[str, Any]) -> Any:

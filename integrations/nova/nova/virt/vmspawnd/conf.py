@@ -23,6 +23,13 @@ opts = [
         "instead of its Glance image; with 'kernel' it is the instance's disk.",
     ),
     cfg.StrOpt("image_format", default="raw", choices=["raw", "qcow2"], help="The format of 'image'."),
+    cfg.StrOpt(
+        "rescue_image",
+        help="The disk a rescue boots from (as libvirt's rescue_image_id), for instances booted from "
+        "the configured kernel or image; it is never written: the rescue machine writes to a "
+        "copy-on-write layer over it in the instance's directory, gone at unrescue.",
+    ),
+    cfg.StrOpt("rescue_image_format", default="raw", choices=["raw", "qcow2"], help="The format of 'rescue_image'."),
     cfg.StrOpt("accel", default="auto", choices=["auto", "kvm", "tcg"], help="QEMU accelerator."),
     cfg.IntOpt(
         "hotplug_spares",

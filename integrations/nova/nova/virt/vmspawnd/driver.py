@@ -8,6 +8,7 @@ with its volumes, and power_on starts it again.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 from typing import Any
@@ -18,6 +19,7 @@ from nova.compute import power_state
 from nova.compute import utils as compute_utils
 from nova.objects import diagnostics as diagnostics_obj
 from nova.objects import fields
+from oslo_concurrency import processutils
 from oslo_log import log as logging
 from oslo_serialization import jsonutils
 from oslo_utils import units, versionutils
@@ -39,6 +41,15 @@ HYPERVISOR_TYPE = fields.HVType.QEMU
 FORCED_OFF = 1e-6  # s
 # The reason recorded on this host's nova-compute service when set_host_enabled disables it.
 HOST_DISABLED_REASON = "disabled by set_host_enabled (os-hosts)"
+# What a rescue adds to the instance's directory (libvirt's suffix): gone at unrescue.
+RESCUE_FILES = ".rescue"
+# The serial by which a rescue machine's guest finds the instance's own disk.
+RESCUED_DISK_SERIAL = "nova-rescued-disk"
+# Beside instances_path/<uuid> during a resize: the disks as they were (libvirt's suffix).
+RESIZE_STASH = "_resize"
+# In instances_path: one file per compute (named by its my_ip) that writes there,
+# so a source host knows which destinations see its instance directories.
+COMPUTES_SEEING = ".vmspawnd-computes"
 
 
 def local_volume(data: dict[str, Any]) -> tuple[str, str]:
@@ -101,6 +112,7 @@ class VmspawndDriver(driver.ComputeDriver):
             self.client.list_machines()
         except vclient.VmspawndError as e:
             raise exception.HypervisorUnavailable(host=f"{host} (vmspawnd: {e})") from e
+        self._announce_instances_path()
 
     def cleanup_host(self, host: str) -> None:
         self.client.close()
@@ -260,36 +272,90 @@ class VmspawndDriver(driver.ComputeDriver):
         state = self._state(instance)
         if state is None:
             raise exception.InstanceNotFound(instance_id=instance.uuid)
+        if state == "stopped":
+            # In rescue the instance runs as its rescue machine (as libvirt's
+            # domain is the rescue one then).
+            state = self._state_of(mapping.rescue_name(instance.uuid)) or state
         return hardware.InstanceInfo(state=getattr(power_state, mapping.power_state_name(state)))
+
+    def _state_of(self, name: str) -> str | None:
+        """A machine's State, or None when there is none of that name."""
+        try:
+            return str(self.client.properties(name)["State"])
+        except vclient.VmspawndError as e:
+            if e.name == "NoSuchMachine":
+                return None
+            raise
 
     # -- spawn and destroy ------------------------------------------------
 
     def _instance_dir(self, instance: Any) -> str:
         return os.path.join(CONF.instances_path, instance.uuid)
 
-    def _boot_source(self, context: Any, instance: Any, image_meta: Any) -> dict[str, Any]:
-        """The configured kernel or image if there is one, else the Glance
-        image fetched into the instance's directory (raw or qcow2 only)."""
+    @staticmethod
+    def _configured_kernel() -> dict[str, Any]:
+        """The options of [vmspawnd]'s kernel, initrd and cmdline ({} without a kernel)."""
         vconf_ = CONF.vmspawnd
-        if vconf_.kernel or vconf_.image:
-            source: dict[str, Any] = {}
-            if vconf_.kernel:
-                source |= {"kernel": vconf_.kernel, "cmdline": vconf_.cmdline}
-                if vconf_.initrd:
-                    source["initrd"] = vconf_.initrd
-            if vconf_.image:
-                source |= {"image": vconf_.image, "image_format": vconf_.image_format}
-            return source
+        if not vconf_.kernel:
+            return {}
+        source = {"kernel": vconf_.kernel, "cmdline": vconf_.cmdline}
+        return source | ({"initrd": vconf_.initrd} if vconf_.initrd else {})
+
+    @staticmethod
+    def _glance_format(image_meta: Any) -> str:
         disk_format = image_meta.disk_format if "disk_format" in image_meta else None
         if disk_format not in ("raw", "qcow2"):
             raise exception.ImageUnacceptable(
                 image_id=image_meta.id if "id" in image_meta else "",
                 reason=f"vmspawnd boots raw or qcow2 images, not {disk_format!r}",
             )
+        return str(disk_format)
+
+    def _fetch(self, context: Any, instance: Any, image_id: str, path: str) -> None:
+        """The Glance image at `path`, unless it is there: a disk the instance
+        wrote (power on of a lost machine, a resize) is never fetched over."""
+        if os.path.exists(path):
+            return
         os.makedirs(self._instance_dir(instance), exist_ok=True)
+        # Fetched beside it and renamed: a fetch cut short leaves no disk to boot.
+        partial = path + ".part"
+        images.fetch(context, image_id, partial, trusted_certs=instance.trusted_certs)
+        os.rename(partial, path)
+
+    def _boot_source(self, context: Any, instance: Any, image_meta: Any) -> dict[str, Any]:
+        """The configured kernel or image if there is one, else the Glance
+        image fetched into the instance's directory (raw or qcow2 only)."""
+        vconf_ = CONF.vmspawnd
+        if vconf_.kernel or vconf_.image:
+            source = self._configured_kernel()
+            if vconf_.image:
+                source |= {"image": vconf_.image, "image_format": vconf_.image_format}
+            return source
+        disk_format = self._glance_format(image_meta)
         disk = os.path.join(self._instance_dir(instance), "disk")
-        images.fetch(context, image_meta.id, disk, trusted_certs=instance.trusted_certs)
+        self._fetch(context, instance, image_meta.id, disk)
         return {"image": disk, "image_format": disk_format}
+
+    def _local_disk(self, instance: Any) -> tuple[str, str] | None:
+        """(path, format) of the instance's own disk by _boot_source's rules;
+        None for an instance booted from the configured kernel alone."""
+        vconf_ = CONF.vmspawnd
+        if vconf_.image:
+            return vconf_.image, vconf_.image_format
+        if vconf_.kernel:
+            return None
+        return os.path.join(self._instance_dir(instance), "disk"), self._glance_format(instance.image_meta)
+
+    @staticmethod
+    def _sized(instance: Any, spares: int) -> dict[str, Any]:
+        """A machine's options from the instance's flavor."""
+        return {
+            "memory": instance.flavor.memory_mb * units.Mi,
+            "cpus": instance.flavor.vcpus,
+            "hotplug_spares": spares,
+            "network": "user",
+            "accel": CONF.vmspawnd.accel,
+        }
 
     def _create(self, context: Any, instance: Any, image_meta: Any, allocations: Any, block_device_info: Any) -> None:
         volumes = driver.block_device_info_get_mapping(block_device_info)
@@ -299,14 +365,7 @@ class VmspawndDriver(driver.ComputeDriver):
             len(volumes),
             CONF.vmspawnd.max_hotplug_spares,
         )
-        options = self._boot_source(context, instance, image_meta) | {
-            "memory": instance.flavor.memory_mb * units.Mi,
-            "cpus": instance.flavor.vcpus,
-            "hotplug_spares": spares,
-            "network": "user",
-            "accel": CONF.vmspawnd.accel,
-            "keep": True,
-        }
+        options = self._boot_source(context, instance, image_meta) | self._sized(instance, spares) | {"keep": True}
         name = self._name(instance)
         try:
             self.client.create(name, options)
@@ -332,6 +391,11 @@ class VmspawndDriver(driver.ComputeDriver):
         power_on: bool = True,
         accel_info: Any = None,
     ) -> None:
+        self._make(context, instance, image_meta, allocations, block_device_info, power_on)
+
+    def _make(
+        self, context: Any, instance: Any, image_meta: Any, allocations: Any, block_device_info: Any, power_on: bool
+    ) -> None:
         self._create(context, instance, image_meta, allocations, block_device_info)
         if not power_on:
             self.power_off(instance)
@@ -345,12 +409,17 @@ class VmspawndDriver(driver.ComputeDriver):
         destroy_disks: bool = True,
         destroy_secrets: bool = True,
     ) -> None:
+        # A rescued instance goes with its rescue machine.
+        self._terminate_if_there(mapping.rescue_name(instance.uuid))
+        self._terminate_if_there(self._name(instance))
+        self.cleanup(context, instance, network_info, block_device_info, destroy_disks)
+
+    def _terminate_if_there(self, name: str) -> None:
         try:
-            self.client.terminate(self._name(instance))
+            self.client.terminate(name)
         except vclient.VmspawndError as e:
             if e.name != "NoSuchMachine":
                 raise
-        self.cleanup(context, instance, network_info, block_device_info, destroy_disks)
 
     def cleanup(
         self,
@@ -509,6 +578,220 @@ class VmspawndDriver(driver.ComputeDriver):
         if self._state(instance) != "running":
             raise exception.InstanceNotRunning(instance_id=instance.uuid)
         raise NotImplementedError("vmspawnd cannot snapshot a machine yet")
+
+    # -- rescue -----------------------------------------------------------
+
+    def _rescue_source(self, context: Any, instance: Any, image_meta: Any) -> dict[str, Any]:
+        """How the rescue machine boots, by spawn's rules: the configured
+        kernel (and rescue_image under a copy-on-write layer), else the Glance
+        rescue image (the instance's own without one, as libvirt picks),
+        fetched afresh into the instance's directory."""
+        vconf_ = CONF.vmspawnd
+        rescue_disk = os.path.join(self._instance_dir(instance), "disk" + RESCUE_FILES)
+        if vconf_.kernel or vconf_.image:
+            source = self._configured_kernel()
+            if vconf_.rescue_image:
+                os.makedirs(self._instance_dir(instance), exist_ok=True)
+                # The rescue never writes to the configured image itself.
+                backing = os.path.abspath(vconf_.rescue_image)
+                fmt = vconf_.rescue_image_format
+                processutils.execute("qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", backing, rescue_disk)
+                source |= {"image": rescue_disk, "image_format": "qcow2"}
+            elif not source:
+                raise exception.InstanceNotRescuable(
+                    instance_id=instance.uuid,
+                    reason="it boots [vmspawnd] image, its own disk: set [vmspawnd] rescue_image to rescue it",
+                )
+            return source
+        meta = image_meta if "id" in image_meta else instance.image_meta
+        disk_format = self._glance_format(meta)
+        self._fetch(context, instance, meta.id, rescue_disk)
+        return {"image": rescue_disk, "image_format": disk_format}
+
+    def _remove_rescue_files(self, instance: Any) -> None:
+        for path in glob.glob(os.path.join(glob.escape(self._instance_dir(instance)), "*" + RESCUE_FILES)):
+            os.unlink(path)
+
+    def rescue(
+        self,
+        context: Any,
+        instance: Any,
+        network_info: Any,
+        image_meta: Any,
+        rescue_password: Any,
+        block_device_info: Any,
+        share_info: Any = None,
+    ) -> None:
+        """libvirt's (legacy) rescue: the instance is stopped (kept, with its
+        volumes), and a machine of its own, "<uuid>.rescue", boots the rescue
+        source with the instance's disk as its next drive (serial
+        RESCUED_DISK_SERIAL), volumes not attached. No password is set (no agent)."""
+        rescue = mapping.rescue_name(instance.uuid)
+        if self._state_of(rescue) is not None:
+            raise exception.InstanceNotRescuable(instance_id=instance.uuid, reason="it is in rescue already")
+        # At once, as libvirt destroys the domain (Nova has shut it down cleanly before, if asked).
+        self.power_off(instance)
+        try:
+            options = self._rescue_source(context, instance, image_meta) | self._sized(instance, 0)
+            disk = self._local_disk(instance)
+            if disk is not None:
+                options["drives"] = [{"path": disk[0], "format": disk[1], "serial": RESCUED_DISK_SERIAL}]
+            self.client.create(rescue, options)
+        except vclient.VmspawndError as e:
+            self._remove_rescue_files(instance)
+            raise exception.InstanceNotRescuable(instance_id=instance.uuid, reason=str(e)) from e
+        except Exception:
+            self._remove_rescue_files(instance)
+            raise
+
+    def unrescue(self, context: Any, instance: Any) -> None:
+        """The rescue machine and its files go; the instance boots from its own
+        disk, with its volumes. One not in rescue is left as it is (running)."""
+        self._terminate_if_there(mapping.rescue_name(instance.uuid))
+        self._remove_rescue_files(instance)
+        if self._state(instance) is None:
+            raise exception.InstanceNotFound(instance_id=instance.uuid)
+        if self._state(instance) in ("stopped", "failed"):
+            self.client.start(self._name(instance))
+
+    # -- cold migration and resize ------------------------------------------
+
+    def _announce_instances_path(self) -> None:
+        """Tell the computes sharing instances_path that this one (by its my_ip,
+        the address Nova names a destination by) writes there too."""
+        seeing = os.path.join(CONF.instances_path, COMPUTES_SEEING)
+        try:
+            os.makedirs(seeing, exist_ok=True)
+            with open(os.path.join(seeing, self.get_host_ip_addr()), "w") as f:
+                f.write(self._host + "\n")
+        except OSError as e:
+            LOG.warning("cannot note this compute in %s (resizes to other hosts are refused): %s", seeing, e)
+
+    def _sees_instances_path(self, dest: str) -> bool:
+        """Does the compute at `dest` see this host's instance directories (libvirt's shared storage)?"""
+        marker = os.path.join(CONF.instances_path, COMPUTES_SEEING, os.path.basename(dest))
+        return dest == self.get_host_ip_addr() or os.path.exists(marker)
+
+    def _resize_stash(self, instance: Any) -> str:
+        return self._instance_dir(instance) + RESIZE_STASH
+
+    def _disk_info(self, instance: Any) -> list[dict[str, Any]]:
+        """The instance's local disk (not its volumes) with libvirt's keys."""
+        disk = self._local_disk(instance)
+        if disk is None:
+            return []
+        path, fmt = disk
+        if fmt == "qcow2":
+            info = images.qemu_img_info(path, format="qcow2")
+            virtual, used, backing = int(info.virtual_size), int(info.disk_size), info.backing_file or ""
+        else:
+            virtual, used, backing = os.path.getsize(path), os.stat(path).st_blocks * 512, ""
+        return [
+            {
+                "type": fmt,
+                "path": path,
+                "virt_disk_size": virtual,
+                "backing_file": backing,
+                "disk_size": used,
+                "over_committed_disk_size": max(0, virtual - used),
+            }
+        ]
+
+    def _stash_disks(self, instance: Any, disks: list[dict[str, Any]]) -> None:
+        """As libvirt: the instance's directory becomes <uuid>_resize (what a
+        revert goes back to) and its disks are copied into a fresh one."""
+        base, stash = self._instance_dir(instance), self._resize_stash(instance)
+        if not os.path.isdir(base):
+            return
+        # A failed earlier resize's stash is not what the instance has now.
+        shutil.rmtree(stash, ignore_errors=True)
+        os.rename(base, stash)
+        try:
+            os.makedirs(base)
+            for path in [d["path"] for d in disks if not mapping.outside([d["path"]], base)]:
+                processutils.execute("cp", "--sparse=always", os.path.join(stash, os.path.relpath(path, base)), path)
+        except Exception:
+            shutil.rmtree(base, ignore_errors=True)
+            os.rename(stash, base)
+            raise
+
+    def migrate_disk_and_power_off(
+        self,
+        context: Any,
+        instance: Any,
+        dest: str,
+        flavor: Any,
+        network_info: Any,
+        block_device_info: Any = None,
+        timeout: int = 0,
+        retry_interval: int = 0,
+    ) -> str:
+        """Resize on this host, or a move to a host that sees this host's
+        instances_path (shared storage, as libvirt's): the instance is
+        stopped, its disks are copied beside the old ones (kept for a revert),
+        and finish_migration makes its machine anew with the new flavor."""
+        disks = self._disk_info(instance)
+        paths = [d["path"] for d in disks]
+        if dest != self.get_host_ip_addr():
+            if staying := mapping.outside(paths, self._instance_dir(instance)):
+                reason = f"its disk {staying[0]} is not in instances_path: it cannot move to {dest}"
+                raise exception.InstanceFaultRollback(exception.MigrationPreCheckError(reason=reason))
+            if paths and not self._sees_instances_path(dest):
+                reason = (
+                    f"its disks are local files in {CONF.instances_path}, which {dest} does not see: vmspawnd "
+                    "moves an instance only over shared storage (no compute with that my_ip noted itself in "
+                    f"{os.path.join(CONF.instances_path, COMPUTES_SEEING)})"
+                )
+                raise exception.InstanceFaultRollback(exception.MigrationPreCheckError(reason=reason))
+        self.power_off(instance, timeout, retry_interval)
+        self._stash_disks(instance, disks)
+        return str(jsonutils.dumps(disks))
+
+    def finish_migration(
+        self,
+        context: Any,
+        migration: Any,
+        instance: Any,
+        disk_info: str,
+        network_info: Any,
+        image_meta: Any,
+        resize_instance: bool,
+        allocations: Any,
+        block_device_info: Any = None,
+        power_on: bool = True,
+        share_info: Any = None,
+    ) -> None:
+        """The machine made anew (instance.flavor is the new one now) over the migrated disks and volumes."""
+        missing = [d["path"] for d in jsonutils.loads(disk_info) if not os.path.exists(d["path"])]
+        if missing:
+            raise exception.ResizeError(reason=f"{missing[0]} is not there on {self._host}: is instances_path shared?")
+        # On the same host the stopped machine of the old flavor is still there.
+        self._terminate_if_there(self._name(instance))
+        self._make(context, instance, image_meta, allocations, block_device_info, power_on)
+
+    def confirm_migration(self, context: Any, migration: Any, instance: Any, network_info: Any) -> None:
+        shutil.rmtree(self._resize_stash(instance), ignore_errors=True)
+        if instance.host != self._host:
+            # Moved away: this host's stopped machine of it goes (its disks are the new host's now).
+            self._terminate_if_there(self._name(instance))
+
+    def finish_revert_migration(
+        self,
+        context: Any,
+        instance: Any,
+        network_info: Any,
+        migration: Any,
+        block_device_info: Any = None,
+        power_on: bool = True,
+        share_info: Any = None,
+    ) -> None:
+        """Back to the disks as they were and the old flavor (Nova has put it back)."""
+        base, stash = self._instance_dir(instance), self._resize_stash(instance)
+        if os.path.exists(stash):
+            shutil.rmtree(base, ignore_errors=True)
+            os.rename(stash, base)
+        self._terminate_if_there(self._name(instance))
+        self._make(context, instance, instance.image_meta, None, block_device_info, power_on)
 
     # -- consoles and diagnostics -----------------------------------------
 

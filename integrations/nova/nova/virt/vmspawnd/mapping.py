@@ -5,6 +5,7 @@ No I/O and nothing of Nova here, so every rule is tested for all inputs.
 
 from __future__ import annotations
 
+import os.path
 import re
 import uuid
 from dataclasses import dataclass
@@ -69,6 +70,34 @@ def parse_machine_name(name: str) -> Owned | None:
     if str(parsed) != rest:
         return None
     return Owned(instance_name, rest)
+
+
+# A rescue machine's name: "<uuid>.rescue". Its first part is no instance name
+# (36 characters, over the 27 an instance name may have), so list_instances
+# never counts it, and the uuid says whose it is.
+RESCUE_SUFFIX = ".rescue"
+
+
+def rescue_name(instance_uuid: str) -> str:
+    return f"{uuid.UUID(instance_uuid)}{RESCUE_SUFFIX}"
+
+
+def rescued_instance(name: str) -> str | None:
+    """The uuid of the instance a rescue machine serves, or None for any other machine."""
+    head, suffix = name[: -len(RESCUE_SUFFIX)], name[-len(RESCUE_SUFFIX) :]
+    if suffix != RESCUE_SUFFIX:
+        return None
+    try:
+        parsed = uuid.UUID(head)
+    except ValueError:
+        return None
+    return head if str(parsed) == head else None
+
+
+def outside(paths: list[str], directory: str) -> list[str]:
+    """The paths that are not inside `directory` (what does not move with it)."""
+    top = os.path.normpath(directory)
+    return [p for p in paths if os.path.commonpath([top, os.path.normpath(p)]) != top]
 
 
 def drive_id(volume_id: str) -> str:
