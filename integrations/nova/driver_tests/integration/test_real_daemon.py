@@ -25,6 +25,7 @@ from nova import context as nova_context
 from nova import exception, objects
 from nova.virt import fake
 from nova.virt.vmspawnd import VmspawndDriver, mapping
+from nova.virt.vmspawnd.driver import RESCUED_DISK_SERIAL
 
 BOOT = 120  # s: the tiny guest boots in a few seconds, but under TCG on a loaded host
 MiB = 1024 * 1024
@@ -212,3 +213,95 @@ def test_the_host_offers_its_hotplug_ports(driver: VmspawndDriver, nova_conf: An
     assert inventory[mapping.HOTPLUG_RC]["total"] == nova_conf.vmspawnd.hotplug_ports
     assert inventory["MEMORY_MB"]["total"] > 0 and inventory["VCPU"]["total"] > 0
     assert driver.get_available_resource("test-host")["hypervisor_version"] > 0
+
+
+# -- rescue and resize ----------------------------------------------------
+
+
+@pytest.fixture
+def disk_driver(driver: VmspawndDriver, nova_conf: Any, workdir: Path) -> Any:
+    """The driver with a disk for every instance ([vmspawnd] image) and a
+    rescue image; the kernel prints its memory (loglevel after quiet)."""
+    disk, rescue = workdir / f"disk-{uuid.uuid4()}.raw", workdir / f"rescue-{uuid.uuid4()}.raw"
+    disk.write_bytes(b"\0" * MiB)
+    rescue.write_bytes(b"\0" * MiB)
+    overrides = {"image": str(disk), "rescue_image": str(rescue), "cmdline": nova_conf.vmspawnd.cmdline + " loglevel=7"}
+    for key, value in overrides.items():
+        nova_conf.set_override(key, value, group="vmspawnd")
+    yield driver
+    for key in overrides:
+        nova_conf.clear_override(key, group="vmspawnd")
+    disk.unlink()
+    rescue.unlink()
+
+
+def memory_kib(driver: VmspawndDriver, instance: Any, start: int) -> int:
+    """The guest kernel's own count of its memory ("Memory: 212345K/261624K available")."""
+    return int(console(driver, instance, r"Memory: \d+K/(\d+)K available", start=start).group(1))
+
+
+def test_rescue_resize_and_back(disk_driver: VmspawndDriver, nova_conf: Any, workdir: Path) -> None:
+    driver = disk_driver
+    ctxt = nova_context.get_admin_context()
+    instance = new_instance()
+    instance.host = "test-host"
+    name = mapping.machine_name(instance.name, instance.uuid)
+    driver.spawn(ctxt, instance, objects.ImageMeta.from_dict({}), [], None, {}, network_info=[])
+    try:
+        console(driver, instance, "VMSPAWN-GUEST-READY")
+        old = memory_kib(driver, instance, 0)
+        volume_id = str(uuid.uuid4())
+        volume = workdir / f"volume-{volume_id}"
+        volume.write_bytes(b"\0" * MiB)
+        info = {"driver_volume_type": "local", "serial": volume_id, "data": {"device_path": str(volume)}}
+        bdi = {"block_device_mapping": [{"connection_info": info, "mount_device": "/dev/vdb"}]}
+        serial = re.escape(mapping.serial(volume_id))
+        mark = console_size(driver, instance)
+        driver.attach_volume(ctxt, info, instance, "/dev/vdb")
+        console(driver, instance, rf"VMSPAWN-BLOCK-ADD \w+ serial={serial}", start=mark)
+
+        # Rescue: a second machine boots its own disk, the instance's disk its second drive.
+        driver.rescue(ctxt, instance, [], objects.ImageMeta.from_dict({}), "", None)
+        rescue = mapping.rescue_name(instance.uuid)
+        assert driver.client.properties(name)["State"] == "stopped"
+        assert driver.list_instances() == [instance.name]
+        assert driver.get_info(instance).state == power_state.RUNNING
+        rescue_log = Path(driver.client.properties(rescue)["ConsoleLog"])
+        boot = asyncio.run(wait_console(rescue_log, r"(?s)VMSPAWN-BLOCK.*VMSPAWN-GUEST-READY", timeout=BOOT)).group(0)
+        disks = re.findall(r"VMSPAWN-BLOCK (\w+) serial=(.*)", boot)
+        assert disks == [("vda", ""), ("vdb", RESCUED_DISK_SERIAL)]
+
+        # Unrescue: the rescue machine and its disk go, the instance boots again with its volume.
+        mark = console_size(driver, instance)
+        driver.unrescue(ctxt, instance)
+        assert rescue not in [n for n, _ in driver.client.list_machines()]
+        assert list((workdir / "instances" / instance.uuid).glob("*.rescue")) == []
+        console(driver, instance, rf"VMSPAWN-BLOCK \w+ serial={serial}", start=mark)
+        console(driver, instance, "VMSPAWN-GUEST-READY", start=mark)
+
+        # A move to a host that does not see the disk is refused, the instance untouched.
+        bigger = objects.Flavor(
+            name="small", memory_mb=384, vcpus=1, root_gb=0, ephemeral_gb=0, swap=0, extra_specs={}, flavorid="2"
+        )
+        with pytest.raises(exception.InstanceFaultRollback, match="not in instances_path"):
+            driver.migrate_disk_and_power_off(ctxt, instance, "192.0.2.1", bigger, [], bdi)
+        assert driver.get_info(instance).state == power_state.RUNNING
+
+        # Resize on this host: the guest comes back with the new memory, and its volume.
+        disk_info = driver.migrate_disk_and_power_off(ctxt, instance, driver.get_host_ip_addr(), bigger, [], bdi)
+        assert [d["path"] for d in jsonutils.loads(disk_info)] == [nova_conf.vmspawnd.image]
+        assert driver.get_info(instance).state == power_state.SHUTDOWN
+        instance.old_flavor, instance.flavor = instance.flavor, bigger
+        migration = objects.Migration(source_compute="test-host", dest_compute="test-host")
+        driver.finish_migration(ctxt, migration, instance, disk_info, [], instance.image_meta, True, {}, bdi)
+        # The machine is made anew: its console log starts afresh.
+        new = memory_kib(driver, instance, 0)
+        # The kernel counts a little less than the machine has (its holes and reservations).
+        assert 240 * 1024 < old <= 256 * 1024 < 368 * 1024 < new <= 384 * 1024, (old, new)
+        console(driver, instance, rf"VMSPAWN-BLOCK \w+ serial={serial}")
+        driver.confirm_migration(ctxt, migration, instance, [])
+        assert driver.list_instances() == [instance.name]
+        assert driver.get_info(instance).state == power_state.RUNNING
+    finally:
+        driver.destroy(ctxt, instance, [])
+    assert driver.list_instances() == []
