@@ -24,6 +24,8 @@ class FakeMachine:
     state: str = "running"
     drives: dict[str, str] = field(default_factory=dict)
     console: str = ""
+    # What the guest agent set, by user.
+    passwords: dict[str, str] = field(default_factory=dict)
     # NMIs injected (InjectNMI).
     nmis: int = 0
 
@@ -106,6 +108,14 @@ class FakeClient:
 
     def reboot(self, name: str) -> None:
         self._running(name)
+
+    def set_user_password(self, name: str, user: str, password: str) -> None:
+        m = self._running(name)
+        if not m.options.get("guest_agent"):
+            raise VmspawndError("AgentUnavailable", f"machine {name!r} was created without guest_agent")
+        if m.state == "paused":
+            raise VmspawndError("AgentUnavailable", f"machine {name!r} is paused")
+        m.passwords[user] = password
 
     def pause(self, name: str) -> None:
         self._running(name).state = "paused"

@@ -13,6 +13,7 @@ import os
 import tempfile
 import uuid
 from typing import Any
+from unittest import mock
 
 import fixtures
 from nova.tests.unit.virt import test_virt_drivers as upstream
@@ -25,8 +26,6 @@ from nova import objects, test
 NOT_IMPLEMENTED = {
     # vmspawnd has no disk snapshot of a running machine yet.
     "test_snapshot_running",
-    # No guest agent.
-    "test_set_admin_password",
     # A swap keeps the guest's disk while its backing changes (a block mirror): vmspawnd has none.
     "test_swap_volume",
     # No graphics; the serial console is vmspawnd's OpenConsole, not a TCP port Nova's proxy reaches.
@@ -133,6 +132,17 @@ class VmspawndDriverTestCase(upstream._VirtDriverTestCase, test.TestCase):
 
         self._get_running_instance = with_volume  # type: ignore[method-assign]
         super().test_block_stats()
+
+    @mock.patch("nova.utils.get_image_from_system_metadata")
+    @mock.patch("nova.tests.unit.utils.get_test_image_object")
+    def test_set_admin_password(self, spawned: Any, image: Any) -> None:
+        # As libvirt's suite: the image asks for the guest agent (at spawn and after).
+        image.return_value = {"properties": {"hw_qemu_guest_agent": "yes"}}
+        spawned.return_value = objects.ImageMeta.from_dict(image.return_value)
+        instance, _ = self._get_running_instance(obj=True)
+        self.connection.set_admin_password(instance, "p4ssw0rd")
+        machine = self.connection.client.machines[self.connection._name(instance)]
+        self.assertEqual({"root": "p4ssw0rd"}, machine.passwords)
 
     def test_live_migration(self) -> None:
         self.skipTest("vmspawnd has no live migration yet")

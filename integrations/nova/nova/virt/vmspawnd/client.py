@@ -37,6 +37,7 @@ MACHINE_OPTIONS = {
     "accel": "s",
     "keep": "b",
     "drives": "aa{sv}",
+    "guest_agent": "b",
 }
 # One entry of CreateMachine's `drives`.
 DRIVE_OPTIONS = {"path": "s", "format": "s", "disk_type": "s", "read_only": "b", "serial": "s"}
@@ -142,6 +143,10 @@ class Client:
 
     def reboot(self, name: str) -> None:
         self._machine(name, "Reboot")
+
+    def set_user_password(self, name: str, user: str, password: str) -> None:
+        """Through the guest agent (a machine created with guest_agent)."""
+        self._machine(name, "SetUserPassword", "ssb", (user, password, False))
 
     def pause(self, name: str) -> None:
         self._machine(name, "Pause")

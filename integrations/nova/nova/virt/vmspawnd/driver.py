@@ -365,7 +365,15 @@ class VmspawndDriver(driver.ComputeDriver):
             len(volumes),
             CONF.vmspawnd.max_hotplug_spares,
         )
-        options = self._boot_source(context, instance, image_meta) | self._sized(instance, spares) | {"keep": True}
+        options = (
+            self._boot_source(context, instance, image_meta)
+            | self._sized(instance, spares)
+            | {
+                "keep": True,
+                # As libvirt: the image asks for the agent's channel.
+                "guest_agent": self._wants_agent(image_meta),
+            }
+        )
         name = self._name(instance)
         try:
             self.client.create(name, options)
@@ -509,6 +517,28 @@ class VmspawndDriver(driver.ComputeDriver):
 
     def poll_rebooting_instances(self, timeout: int, instances: Any) -> None:
         """Reboot returns once the reset is done: nothing is left to poll."""
+
+    @staticmethod
+    def _wants_agent(image_meta: Any) -> bool:
+        return "properties" in image_meta and bool(image_meta.properties.get("hw_qemu_guest_agent", False))
+
+    def set_admin_password(self, instance: Any, new_pass: str) -> None:
+        """As libvirt: only for an image with hw_qemu_guest_agent, for its
+        os_admin_user or root; an agent that does not answer is not supported."""
+        image_meta = instance.image_meta
+        if not self._wants_agent(image_meta):
+            raise exception.QemuGuestAgentNotEnabled()
+        user = image_meta.properties.get("os_admin_user") or (
+            "Administrator" if instance.os_type == "windows" else "root"
+        )
+        try:
+            self.client.set_user_password(self._name(instance), user, new_pass)
+        except vclient.VmspawndError as e:
+            if e.name == "NoSuchMachine":
+                raise exception.InstanceNotFound(instance_id=instance.uuid) from e
+            if e.name == "AgentUnavailable":
+                raise exception.SetAdminPasswdNotSupported() from e
+            raise exception.InternalError(f"vmspawnd could not set the password of {user!r}: {e}") from e
 
     def pause(self, instance: Any) -> None:
         self.client.pause(self._name(instance))
