@@ -20,6 +20,7 @@ from nova.compute import power_state, provider_tree
 from nova.tests.unit import fake_instance
 from oslo_serialization import jsonutils
 from tests.integration.harness import Daemon, not_just_logs, qemu_pids, wait_console
+from tests.integration.test_agent import root_hash, sha512_crypt
 
 from nova import context as nova_context
 from nova import exception, objects
@@ -100,15 +101,28 @@ def volume_stats_and_nmi(
     console(driver, instance, "NMI received for unknown reason", start=mark)
 
 
-def test_an_instance_life(driver: VmspawndDriver, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_instance_life(
+    driver: VmspawndDriver, workdir: Path, monkeypatch: pytest.MonkeyPatch, daemon: Daemon
+) -> None:
     ctxt = nova_context.get_admin_context()
     instance = new_instance()
-    driver.spawn(ctxt, instance, objects.ImageMeta.from_dict({}), [], None, {}, network_info=[])
+    # The image asks for the guest agent (as Nova keeps it: in the system metadata).
+    instance.system_metadata = {"image_hw_qemu_guest_agent": "yes"}
+    image = objects.ImageMeta.from_dict({"properties": {"hw_qemu_guest_agent": True}})
+    driver.spawn(ctxt, instance, image, [], None, {}, network_info=[])
     try:
         assert instance.name in driver.list_instances()
         assert instance.uuid in driver.list_instance_uuids()
         console(driver, instance, "VMSPAWN-GUEST-READY")
         assert driver.get_info(instance).state == power_state.RUNNING
+
+        # set_admin_password: qemu-ga in the guest rewrites root's /etc/shadow entry.
+        console(driver, instance, r"VMSPAWN-AGENT vport\d+p\d+")
+        name = mapping.machine_name(instance.name, instance.uuid)
+        assert asyncio.run(root_hash(daemon, name)) == "*"
+        driver.set_admin_password(instance, "p4ssw0rd")
+        hashed = asyncio.run(root_hash(daemon, name))
+        assert sha512_crypt("p4ssw0rd", hashed.split("$")[2]) == hashed
 
         # A local volume on a spare port: the guest sees it, by its serial.
         volume_id = str(uuid.uuid4())
