@@ -346,6 +346,7 @@ async def test_nobody_reads_everything_but_may_not_create_or_manage_roots_machin
         await gdbus_machine(system, "nobody", path, "PowerOff", "0"),
         await gdbus_machine(system, "nobody", path, "AddDrive", drive, "@a{sv} {}"),
         await gdbus_machine(system, "nobody", path, "RemoveDrive", "disk0"),
+        await gdbus_machine(system, "nobody", path, "SetUserPassword", "root", "pw", "false"),
     ]
     for result in refused:
         assert result.error == "org.vmspawnd1.Error.AccessDenied", result
@@ -402,6 +403,11 @@ async def test_polkit_rules_let_a_user_create_and_manage_machines(polkit: System
     added = await gdbus_machine(system, "daemon", path, "AddDrive", drive, "@a{sv} {}")
     assert added.code == 0, added
     assert re.fullmatch(r"\('disk1', 'rp\d'\)", added.out.strip()), added
+    # Managing is not setting a guest's password: that action of its own has no rule, so auth_admin.
+    password = await gdbus_machine(system, "daemon", path, "SetUserPassword", "root", "pw", "false")
+    assert password.error == "org.vmspawnd1.Error.AccessDenied", password
+    assert "uid 1 may not set a password in this machine's guest" in password.err
+    assert "org.vmspawnd1.set-user-password" in password.err and "'pw'" not in password.err
     terminated = await gdbus_manager(system, "daemon", "TerminateMachine", "rootvm")
     assert terminated.code == 0, terminated
     # Even allowed to create, a user may not hand QEMU (running as root) raw options.
