@@ -12,6 +12,12 @@ opts = [
         "such as unix:path=/run/dbus/system_bus_socket.",
     ),
     cfg.StrOpt(
+        "login1_bus_address",
+        default="SYSTEM",
+        help="D-Bus address of the bus systemd-logind serves on, for the host power actions "
+        "(reboot, shutdown) an admin asks of this host.",
+    ),
+    cfg.StrOpt(
         "kernel",
         help="Boot every instance from this kernel (direct kernel boot) instead of its Glance image.",
     ),

@@ -29,7 +29,7 @@ from nova import exception, objects
 from nova.virt import driver, hardware, images
 from nova.virt.vmspawnd import client as vclient
 from nova.virt.vmspawnd import conf as vconf
-from nova.virt.vmspawnd import mapping
+from nova.virt.vmspawnd import hostpower, mapping
 
 LOG = logging.getLogger(__name__)
 CONF = nova.conf.CONF
@@ -150,6 +150,18 @@ class VmspawndDriver(driver.ComputeDriver):
         with open("/proc/uptime") as f:
             seconds = float(f.read().split()[0])
         return f"up {int(seconds // 86400)} days, {int(seconds % 86400 // 3600)}:{int(seconds % 3600 // 60):02d}"
+
+    def host_power_action(self, action: str) -> str:
+        """An admin's reboot or shutdown of this host, through its systemd-logind."""
+        if action not in hostpower.METHODS:
+            raise NotImplementedError(
+                f"a running host cannot {action} itself: power it on from its BMC, or have it wake on LAN"
+            )
+        try:
+            hostpower.power_action(CONF.vmspawnd.login1_bus_address, action, CONF.vmspawnd.call_timeout)
+        except hostpower.HostPowerError as e:
+            raise exception.NovaException(f"cannot {action} host {self._host}: {e}") from e
+        return action
 
     def get_host_cpu_stats(self) -> dict[str, int]:
         """Nanoseconds in each mode since boot, as libvirt's getCPUStats gives them."""
