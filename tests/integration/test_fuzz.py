@@ -50,6 +50,7 @@ from vmspawnd.bus.options import (
     DRIVE_OPTIONS,
     MACHINE_OPTIONS,
     MOUNT_OPTIONS,
+    PLUGGED_OPTIONS,
     REPLACE_DRIVE_OPTIONS,
 )
 
@@ -230,6 +231,8 @@ def typed_value(key: str, schema: dict[str, str]) -> st.SearchStrategy[Variant]:
         return st.lists(option_dicts(DRIVE_OPTIONS), max_size=3).map(lambda ds: Variant("aa{sv}", ds))
     elif key == "mounts":
         return st.lists(option_dicts(MOUNT_OPTIONS), max_size=2).map(lambda ds: Variant("aa{sv}", ds))
+    elif key == "plugged":
+        return st.lists(option_dicts(PLUGGED_OPTIONS), max_size=2).map(lambda ds: Variant("aa{sv}", ds))
     elif sig == "s":
         values = st.one_of(text, long_text)
     elif sig == "b":
