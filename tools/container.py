@@ -346,6 +346,11 @@ class Container:
         """A path inside the container, seen from the host."""
         return self.root / inside.lstrip("/")
 
+    @property
+    def bus_address(self) -> str:
+        """The container's system bus, from the host (the container's /run is its own tmpfs)."""
+        return f"unix:path=/proc/{self.leader}/root/run/dbus/system_bus_socket"
+
     def nsenter(self, argv: Sequence[str]) -> list[str]:
         return ["nsenter", "-t", str(self.leader), "-a", "env", "-i", f"PATH={PATH}", "LANG=C.UTF-8", *argv]
 

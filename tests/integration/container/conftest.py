@@ -24,11 +24,6 @@ GUEST_DIR = "/srv/tinyguest"
 DROPINS = "/run/systemd/system/vmspawnd.service.d"
 
 
-def bus_address(box: tool.Container) -> str:
-    """The container's system bus, from the host (the container's /run is its own tmpfs)."""
-    return f"unix:path=/proc/{box.leader}/root/run/dbus/system_bus_socket"
-
-
 @pytest.fixture(scope="session")
 def container() -> Iterator[tool.Container]:
     if reason := tool.unavailable():
@@ -60,7 +55,7 @@ def guest(container: tool.Container) -> tinyguest.Guest:
 async def client(container: tool.Container) -> AsyncIterator[Client]:
     """A client on the container's system bus (from the host, as root), the daemon started."""
     container.run(["systemctl", "start", "vmspawnd.service"])
-    c = await Client.connect(bus_address(container))
+    c = await Client.connect(container.bus_address)
     yield c
     await c.terminate_all()
     c.close()

@@ -18,7 +18,7 @@ import pytest
 
 from tests.integration.harness import Client, wait_console
 
-from .conftest import bus_address, tinyguest, tool
+from .conftest import tinyguest, tool
 from .support import UNIT, boot, console, drive_file, journal, restarted, show, wait_until
 
 probes = itertools.count(1)
@@ -36,7 +36,7 @@ class Pair:
 @pytest.fixture(scope="module")
 async def pair(container: tool.Container, guest: tinyguest.Guest) -> AsyncIterator[Pair]:
     container.run(["systemctl", "start", UNIT])
-    client = await Client.connect(bus_address(container))
+    client = await Client.connect(container.bus_address)
     one = await boot(container, client, guest, "rvm1")
     two = await boot(container, client, guest, "rvm2")
     drive = await client.add_drive(two, drive_file(container, "hot.raw"), serial="hot")

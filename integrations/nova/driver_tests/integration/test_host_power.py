@@ -35,15 +35,8 @@ REBOOTED = 133
 def host() -> Iterator[tool.Container]:
     if reason := tool.unavailable():
         pytest.skip(f"no systemd-nspawn container here: {reason}")
-    box = tool.Container(tool.build_rootfs()).start()
-    try:
+    with tool.booted() as box:
         yield box
-    finally:
-        box.stop()
-
-
-def login1_address(box: tool.Container) -> str:
-    return f"unix:path=/proc/{box.leader}/root/run/dbus/system_bus_socket"
 
 
 def refused_as_nobody(host: tool.Container) -> subprocess.CompletedProcess[str]:
@@ -67,14 +60,14 @@ def test_logind_refuses_nobody_then_the_driver_reboots_the_host(nova_conf: Any, 
     assert refused.returncode == 3, refused.stderr
     assert refused.stdout.strip() == "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
     assert host.run(["systemctl", "is-system-running"], check=False).stdout.strip() == "running"
-    nova_conf.set_override("login1_bus_address", login1_address(host), group="vmspawnd")
+    nova_conf.set_override("login1_bus_address", host.bus_address, group="vmspawnd")
     assert VmspawndDriver(fake.FakeVirtAPI()).host_power_action("reboot") == "reboot"
     assert host.proc is not None
     assert host.proc.wait(60) == REBOOTED
 
 
 def test_a_shutdown_powers_the_host_off(nova_conf: Any, host: tool.Container) -> None:
-    nova_conf.set_override("login1_bus_address", login1_address(host), group="vmspawnd")
+    nova_conf.set_override("login1_bus_address", host.bus_address, group="vmspawnd")
     assert VmspawndDriver(fake.FakeVirtAPI()).host_power_action("shutdown") == "shutdown"
     assert host.proc is not None
     assert host.proc.wait(60) == 0
