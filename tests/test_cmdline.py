@@ -33,6 +33,7 @@ from vmspawnd.model import (
     DiskType,
     DriveSpec,
     Firmware,
+    Graphics,
     ImageFormat,
     MachineSpec,
     MiB,
@@ -42,7 +43,7 @@ from vmspawnd.model import (
     PortRole,
 )
 from vmspawnd.topology import DIRECT_PORTS as MAX_PORTS
-from vmspawnd.topology import IMPLICIT_DEVICES, Plan, plan_machine
+from vmspawnd.topology import DISPLAY_DEVICE, IMPLICIT_DEVICES, Plan, plan_machine
 
 IMG = Path("/img/root.raw")
 MACHINE_ID = "0123456789abcdef0123456789abcdef"
@@ -52,6 +53,7 @@ FLAGS = {"-nodefaults", "-no-user-config"}
 OPTIONS_WITH_VALUE = {
     "-name", "-uuid", "-machine", "-accel", "-cpu", "-smp", "-m", "-display", "-chardev", "-mon", "-serial",
     "-device", "-blockdev", "-netdev", "-bios", "-kernel", "-initrd", "-append", "-object", "-sandbox", "-add-fd",
+    "-vnc", "-spice",
 }  # fmt: skip
 
 
@@ -802,3 +804,37 @@ def test_qemu_extra_may_not_take_the_agents_id_when_there_is_an_agent() -> None:
     with pytest.raises(VmspawndError, match="qga0"):
         plan_machine(spec(guest_agent=True, qemu_extra=extra), TYPES)
     plan_machine(spec(qemu_extra=extra), TYPES)
+
+
+# -- graphics -------------------------------------------------------------------
+
+
+def test_no_graphics_no_display_and_no_display_server() -> None:
+    argv = argv_for(spec())
+    assert values(argv, "-display") == ["none"]
+    assert values(argv, "-vnc") == [] and values(argv, "-spice") == []
+    assert DISPLAY_DEVICE not in [d["driver"] for d in devices(argv)]
+
+
+@pytest.mark.parametrize(
+    ("graphics", "option", "value"),
+    [(Graphics.VNC, "-vnc", "none"), (Graphics.SPICE, "-spice", "disable-ticketing=on")],
+)
+def test_graphics_is_a_display_device_and_a_server_that_listens_nowhere(
+    graphics: Graphics, option: str, value: str
+) -> None:
+    s = spec(graphics=graphics)
+    plan = plan_machine(s, TYPES)
+    argv = build_argv(s, plan, RT)
+    # No port, no path: OpenGraphics hands QEMU each client's socket.
+    assert values(argv, option) == [value]
+    assert not [v for v in values(argv, option) if "port" in v or "addr" in v or "unix" in v]
+    # No window of QEMU's own either.
+    assert values(argv, "-display") == ["none"]
+    [display] = [i for i in plan.implicit if i.driver == DISPLAY_DEVICE]
+    assert device(argv, display.id) == {
+        "driver": DISPLAY_DEVICE,
+        "id": display.id,
+        "bus": "pcie.0",
+        "addr": display.addr,
+    }

@@ -218,7 +218,7 @@ EXPECTED_EXIT = {
     "QemuFailed": 1, "UnplugTimeout": 1, "NotRunning": 1, "AlreadyRunning": 5,
     "QemuUnresponsive": 1, "NoSpace": 1, "OpenTimeout": 1, "ConsoleBusy": 5, "Unsupported": 2,
     "MigrationFailed": 1, "MigrationInProgress": 5, "NotMigrating": 5,
-    "AgentUnavailable": 1, "AgentFailed": 1,
+    "AgentUnavailable": 1, "AgentFailed": 1, "NoGraphics": 1,
 }  # fmt: skip
 
 

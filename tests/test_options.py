@@ -28,6 +28,7 @@ from vmspawnd.bus.options import (
     incoming_timeout,
     machine_spec,
     migrate,
+    open_graphics,
     power_off_timeout,
     remove_timeout,
 )
@@ -37,6 +38,7 @@ from vmspawnd.model import (
     DiskType,
     DriveSpec,
     Firmware,
+    Graphics,
     ImageFormat,
     MachineSpec,
     MiB,
@@ -100,6 +102,7 @@ VALID: dict[str, tuple[Variant, Any]] = {
     # Not the spec's: how QEMU starts (incoming() reads it).
     "incoming": (V("b", True), lambda s: s == MachineSpec("m")),
     "guest_agent": (V("b", True), lambda s: s.guest_agent is True),
+    "graphics": (V("s", "vnc"), lambda s: s.graphics is Graphics.VNC),
 }
 
 
@@ -195,6 +198,8 @@ def test_firmware_values(value: Firmware) -> None:
         ("network", "bridge", "none, user, tap"),
         ("network", "", "none, user, tap"),
         ("network", "USER", "none, user, tap"),
+        ("graphics", "sdl", "none, vnc, spice"),
+        ("graphics", "VNC", "none, vnc, spice"),
     ],
 )
 def test_bad_enum_values_list_the_choices(key: str, value: str, choices: str) -> None:
@@ -628,6 +633,7 @@ def test_well_typed_options_parse_or_raise_invalid_argument(options: dict[str, V
     assert s.cpus == plain.get("cpus", 1)
     assert s.accel == plain.get("accel", "auto")
     assert s.firmware == plain.get("firmware", "bios")
+    assert s.graphics == plain.get("graphics", "none")
     assert s.cmdline == plain.get("cmdline", "")
     assert s.qemu_extra == tuple(plain.get("qemu_extra", ()))
     assert len(s.drives) == len(plain.get("drives", ()))
@@ -724,3 +730,13 @@ def test_migrate_options() -> None:
             migrate(bad)
     with pytest.raises(InvalidArgument, match="unknown Incoming option"):
         incoming_timeout({"max_bandwidth": V("t", 1)})
+
+
+def test_graphics_default_to_none() -> None:
+    assert spec().graphics is Graphics.NONE
+
+
+def test_open_graphics_takes_no_options_yet() -> None:
+    open_graphics({})
+    with pytest.raises(InvalidArgument, match="OpenGraphics takes at most 0 options"):
+        open_graphics({"protocol": V("s", "vnc")})

@@ -24,6 +24,7 @@ from vmspawnd.model import (
     DriveSpec,
     DriveState,
     Firmware,
+    Graphics,
     ImageFormat,
     MachineShare,
     MachineSpec,
@@ -143,6 +144,18 @@ def test_a_record_from_before_the_guest_agent_loads_without_one() -> None:
     assert loads(json.dumps(d)) == replace(r, spec=replace(r.spec, guest_agent=False))
 
 
+def test_a_record_from_before_graphics_loads_without_them() -> None:
+    r = record(spec=replace(record().spec, graphics=Graphics.SPICE))
+    d = json.loads(dumps(r))
+    assert d["spec"]["graphics"] == "spice"
+    assert loads(json.dumps(d)) == r
+    del d["spec"]["graphics"]
+    assert loads(json.dumps(d)) == replace(r, spec=replace(r.spec, graphics=Graphics.NONE))
+    d["spec"]["graphics"] = "sdl"
+    with pytest.raises(StateError, match=r"spec.graphics: 'sdl' is not one of none, vnc, spice"):
+        loads(json.dumps(d))
+
+
 def test_a_stopped_kept_machine_round_trips_with_its_plugged_drives() -> None:
     plugged = (
         PluggedDrive("disk3", DriveSpec(Path("/x.qcow2"), DiskType.NVME, ImageFormat.QCOW2, True, "S3"), "rp4"),
@@ -214,6 +227,7 @@ specs = st.builds(
     keep=st.booleans(),
     plugged=st.lists(st.builds(PluggedDrive, texts, drive_specs, texts, texts), max_size=3).map(tuple),
     guest_agent=st.booleans(),
+    graphics=st.sampled_from(list(Graphics)),
 )
 drives = st.builds(
     Drive,

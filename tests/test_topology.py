@@ -10,10 +10,21 @@ from hypothesis import strategies as st
 from tests import test64
 from tests.devtypes import TYPES
 from vmspawnd.errors import InvalidArgument, PcieSlotsExhausted, TooManyPorts
-from vmspawnd.model import DiskType, DriveSpec, MachineSpec, MountSpec, Network, NetworkMode, PortKind, PortRole
+from vmspawnd.model import (
+    DiskType,
+    DriveSpec,
+    Graphics,
+    MachineSpec,
+    MountSpec,
+    Network,
+    NetworkMode,
+    PortKind,
+    PortRole,
+)
 from vmspawnd.topology import (
     BUS_LIMIT,
     DIRECT_PORTS,
+    DISPLAY_DEVICE,
     PCIE0,
     SWITCH_PORTS,
     Plan,
@@ -399,3 +410,38 @@ def test_any_valid_plan_is_a_well_formed_tree(spec: MachineSpec) -> None:
     # The budget is exactly: port slots + implicit + each PCI type of qemu_extra.
     assert p.used == len(root_slots) + 3 + pci_extra <= p.budget
     assert len({x.carries for x in p.ports if x.carries}) == len([x for x in p.ports if x.carries])
+
+
+# -- graphics ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("graphics", [Graphics.VNC, Graphics.SPICE])
+def test_a_display_device_is_one_more_implicit_device_and_counts_in_the_budget(graphics: Graphics) -> None:
+    without = plan(seed_spec(qemu_extra=nvme_extra(20)))
+    p = plan(seed_spec(qemu_extra=nvme_extra(20), graphics=graphics))
+    assert [i.driver for i in p.implicit] == [*(i.driver for i in without.implicit), DISPLAY_DEVICE]
+    # At the lowest slot after the others, never one a root port takes.
+    assert [i.slot for i in p.implicit] == [1, 2, 3, 4]
+    assert p.used == without.used + 1
+    implicit = f"implicit devices (virtio-rng-pci, virtio-balloon-pci, virtio-serial-pci, {DISPLAY_DEVICE})"
+    assert p.consumers[1].what == implicit
+    assert p.consumers[1].slots == 4
+    assert p.ports == without.ports
+
+
+def test_no_graphics_no_display_device() -> None:
+    assert DISPLAY_DEVICE not in [i.driver for i in plan(seed_spec()).implicit]
+
+
+def test_the_display_device_can_be_the_one_device_too_many() -> None:
+    # 1 port slot (behind a switch) + 3 implicit + 26 nvme fill pcie.0; the display is one more.
+    assert plan(seed_spec(qemu_extra=nvme_extra(26))).used == 30
+    with pytest.raises(PcieSlotsExhausted) as e:
+        plan(seed_spec(qemu_extra=nvme_extra(26), graphics=Graphics.VNC))
+    implicit = f"4 for implicit devices (virtio-rng-pci, virtio-balloon-pci, virtio-serial-pci, {DISPLAY_DEVICE})"
+    assert "needs 31" in str(e.value) and implicit in str(e.value)
+
+
+def test_the_display_device_keeps_clear_of_a_qemu_extra_addr() -> None:
+    p = plan(MachineSpec("k", kernel=IMG, qemu_extra=("-device", "nvme,serial=x,addr=0x4"), graphics=Graphics.VNC))
+    assert [i.slot for i in p.implicit] == [1, 2, 3, 5]

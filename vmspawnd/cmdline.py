@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .imagechain import Layer, Role, opaque, single
-from .model import Accel, DiskType, DriveSpec, Firmware, ImageFormat, MachineSpec, MiB, NetworkMode, PortKind
+from .model import Accel, DiskType, DriveSpec, Firmware, Graphics, ImageFormat, MachineSpec, MiB, NetworkMode, PortKind
 from .qga import PORT_NAME
 from .topology import AGENT_ID, Plan, Port, drive_id
 
@@ -31,6 +31,16 @@ ACCELS = {Accel.KVM: ("kvm",), Accel.TCG: (TCG,), Accel.AUTO: ("kvm", TCG)}
 IMPLICIT_PROPS: dict[str, dict[str, str | int | None]] = {
     "virtio-rng-pci": {"vectors": 0},
     "virtio-serial-pci": {"vectors": 0},
+}
+
+# The display's servers listen nowhere: OpenGraphics hands QEMU one end of a
+# socketpair per client (add_client). VNC: a display with no listener; SPICE:
+# no port, no tls-port (nor unix), and no ticket: whoever holds the fd is let in
+# (the daemon checked the caller's rights before).
+GRAPHICS_ARGS = {
+    Graphics.NONE: [],
+    Graphics.VNC: ["-vnc", "none"],
+    Graphics.SPICE: ["-spice", "disable-ticketing=on"],
 }
 
 # fdset ids from here on are the command line's (console, boot drives);
@@ -311,6 +321,7 @@ def build_argv(spec: MachineSpec, plan: Plan, rt: Runtime) -> list[str]:
         "-nodefaults",
         "-no-user-config",
         "-display", "none",
+        *GRAPHICS_ARGS[spec.graphics],
         "-chardev", opts("socket", id="qmp", fd=rt.qmp_fd, server="on", wait="off"),
         "-mon", opts(chardev="qmp", mode="control"),
     ]  # fmt: skip

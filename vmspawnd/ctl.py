@@ -247,6 +247,13 @@ ERRORS: dict[str, tuple[Exit, _Hint]] = {
             "the message quotes the guest agent; check that the user exists in the guest and qemu-ga may run chpasswd"
         ),
     ),
+    "NoGraphics": (
+        Exit.FAILED,
+        lambda c: (
+            "the machine has no display: create it with the CreateMachine option graphics=vnc (or spice); "
+            f"'{PROG} console {c.name or 'NAME'}' is its serial console"
+        ),
+    ),
 }
 
 # Errors from the bus itself, not from vmspawnd.

@@ -117,6 +117,10 @@ class AgentFailed(VmspawndError):
     """The guest agent answered, with an error (in its own words) or with what is not a reply."""
 
 
+class NoGraphics(VmspawndError):
+    """OpenGraphics of a machine created without graphics (it has no display)."""
+
+
 ALL_ERRORS: tuple[type[VmspawndError], ...] = (
     InvalidArgument,
     NoSuchMachine,
@@ -144,4 +148,5 @@ ALL_ERRORS: tuple[type[VmspawndError], ...] = (
     NotMigrating,
     AgentUnavailable,
     AgentFailed,
+    NoGraphics,
 )

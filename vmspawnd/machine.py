@@ -28,6 +28,7 @@ from .errors import (
     InvalidArgument,
     MigrationFailed,
     MigrationInProgress,
+    NoGraphics,
     NoSpace,
     NoSuchDrive,
     NoSuchNetwork,
@@ -42,7 +43,7 @@ from .errors import (
     VmspawndError,
 )
 from .identity import Identity
-from .model import DiskType, Drive, DriveSpec, DriveState, MachineShare, MachineSpec, MachineState, Nic
+from .model import DiskType, Drive, DriveSpec, DriveState, Graphics, MachineShare, MachineSpec, MachineState, Nic
 from .porttable import PortTable
 from .process import Process, confinement_for
 from .process import start_time as process_start_time
@@ -110,6 +111,8 @@ def migration_timeout(memory: int) -> float:
 
 # A live migration's stream: the name QEMU holds its fd under (getfd).
 MIGRATION_FD = "migration"
+# OpenGraphics: the name a new display client's socket has in QEMU until add_client takes it.
+GRAPHICS_FD = "graphics"
 
 
 class Outgoing:
@@ -1633,6 +1636,33 @@ class Machine:
             self._agent_lock.release()
         log.info("machine %s: password of guest user %r set", self.name, user, extra={"MACHINE": self.name})
 
+    async def open_graphics(self) -> socket.socket:
+        """A new client of the machine's display: one end of a socketpair is
+        the caller's, QEMU's VNC or SPICE server takes the other (getfd +
+        add_client, no authentication of its own: the caller's rights were
+        checked). A failure leaves no fd in QEMU."""
+        if self.spec.graphics is Graphics.NONE:
+            raise NoGraphics(
+                f"machine {self.name} was created without graphics: it has no display; "
+                "create it with graphics=vnc (or graphics=spice)"
+            )
+        async with self._request("OpenGraphics"):
+            ours, qemus = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            args: dict[str, object] = {"protocol": str(self.spec.graphics), "fdname": GRAPHICS_FD, "skipauth": True}
+            try:
+                await self._fd_command(qemus.fileno(), GRAPHICS_FD, "add_client", args, "OpenGraphics")
+            except BaseException as e:
+                ours.close()
+                if isinstance(e, QemuUnresponsive):
+                    # A late getfd leaves the fd in QEMU: closed once it answers.
+                    self._unanswered(e, lambda: self._monitor.execute("closefd", {"fdname": GRAPHICS_FD}))
+                raise
+            finally:
+                # QEMU holds its own copy now, or none.
+                qemus.close()
+        log.info("machine %s: %s client added", self.name, self.spec.graphics, extra={"MACHINE": self.name})
+        return ours
+
     async def power_off(self, timeout: float) -> bool:
         """ACPI power button, pressed again every BUTTON_REPEAT s (a guest
         still booting does not listen yet); past `timeout` quit, then
@@ -2024,15 +2054,29 @@ class Machine:
 
     async def _hand_stream(self, fd: int, command: str, args: dict[str, object], method: str) -> None:
         """MIGRATION events on, the stream `fd` handed over (getfd), then `command` takes it."""
+        setup = [("migrate-set-capabilities", EVENTS_CAPABILITY)]
+        setup += [("migrate-set-parameters", {key: value}) for key, value in args.items()]
+        await self._fd_command(fd, MIGRATION_FD, command, {"uri": f"fd:{MIGRATION_FD}"}, method, setup)
+
+    async def _fd_command(
+        self,
+        fd: int,
+        name: str,
+        command: str,
+        args: dict[str, object],
+        method: str,
+        setup: Sequence[tuple[str, dict[str, object]]] = (),
+    ) -> None:
+        """The `setup` commands, `fd` handed to QEMU under `name` (getfd),
+        then `command` takes it; QEMU keeps no fd of a refused one."""
         try:
-            await self._monitor.execute("migrate-set-capabilities", EVENTS_CAPABILITY)
-            for key, value in args.items():
-                await self._monitor.execute("migrate-set-parameters", {key: value})
-            await self._monitor.get_fd(fd, MIGRATION_FD)
-            await self._monitor.execute(command, {"uri": f"fd:{MIGRATION_FD}"})
+            for setup_command, setup_args in setup:
+                await self._monitor.execute(setup_command, setup_args)
+            await self._monitor.get_fd(fd, name)
+            await self._monitor.execute(command, args)
         except QmpError as e:
             with contextlib.suppress(QmpError, QmpDisconnected, QemuUnresponsive):
-                await self._monitor.execute("closefd", {"fdname": MIGRATION_FD})
+                await self._monitor.execute("closefd", {"fdname": name})
             raise QemuFailed(f"QEMU refused {command} for {method}: {e}") from e
         except QmpDisconnected as e:
             raise NotRunning(f"machine {self.name} stopped during {method}: {e}") from e

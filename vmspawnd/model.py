@@ -34,6 +34,15 @@ class Firmware(enum.StrEnum):
     UEFI = "uefi"
 
 
+class Graphics(enum.StrEnum):
+    """A display device, and how a client sees it (OpenGraphics): never a
+    port or path QEMU listens on."""
+
+    NONE = "none"
+    VNC = "vnc"
+    SPICE = "spice"
+
+
 class NetworkMode(enum.StrEnum):
     NONE = "none"
     USER = "user"
@@ -218,6 +227,7 @@ class MachineSpec:
     plugged: tuple[PluggedDrive, ...] = ()
     # A virtio-serial port for the QEMU guest agent (qemu-ga) in the guest.
     guest_agent: bool = False
+    graphics: Graphics = Graphics.NONE
 
     @property
     def boot_drives(self) -> tuple[DriveSpec, ...]:

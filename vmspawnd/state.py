@@ -26,6 +26,7 @@ from .model import (
     DriveSpec,
     DriveState,
     Firmware,
+    Graphics,
     ImageFormat,
     MachineShare,
     MachineSpec,
@@ -101,8 +102,8 @@ def _get(d: Any, key: str, kind: type, where: str, default: Any = _MISSING) -> A
 E = TypeVar("E", bound=enum.Enum)
 
 
-def _enum(d: Any, key: str, kind: type[E], where: str) -> E:
-    value = _get(d, key, str, where)
+def _enum(d: Any, key: str, kind: type[E], where: str, default: Any = _MISSING) -> E:
+    value = _get(d, key, str, where, default)
     try:
         return kind(value)
     except ValueError:
@@ -176,6 +177,8 @@ def _spec(d: Any, where: str = "spec", version: int = VERSION) -> MachineSpec:
         plugged=tuple(_plugged(x, w) for w, x in _items(d, "plugged", where)) if version >= 2 else (),
         # Optional: records written before the guest agent have none.
         guest_agent=_get(d, "guest_agent", bool, where, default=False),
+        # Optional too: records written before graphics have none.
+        graphics=_enum(d, "graphics", Graphics, where, default="none"),
     )
 
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 from .errors import InvalidArgument, NoFreePort, PcieSlotsExhausted, TooManyPorts
-from .model import DeviceTypes, MachineSpec, NetworkMode, PluggedDrive, PortKind, PortRole
+from .model import DeviceTypes, Graphics, MachineSpec, NetworkMode, PluggedDrive, PortKind, PortRole
 
 FUNCTIONS_PER_SLOT = 8
 # pcie.0 device numbers 0x01..0x1e: 0x00 is the host bridge, 0x1f the ICH9 LPC.
@@ -45,6 +45,9 @@ SWITCH_PORTS = 32
 BUS_LIMIT = 192
 # Added to every machine on pcie.0, at the lowest free slots.
 IMPLICIT_DEVICES = ("virtio-rng-pci", "virtio-balloon-pci", "virtio-serial-pci")
+# A machine with graphics has a display, after those: QEMU's standard VGA
+# (SeaBIOS and OVMF drive it, any guest has a driver; VNC and SPICE show it).
+DISPLAY_DEVICE = "VGA"
 SERIAL_CONTROLLER = "virtio-serial-pci"
 PCIE0 = "pcie.0"
 # Options in qemu_extra whose values carry ids (device, node, backend names).
@@ -141,6 +144,11 @@ class Plan:
         """The implicit virtio-serial-pci's id: the guest agent's port sits on
         it (every plan has one: its slot counts in the budget)."""
         return next(i.id for i in self.implicit if i.driver == SERIAL_CONTROLLER)
+
+
+def implicit_devices(spec: MachineSpec) -> tuple[str, ...]:
+    """What the daemon adds on pcie.0 besides the ports, in slot order."""
+    return IMPLICIT_DEVICES + ((DISPLAY_DEVICE,) if spec.graphics is not Graphics.NONE else ())
 
 
 def drive_id(index: int) -> str:
@@ -340,7 +348,7 @@ class SlotMap:
         return frozenset(s for s, _ in self.named if s in PCIE0_SLOTS)
 
 
-def place_slots(devices: list[Pcie0Device]) -> SlotMap:
+def place_slots(devices: list[Pcie0Device], implicit_count: int) -> SlotMap:
     """The user's addr= slots stay theirs, the implicit devices get the
     lowest others; root ports and auto-addressed devices share the rest."""
     named: dict[tuple[int, int], str] = {}
@@ -354,7 +362,7 @@ def place_slots(devices: list[Pcie0Device]) -> SlotMap:
             )
         named[dev.addr] = dev.text
     claimed = {s for s, _ in named}
-    implicit = tuple([s for s in PCIE0_SLOTS if s not in claimed][: len(IMPLICIT_DEVICES)])
+    implicit = tuple([s for s in PCIE0_SLOTS if s not in claimed][:implicit_count])
     candidates = tuple(s for s in PORT_SLOTS if s not in claimed and s not in implicit)
     return SlotMap(named, implicit, sum(1 for d in devices if d.addr is None), candidates)
 
@@ -512,10 +520,11 @@ def plan_machine(spec: MachineSpec, types: DeviceTypes) -> Plan:
         )
 
     devices = pcie0_devices(options, types)
-    slots = place_slots(devices)
+    implicit_drivers = implicit_devices(spec)
+    slots = place_slots(devices, len(implicit_drivers))
     auto = Counter(d.driver for d in devices if d.addr is None)
     others = [
-        SlotConsumer("implicit devices (" + ", ".join(IMPLICIT_DEVICES) + ")", len(IMPLICIT_DEVICES)),
+        SlotConsumer("implicit devices (" + ", ".join(implicit_drivers) + ")", len(implicit_drivers)),
         *(SlotConsumer(f"qemu_extra -device {driver} without bus=", n) for driver, n in sorted(auto.items())),
     ]
     if slots.claimed:
@@ -559,7 +568,7 @@ def plan_machine(spec: MachineSpec, types: DeviceTypes) -> Plan:
     ]
     implicit = tuple(
         ImplicitDevice(i, d, s)
-        for i, d, s in zip(_ids("implicit", taken), IMPLICIT_DEVICES, slots.implicit, strict=False)
+        for i, d, s in zip(_ids("implicit", taken), implicit_drivers, slots.implicit, strict=False)
     )
     return Plan(
         ports=tuple(ports),

@@ -50,6 +50,7 @@ from vmspawnd.bus.options import (
     DRIVE_OPTIONS,
     MACHINE_OPTIONS,
     MOUNT_OPTIONS,
+    OPEN_GRAPHICS_OPTIONS,
     PLUGGED_OPTIONS,
     REPLACE_DRIVE_OPTIONS,
 )
@@ -207,6 +208,8 @@ def typed_value(key: str, schema: dict[str, str]) -> st.SearchStrategy[Variant]:
         values = st.sampled_from(["kvm", "tcg", "auto", "hvf", ""])
     elif key == "firmware":
         values = st.sampled_from(["bios", "uefi", "coreboot", ""])
+    elif key == "graphics":
+        values = st.sampled_from(["none", "vnc", "spice", "sdl", "", "VNC", "vnc,spice"])
     elif key == "network":
         # Never a valid tap name: QEMU as root would create that host interface.
         values = st.one_of(
@@ -250,7 +253,7 @@ def option_dicts(schema: dict[str, str], max_size: int = 6) -> st.SearchStrategy
     """a{sv}: documented keys with right or wrong types, and unknown keys."""
     known = st.sampled_from(sorted(schema)).flatmap(
         lambda k: st.tuples(st.just(k), st.one_of(typed_value(k, schema), typed_value(k, schema), any_variant))
-    )
+    ) if schema else st.nothing()  # fmt: skip
     unknown = st.tuples(st.one_of(text, st.sampled_from(["", "Kernel", "memory ", "drives[0]", "timeout_usec"])),
                         any_variant)  # fmt: skip
     return st.lists(st.one_of(known, known, known, unknown), max_size=max_size).map(dict)
@@ -397,7 +400,7 @@ def near_valid(files: Files) -> st.SearchStrategy[dict[str, Variant]]:
         "qemu_extra": Variant("as", ["-S"]),
     }
     keys = ["initrd", "cmdline", "image_format", "disk_type", "drives", "hotplug_spares", "firmware", "mounts",
-            "network", "vsock", "qemu_extra", "image"]  # fmt: skip
+            "network", "vsock", "qemu_extra", "image", "graphics"]  # fmt: skip
     extra = st.lists(
         st.sampled_from(keys).flatmap(lambda k: st.tuples(st.just(k), typed_value(k, MACHINE_OPTIONS))), max_size=3
     )
@@ -791,6 +794,8 @@ net_steps = st.one_of(
     st.tuples(st.just("RemoveNetworkEx"), device_ids, remove_options),
     st.tuples(st.just("ReplaceDrive"), st.one_of(junk_paths(with_fresh=True), st.just(FRESH)), replace_options),
     st.tuples(st.just("EjectDrive"), device_ids, st.just({})),
+    # The fuzz machine has no graphics.
+    st.tuples(st.just("OpenGraphics"), st.just(""), option_dicts(OPEN_GRAPHICS_OPTIONS)),
 )
 
 
@@ -832,6 +837,9 @@ def test_fuzz_machine_network_and_media_calls(bus: BusThread, daemon: Daemon, fi
             elif method == "ReplaceDrive":
                 file = files.fresh() if arg == FRESH else arg
                 outcome, result = fuzz.call(method, "ssa{sv}", [cdrom, file, options], **where)
+            elif method == "OpenGraphics":
+                outcome, result = fuzz.call(method, "a{sv}", [options], **where)
+                assert outcome in (E + "NoGraphics", E + "InvalidArgument"), (outcome, result)
             elif method in ("RemoveNetwork", "EjectDrive"):
                 outcome, result = fuzz.call(method, "s", [target], **where)
             else:
@@ -848,7 +856,9 @@ def test_fuzz_machine_network_and_media_calls(bus: BusThread, daemon: Daemon, fi
 
     started = time.monotonic()
     example()
-    tally.report("AddNetwork/AddNetworkFd/RemoveNetwork(Ex)/ReplaceDrive/EjectDrive", time.monotonic() - started)
+    tally.report(
+        "AddNetwork/AddNetworkFd/RemoveNetwork(Ex)/ReplaceDrive/EjectDrive/OpenGraphics", time.monotonic() - started
+    )
     assert tally.examples >= min(NET_EXAMPLES, 50)
 
 

@@ -5,7 +5,7 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
-from dbus_fast import Message, PropertyAccess, Variant
+from dbus_fast import Message, MessageFlag, PropertyAccess, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusBool, DBusSignature, DBusStr, DBusUInt32, DBusUInt64, DBusUnixFd
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
@@ -122,6 +122,15 @@ def networks_value(machine: Machine) -> list[dict[str, Variant]]:
     ]
 
 
+def bus_ping() -> Message:
+    """A message with nothing to say (the bus daemon's Peer.Ping, unanswered)
+    to follow a reply out when nothing changed to signal."""
+    return Message(
+        destination="org.freedesktop.DBus", path="/org/freedesktop/DBus", interface="org.freedesktop.DBus.Peer",
+        member="Ping", flags=MessageFlag.NO_REPLY_EXPECTED,
+    )  # fmt: skip
+
+
 def check_passed(fd: int, passed: list[int], method: str) -> None:
     """Without fds in the message dbus-fast hands over the bare index: never
     take it for one of the daemon's own fds."""
@@ -222,6 +231,11 @@ class MachineInterface(ServiceInterface):
         """QEMU's status of the last migration in or out (setup, active,
         completed, failed, cancelled...); "" before any."""
         return self.machine.migration_status
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Graphics(self) -> DBusStr:
+        """none, vnc or spice: what OpenGraphics speaks."""
+        return str(self.machine.spec.graphics)
 
     @dbus_property(access=PropertyAccess.READ)
     def Keep(self) -> DBusBool:
@@ -547,25 +561,38 @@ class MachineInterface(ServiceInterface):
         await self._authorize(self.machine)
         sock = await self.machine.console.open(writable)
         fd = sock.detach()
-        self._close_after_reply(fd)
+
+        def clients() -> Message:
+            return Message.new_signal(
+                self.path, PROPERTIES_IFACE, "PropertiesChanged", "sa{sv}as",
+                [MACHINE_IFACE, {"ConsoleClients": Variant("(ub)", list(self.machine.console.roster.summary))}, []],
+            )  # fmt: skip
+
+        self._close_after_reply(fd, clients)
         return fd
 
-    def _close_after_reply(self, fd: int) -> None:
+    @dbus_method()
+    @replies_errors
+    async def OpenGraphics(self, options: Options) -> DBusUnixFd:
+        """A new client's stream to the machine's display (VNC's RFB or SPICE, as it was created)."""
+        parse.open_graphics(options)
+        await self._authorize(self.machine)
+        fd = (await self.machine.open_graphics()).detach()
+        self._close_after_reply(fd, bus_ping)
+        return fd
+
+    def _close_after_reply(self, fd: int, after: Callable[[], Message]) -> None:
         """Our copy of a returned fd may go only once the reply carrying it
         is on the wire (sendmsg): dbus-fast queues the reply from a done
         callback of this method's task, registered before the method ran;
-        ours runs after it and queues a PropertiesChanged behind the reply,
-        whose send future says when both are out."""
+        ours runs after it and queues the message `after` makes behind the
+        reply, whose send future says when both are out."""
         task = asyncio.current_task()
         assert task is not None
 
         def queued(_: object) -> None:
-            changed = Message.new_signal(
-                self.path, PROPERTIES_IFACE, "PropertiesChanged", "sa{sv}as",
-                [MACHINE_IFACE, {"ConsoleClients": Variant("(ub)", list(self.machine.console.roster.summary))}, []],
-            )  # fmt: skip
             try:
-                sent = self.bus.send(changed)
+                sent = self.bus.send(after())
             except Exception:  # the bus is gone: nothing will be sent any more
                 os.close(fd)
                 raise

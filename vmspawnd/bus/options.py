@@ -20,6 +20,7 @@ from ..model import (
     DiskType,
     DriveSpec,
     Firmware,
+    Graphics,
     ImageFormat,
     MachineSpec,
     MiB,
@@ -51,6 +52,7 @@ MACHINE_OPTIONS = {
     "plugged": "aa{sv}",
     "incoming": "b",
     "guest_agent": "b",
+    "graphics": "s",
 }
 DRIVE_OPTIONS = {"path": "s", "format": "s", "disk_type": "s", "read_only": "b", "serial": "s"}
 # A drive on a spare port at boot (a migrating machine's hotplugged drive, where it sits at the source).
@@ -65,6 +67,8 @@ ADD_DRIVE_OPTIONS = {"disk_type": "s", "format": "s", "read_only": "b", "serial"
 REMOVE_DRIVE_OPTIONS = {"timeout_usec": "t"}
 ADD_SHARE_OPTIONS = {"tag": "s", "read_only": "b", "id": "s"}
 OPEN_CONSOLE_OPTIONS = {"read_only": "b"}
+# None yet: the a{sv} leaves room (a protocol of several, a client's name).
+OPEN_GRAPHICS_OPTIONS: dict[str, str] = {}
 REPLACE_DRIVE_OPTIONS = {"format": "s"}
 ADD_NETWORK_FD_OPTIONS = {"mac": "s", "id": "s"}
 ADD_NETWORK_OPTIONS = ADD_NETWORK_FD_OPTIONS | {"network": "s"}
@@ -231,6 +235,7 @@ def machine_spec(name: str, options: dict[str, Variant]) -> MachineSpec:
         keep=v.get("keep", False),
         plugged=plugged(v.get("plugged", [])),
         guest_agent=v.get("guest_agent", False),
+        graphics=choice(Graphics, v.get("graphics", "none"), "graphics"),
     )
 
 
@@ -304,3 +309,8 @@ def power_off_timeout(timeout_usec: int) -> float:
 def console_writable(options: dict[str, Variant]) -> bool:
     """OpenConsoleEx options -> whether the client may type."""
     return not unpack(options, OPEN_CONSOLE_OPTIONS, "OpenConsoleEx").get("read_only", False)
+
+
+def open_graphics(options: dict[str, Variant]) -> None:
+    """OpenGraphics options: none known yet, so any key is refused."""
+    unpack(options, OPEN_GRAPHICS_OPTIONS, "OpenGraphics")
