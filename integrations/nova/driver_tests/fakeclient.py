@@ -10,12 +10,35 @@ tests/integration.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import struct
 import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from nova.virt.vmspawnd.client import VmspawndError
+
+# What each kind of stream says first, and how it answers what it is sent.
+RFB_GREETING = b"RFB 003.008\n"
+# A SpiceLinkReply header: magic, version 2.2, and a reply of 4 bytes (error 0, SPICE_LINK_ERR_OK).
+SPICE_REPLY = b"REDQ" + struct.pack("<IIII", 2, 2, 4, 0)
+SERIAL_GREETING = b"fake guest console\r\n/ # "
+
+
+def spice_answer(data: bytes) -> bytes:
+    return SPICE_REPLY if data.startswith(b"REDQ") else b""
+
+
+STREAMS: dict[str, tuple[bytes, Callable[[bytes], bytes]]] = {
+    "vnc": (RFB_GREETING, lambda data: b""),
+    "spice": (b"", spice_answer),
+    # The guest's shell echoes what it is typed.
+    "serial": (SERIAL_GREETING, lambda data: data),
+}
 
 
 @dataclass
@@ -35,6 +58,8 @@ class FakeClient:
         self.address = address
         self.machines: dict[str, FakeMachine] = {}
         self._dir = tempfile.mkdtemp(prefix="fake-vmspawnd-")
+        # The far ends of the streams handed out, each served by its thread.
+        self._streams: list[tuple[threading.Thread, socket.socket]] = []
 
     def _get(self, name: str) -> FakeMachine:
         if name not in self.machines:
@@ -79,6 +104,7 @@ class FakeClient:
                        for i, p in drives.items()],
             "FreeSparePorts": spares - len(m.drives),
             "ConsoleLog": m.console,
+            "Graphics": m.options.get("graphics", "none"),
         }  # fmt: skip
 
     def _running(self, name: str) -> FakeMachine:
@@ -149,5 +175,42 @@ class FakeClient:
             raise VmspawndError("NoSuchDrive", f"no drive {drive_id!r}")
         del m.drives[drive_id]
 
+    def open_graphics(self, name: str) -> socket.socket:
+        m = self._running(name)
+        graphics = m.options.get("graphics", "none")
+        if graphics == "none":
+            raise VmspawndError("NoGraphics", f"machine {name!r} was created without graphics")
+        return self._stream(graphics)
+
+    def open_console(self, name: str) -> socket.socket:
+        self._running(name)
+        return self._stream("serial")
+
+    def _stream(self, kind: str) -> socket.socket:
+        """One end of a socketpair; a thread answers on the other as the daemon's stream would."""
+        ours, theirs = socket.socketpair()
+        greeting, answer = STREAMS[kind]
+
+        def serve() -> None:
+            try:
+                theirs.sendall(greeting)
+                while data := theirs.recv(65536):
+                    theirs.sendall(answer(data))
+            except OSError:
+                pass  # the other end went away: so does this one
+            finally:
+                theirs.close()
+
+        thread = threading.Thread(target=serve, name=f"fake {kind} stream", daemon=True)
+        self._streams.append((thread, theirs))
+        thread.start()
+        return ours
+
     def close(self) -> None:
-        """Nothing to close in memory."""
+        """End the streams still served and wait for their threads."""
+        streams, self._streams = self._streams, []
+        for thread, sock in streams:
+            if thread.is_alive():
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            thread.join(10)

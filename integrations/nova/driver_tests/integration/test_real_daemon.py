@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from nova.tests.unit import fake_instance
 from oslo_serialization import jsonutils
 from tests.integration.harness import Daemon, not_just_logs, qemu_pids, wait_console
 from tests.integration.test_agent import root_hash, sha512_crypt
+from tests.integration.test_console import read_until
 
 from nova import context as nova_context
 from nova import exception, objects
@@ -217,6 +219,59 @@ def test_volumes_changed_while_off_change_at_power_on(driver: VmspawndDriver, wo
         assert f"serial={mapping.serial(volume_id)}" not in text.split("VMSPAWN-GUEST-READY")[-2]
     finally:
         driver.destroy(ctxt, instance, [])
+
+
+def refused(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=10).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.fixture
+def shell_driver(driver: VmspawndDriver, nova_conf: Any) -> Any:
+    """The guest with a shell on its console; consoles on the loopback."""
+    overrides = {"cmdline": nova_conf.vmspawnd.cmdline + " tinyguest.shell", "console_address": "127.0.0.1"}
+    for key, value in overrides.items():
+        nova_conf.set_override(key, value, group="vmspawnd")
+    yield driver
+    for key in overrides:
+        nova_conf.clear_override(key, group="vmspawnd")
+
+
+# Under Nova's eventlet: a proxy thread that dies of an exception fails the test.
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_nova_proxies_reach_the_guests_display_and_serial_console_over_tcp(shell_driver: VmspawndDriver) -> None:
+    driver = shell_driver
+    ctxt = nova_context.get_admin_context()
+    instance = new_instance()
+    # Nova's [vnc] enabled (its default): the machine has a VNC display.
+    driver.spawn(ctxt, instance, objects.ImageMeta.from_dict({}), [], None, {}, network_info=[])
+    try:
+        console(driver, instance, "VMSPAWN-GUEST-READY")
+        console(driver, instance, r"/ # ")
+        vnc = driver.get_vnc_console(ctxt, instance)
+        assert vnc.host == "127.0.0.1"
+        # What novncproxy does: a TCP connection, then RFB.
+        with socket.create_connection((vnc.host, vnc.port), timeout=30) as sock:
+            assert read_until(sock, r"RFB 003\.008\n") == "RFB 003.008\n"
+        # The compute manager's validate_console_port asks again: the same port.
+        assert driver.get_vnc_console(ctxt, instance).port == vnc.port
+        with pytest.raises(exception.ConsoleTypeUnavailable):
+            driver.get_spice_console(ctxt, instance)
+
+        # What serialproxy does: bytes both ways to the guest's shell.
+        serial = driver.get_serial_console(ctxt, instance)
+        with socket.create_connection((serial.host, serial.port), timeout=30) as sock:
+            sock.sendall(b"\r")
+            read_until(sock, r"/ # ")
+            sock.sendall(b"echo con''sole $((6*7))\r")
+            read_until(sock, r"console 42")
+    finally:
+        driver.destroy(ctxt, instance, [])
+    # Gone with the instance.
+    assert refused(vnc.host, vnc.port) and refused(serial.host, serial.port)
 
 
 def test_the_host_offers_its_hotplug_ports(driver: VmspawndDriver, nova_conf: Any) -> None:

@@ -9,12 +9,13 @@ has a deadline. Nothing here imports Nova.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from jeepney import DBusAddress, MessageType, new_method_call
+from jeepney import DBusAddress, FileDescriptor, MessageType, new_method_call
 from jeepney.io.blocking import DBusConnection, open_dbus_connection
 
 BUS_NAME = "org.vmspawnd1"
@@ -38,6 +39,7 @@ MACHINE_OPTIONS = {
     "keep": "b",
     "drives": "aa{sv}",
     "guest_agent": "b",
+    "graphics": "s",
 }
 # One entry of CreateMachine's `drives`.
 DRIVE_OPTIONS = {"path": "s", "format": "s", "disk_type": "s", "read_only": "b", "serial": "s"}
@@ -95,6 +97,11 @@ def plain(variant: tuple[str, Any]) -> Any:
     return value
 
 
+def fd_socket(fd: FileDescriptor) -> socket.socket:
+    """A stream the daemon handed over, as a socket of ours."""
+    return socket.socket(fileno=fd.to_raw_fd())
+
+
 class Client:
     """One host's vmspawnd. `address` is a D-Bus address, or "SYSTEM"."""
 
@@ -147,6 +154,16 @@ class Client:
     def set_user_password(self, name: str, user: str, password: str) -> None:
         """Through the guest agent (a machine created with guest_agent)."""
         self._machine(name, "SetUserPassword", "ssb", (user, password, False))
+
+    def open_graphics(self, name: str) -> socket.socket:
+        """A new client's stream to the machine's display: RFB or SPICE, as it was created."""
+        (fd,) = self._machine(name, "OpenGraphics", "a{sv}", ({},))
+        return fd_socket(fd)
+
+    def open_console(self, name: str) -> socket.socket:
+        """A read-write stream to the machine's serial console (one writer at a time, else ConsoleBusy)."""
+        (fd,) = self._machine(name, "OpenConsole")
+        return fd_socket(fd)
 
     def pause(self, name: str) -> None:
         self._machine(name, "Pause")
@@ -210,7 +227,8 @@ class Client:
             conn = self._idle.pop() if self._idle else None
         if conn is None:
             try:
-                conn = open_dbus_connection(self.address, auth_timeout=self.timeout)
+                # With fd passing: OpenGraphics and OpenConsole answer with one.
+                conn = open_dbus_connection(self.address, enable_fds=True, auth_timeout=self.timeout)
             except OSError as e:
                 raise Unreachable(f"cannot connect to the bus at {self.address}: {e}") from e
         try:

@@ -56,6 +56,28 @@ opts = [
         min=1,
         help="Most hotplug ports one instance may ask for (vmspawnd packs about 120 per machine).",
     ),
+    cfg.StrOpt(
+        "console_address",
+        help="The address nova-compute listens on for Nova's console proxies (novncproxy, "
+        "spicehtml5proxy, serialproxy) and names to them: vmspawnd's QEMU listens nowhere, the driver "
+        "puts a TCP port of its own in front of each console. Default: Nova's own for the kind, "
+        "[vnc] server_proxyclient_address, [spice] server_proxyclient_address or "
+        "[serial_console] proxyclient_address.",
+    ),
+    cfg.StrOpt(
+        "console_port_range",
+        default="15900:16899",
+        regex=r"^\d+:\d+$",
+        help="The TCP ports (first:last) the console listeners take, one per instance and console kind.",
+    ),
+    cfg.IntOpt(
+        "console_idle_timeout",
+        default=0,
+        min=0,
+        help="Seconds a console port handed out keeps accepting connections (0: Nova's "
+        "[consoleauth] token_ttl, how long its console token is valid). Connections made go on until "
+        "either side closes.",
+    ),
     cfg.IntOpt("call_timeout", default=120, min=1, help="Seconds to wait for vmspawnd's answer to one call."),
     cfg.IntOpt("unplug_timeout", default=10, min=1, help="Seconds to wait for the guest to release a detached volume."),
 ]

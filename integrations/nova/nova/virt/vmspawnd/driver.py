@@ -17,6 +17,7 @@ import nova.conf
 import os_resource_classes as orc
 from nova.compute import power_state
 from nova.compute import utils as compute_utils
+from nova.console import type as ctype
 from nova.objects import diagnostics as diagnostics_obj
 from nova.objects import fields
 from oslo_concurrency import processutils
@@ -29,7 +30,7 @@ from nova import exception, objects
 from nova.virt import driver, hardware, images
 from nova.virt.vmspawnd import client as vclient
 from nova.virt.vmspawnd import conf as vconf
-from nova.virt.vmspawnd import hostpower, mapping
+from nova.virt.vmspawnd import consoleproxy, hostpower, mapping
 
 LOG = logging.getLogger(__name__)
 CONF = nova.conf.CONF
@@ -103,6 +104,8 @@ class VmspawndDriver(driver.ComputeDriver):
         self.active_migrations: dict[str, Any] = {}
         # This host's name, as init_host gets it (several computes may share one process in tests).
         self._host = str(CONF.host)
+        # The TCP ports in front of the instances' consoles (Nova's proxies connect there).
+        self._consoles = consoleproxy.Consoles()
 
     # -- the host ---------------------------------------------------------
 
@@ -115,6 +118,7 @@ class VmspawndDriver(driver.ComputeDriver):
         self._announce_instances_path()
 
     def cleanup_host(self, host: str) -> None:
+        self._consoles.close_all()
         self.client.close()
 
     def set_host_enabled(self, enabled: bool) -> str:
@@ -384,6 +388,7 @@ class VmspawndDriver(driver.ComputeDriver):
                 "keep": True,
                 # As libvirt: the image asks for the agent's channel.
                 "guest_agent": self._wants_agent(image_meta),
+                "graphics": self._graphics(),
             }
         )
         name = self._name(instance)
@@ -432,7 +437,15 @@ class VmspawndDriver(driver.ComputeDriver):
         # A rescued instance goes with its rescue machine.
         self._terminate_if_there(mapping.rescue_name(instance.uuid))
         self._terminate_if_there(self._name(instance))
+        self._consoles.close(instance.uuid)
         self.cleanup(context, instance, network_info, block_device_info, destroy_disks)
+
+    @staticmethod
+    def _graphics() -> str:
+        """The display Nova's configuration asks for: VNC, else SPICE (one of them when both are on)."""
+        if CONF.vnc.enabled:
+            return "vnc"
+        return "spice" if CONF.spice.enabled else "none"
 
     def _terminate_if_there(self, name: str) -> None:
         try:
@@ -847,6 +860,51 @@ class VmspawndDriver(driver.ComputeDriver):
                 return f.read().decode("utf-8", errors="replace")
         except FileNotFoundError:
             return ""
+
+    def _console(self, instance: Any, kind: str, graphics: str = "") -> tuple[str, int]:
+        """(host, port) of a TCP port of ours in front of the instance's `kind`
+        console: each connection there gets a stream of its own from vmspawnd
+        (OpenGraphics for a display of type `graphics`, else OpenConsole)."""
+        props = self._properties(instance)
+        if graphics and props.get("Graphics") != graphics:
+            raise exception.ConsoleTypeUnavailable(console_type=kind)
+        if props["State"] not in ("running", "paused"):
+            raise exception.InstanceNotReady(instance_id=instance.uuid)
+        name = self._name(instance)
+        address = (
+            CONF.vmspawnd.console_address
+            or {
+                "vnc": CONF.vnc.server_proxyclient_address,
+                "spice": CONF.spice.server_proxyclient_address,
+                "serial": CONF.serial_console.proxyclient_address,
+            }[kind]
+        )
+        idle = CONF.vmspawnd.console_idle_timeout or CONF.consoleauth.token_ttl
+
+        def open_stream() -> Any:
+            return self.client.open_graphics(name) if graphics else self.client.open_console(name)
+
+        try:
+            ports = consoleproxy.parse_range(CONF.vmspawnd.console_port_range)
+            port = self._consoles.port(instance.uuid, kind, address, ports, idle, open_stream)
+        except (ValueError, OSError, consoleproxy.NoFreePort) as e:
+            raise exception.ConsoleTypeUnavailable(console_type=f"{kind} ({e})") from e
+        return str(address), port
+
+    def get_vnc_console(self, context: Any, instance: Any) -> ctype.ConsoleVNC:
+        host, port = self._console(instance, "vnc", graphics="vnc")
+        return ctype.ConsoleVNC(host=host, port=port)
+
+    def get_spice_console(self, context: Any, instance: Any) -> ctype.ConsoleSpice:
+        host, port = self._console(instance, "spice", graphics="spice")
+        return ctype.ConsoleSpice(host=host, port=port, tlsPort=None)
+
+    def get_serial_console(self, context: Any, instance: Any) -> ctype.ConsoleSerial:
+        """The guest's serial console (vmspawnd's OpenConsole): every machine has one (the compute
+        manager asks only with [serial_console] enabled). One writer at a time: a second connection
+        is closed at once."""
+        host, port = self._console(instance, "serial")
+        return ctype.ConsoleSerial(host=host, port=port)
 
     def get_diagnostics(self, instance: Any) -> dict[str, Any]:
         props = self._properties(instance)
