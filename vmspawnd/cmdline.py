@@ -37,10 +37,10 @@ IMPLICIT_PROPS: dict[str, dict[str, str | int | None]] = {
 # socketpair per client (add_client). VNC: a display with no listener; SPICE:
 # no port, no tls-port (nor unix), and no ticket: whoever holds the fd is let in
 # (the daemon checked the caller's rights before).
-GRAPHICS_ARGS = {
-    Graphics.NONE: [],
-    Graphics.VNC: ["-vnc", "none"],
-    Graphics.SPICE: ["-spice", "disable-ticketing=on"],
+GRAPHICS_ARGS: dict[Graphics, tuple[str, ...]] = {
+    Graphics.NONE: (),
+    Graphics.VNC: ("-vnc", "none"),
+    Graphics.SPICE: ("-spice", "disable-ticketing=on"),
 }
 
 # fdset ids from here on are the command line's (console, boot drives);

@@ -97,11 +97,6 @@ def plain(variant: tuple[str, Any]) -> Any:
     return value
 
 
-def fd_socket(fd: FileDescriptor) -> socket.socket:
-    """A stream the daemon handed over, as a socket of ours."""
-    return socket.socket(fileno=fd.to_raw_fd())
-
-
 class Client:
     """One host's vmspawnd. `address` is a D-Bus address, or "SYSTEM"."""
 
@@ -157,13 +152,11 @@ class Client:
 
     def open_graphics(self, name: str) -> socket.socket:
         """A new client's stream to the machine's display: RFB or SPICE, as it was created."""
-        (fd,) = self._machine(name, "OpenGraphics", "a{sv}", ({},))
-        return fd_socket(fd)
+        return self._stream(name, "OpenGraphics", "a{sv}", ({},))
 
     def open_console(self, name: str) -> socket.socket:
         """A read-write stream to the machine's serial console (one writer at a time, else ConsoleBusy)."""
-        (fd,) = self._machine(name, "OpenConsole")
-        return fd_socket(fd)
+        return self._stream(name, "OpenConsole")
 
     def pause(self, name: str) -> None:
         self._machine(name, "Pause")
@@ -197,6 +190,12 @@ class Client:
         self, name: str, member: str, signature: str = "", body: tuple[Any, ...] = (), timeout: float | None = None
     ) -> tuple[Any, ...]:
         return self._call(object_path(name), MACHINE_IFACE, member, signature, body, timeout)
+
+    def _stream(self, name: str, member: str, signature: str = "", body: tuple[Any, ...] = ()) -> socket.socket:
+        """A method's answer that is an fd: a stream of ours."""
+        fd: FileDescriptor
+        (fd,) = self._machine(name, member, signature, body)
+        return socket.socket(fileno=fd.to_raw_fd())
 
     def _call(
         self,

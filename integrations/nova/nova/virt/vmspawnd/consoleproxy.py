@@ -45,7 +45,7 @@ class NoFreePort(Exception):
 
 
 def parse_range(text: str) -> range:
-    """ "first:last" (as Nova's [serial_console] port_range) -> the ports, both ends in."""
+    """The ports of a range written "first:last", both ends in (as Nova's [serial_console] port_range)."""
     first, sep, last = text.partition(":")
     try:
         ports = range(int(first), int(last) + 1) if sep else range(0)
