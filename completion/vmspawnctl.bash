@@ -15,11 +15,11 @@ __vmspawnctl_verbs="list status plan create add-drive remove-drive add-share rem
     add-nic remove-nic poweroff terminate console nmi drive-stats pause resume reboot start suspend"
 __vmspawnctl_global_opts="--help --json --user --system --no-pager --no-legend --no-ask-password"
 __vmspawnctl_machine_opts="--kernel --initrd --cmdline --image --image-format --drive --disk-type --network
-    --vsock --memory --cpus --spares --accel --firmware --qemu-extra --qemu-extra-string"
+    --vsock --memory --cpus --spares --accel --firmware --graphics --qemu-extra --qemu-extra-string"
 # Options that take a value in the next word.
 __vmspawnctl_value_opts="--kernel --initrd --cmdline --image --image-format --drive --disk-type --network
-    --memory --cpus --spares --accel --firmware --qemu-extra --qemu-extra-string --serial --format --id --port --timeout --tag
-    --mac"
+    --memory --cpus --spares --accel --firmware --graphics --qemu-extra --qemu-extra-string --serial --format --id --port
+    --timeout --tag --mac"
 
 # The --user/--system flags on the line, so lookups ask the same bus.
 __vmspawnctl_bus_flags() {
@@ -124,6 +124,10 @@ _vmspawnctl() {
             ;;
         --firmware)
             __vmspawnctl_reply "bios uefi" "$cur"
+            return 0
+            ;;
+        --graphics)
+            __vmspawnctl_reply "none vnc spice" "$cur"
             return 0
             ;;
         --cmdline | --memory | --cpus | --spares | --qemu-extra | --qemu-extra-string | --serial | --id | --port | --timeout | \

@@ -121,7 +121,7 @@ def test_create_options_become_the_documented_a_sv(tmp_path: Path, monkeypatch: 
         ["create", "vm", "--kernel", "vmlinuz", "--initrd", "/i", "--cmdline", "console=ttyS0", "--image", "/r.raw",
          "--image-format", "qcow2", "--drive", "/a:nvme:s1", "--drive", "/b", "--disk-type", "virtio-scsi",
          "--network", "user", "--vsock", "--memory", "2G", "--cpus", "4", "--spares", "12", "--accel", "tcg",
-         "--firmware", "uefi", "--qemu-extra", "-device", "--qemu-extra", "nvme,serial=a",
+         "--firmware", "uefi", "--graphics", "vnc", "--qemu-extra", "-device", "--qemu-extra", "nvme,serial=a",
          "--qemu-extra-string", "-device 'nvme,serial=b c' -smbios type=0", "--qemu-extra=-nodefaults", "--keep"]
     )  # fmt: skip
     opts = ctl.machine_options(args)
@@ -134,7 +134,7 @@ def test_create_options_become_the_documented_a_sv(tmp_path: Path, monkeypatch: 
     assert values == {
         "kernel": str(tmp_path / "vmlinuz"), "initrd": "/i", "cmdline": "console=ttyS0", "image": "/r.raw",
         "image_format": "qcow2", "disk_type": "virtio-scsi", "network": "user", "vsock": True, "memory": 2 * GiB,
-        "cpus": 4, "hotplug_spares": 12, "accel": "tcg", "firmware": "uefi", "keep": True,
+        "cpus": 4, "hotplug_spares": 12, "accel": "tcg", "firmware": "uefi", "graphics": "vnc", "keep": True,
         # In command-line order, --qemu-extra and --qemu-extra-string mixed.
         "qemu_extra": ["-device", "nvme,serial=a", "-device", "nvme,serial=b c", "-smbios", "type=0", "-nodefaults"],
     }  # fmt: skip
@@ -524,6 +524,7 @@ def test_completion_of_verbs_and_options() -> None:
     assert complete(["vmspawnctl", "create", "x", "--disk-type", ""]) == list(ctl.DISK_TYPES)
     assert complete(["vmspawnctl", "plan", "--accel", "t"]) == ["tcg"]
     assert complete(["vmspawnctl", "plan", "--firmware", ""]) == ["bios", "uefi"]
+    assert complete(["vmspawnctl", "create", "x", "--graphics", ""]) == ["none", "vnc", "spice"]
     assert complete(["vmspawnctl", "add-drive", "x", "/d", "--format", "q"]) == ["qcow2"]
     assert complete(["vmspawnctl", "create", "x", "--memory", ""]) == []
 

@@ -56,6 +56,7 @@ IMAGE_FORMATS = ("raw", "qcow2")
 NETWORKS = ("none", "user", "tap:NAME")
 ACCELS = ("kvm", "tcg", "auto")
 FIRMWARES = ("bios", "uefi")
+GRAPHICS = ("none", "vnc", "spice")
 
 # Options whose value may start with '-': argparse would take "-device" for
 # an option, so `--qemu-extra -device` is rewritten to `--qemu-extra=-device`.
@@ -250,7 +251,7 @@ ERRORS: dict[str, tuple[Exit, _Hint]] = {
     "NoGraphics": (
         Exit.FAILED,
         lambda c: (
-            "the machine has no display: create it with the CreateMachine option graphics=vnc (or spice); "
+            f"the machine has no display: create it with '{PROG} create ... --graphics vnc' (or spice); "
             f"'{PROG} console {c.name or 'NAME'}' is its serial console"
         ),
     ),
@@ -453,7 +454,7 @@ def machine_options(args: argparse.Namespace) -> dict[str, Variant]:
     for key in ("kernel", "initrd", "image"):
         if getattr(args, key) is not None:
             opts[key] = Variant("s", os.path.abspath(getattr(args, key)))
-    for key in ("cmdline", "image_format", "disk_type", "network", "accel", "firmware"):
+    for key in ("cmdline", "image_format", "disk_type", "network", "accel", "firmware", "graphics"):
         if getattr(args, key) is not None:
             opts[key] = Variant("s", getattr(args, key))
     if args.drives:
@@ -1492,6 +1493,9 @@ def _machine_options(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument("--accel", metavar="ACCEL", help=f"accelerator: {', '.join(ACCELS)} (default auto)")
     g.add_argument("--firmware", metavar="FW", help=f"firmware: {', '.join(FIRMWARES)} (default bios)")
+    g.add_argument(
+        "--graphics", metavar="KIND", help=f"a display for OpenGraphics: {', '.join(GRAPHICS)} (default none)"
+    )
     g.add_argument(
         "--qemu-extra", dest="qemu_extra", action="append", metavar="ARG", help="one extra QEMU argument (repeatable)"
     )
