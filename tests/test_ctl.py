@@ -219,6 +219,7 @@ EXPECTED_EXIT = {
     "QemuUnresponsive": 1, "NoSpace": 1, "OpenTimeout": 1, "ConsoleBusy": 5, "Unsupported": 2,
     "MigrationFailed": 1, "MigrationInProgress": 5, "NotMigrating": 5,
     "AgentUnavailable": 1, "AgentFailed": 1, "NoGraphics": 1,
+    "JobInProgress": 5, "JobTimeout": 1, "JobFailed": 1,
 }  # fmt: skip
 
 

@@ -240,3 +240,19 @@ async def test_start_checks_the_owners_quota_with_stopped_machines_counting_as_m
     # Start of a running one: AlreadyRunning, before anything else.
     with pytest.raises(AlreadyRunning):
         await manager.start("a")
+
+
+def test_fold_takes_the_file_a_swapped_boot_drive_moved_to() -> None:
+    """SwapDrive of a boot drive: the next boot opens the new file, in its format."""
+    s = replace(spec(), drives=(DriveSpec(Path("/img/data.raw"), serial="D"),))
+    drives = [
+        Drive("disk0", "/img/root.raw", DiskType.VIRTIO_BLK, "rp0"),
+        Drive("disk1", "/new/data.qcow2", DiskType.VIRTIO_BLK, "rp1", format=ImageFormat.QCOW2, serial="D",
+              node="disk1-swap"),
+    ]  # fmt: skip
+    folded = fold(s, drives)
+    assert folded.image == IMG
+    assert folded.drives == (DriveSpec(Path("/new/data.qcow2"), format=ImageFormat.QCOW2, serial="D"),)
+    # An ejected boot cdrom (no file) keeps the spec's medium.
+    cd = replace(s, image=DriveSpec(Path("/img/cd.iso"), DiskType.VIRTIO_SCSI_CDROM, read_only=True))
+    assert fold(cd, [Drive("disk0", "", DiskType.VIRTIO_SCSI_CDROM, "rp0")]).image == cd.image

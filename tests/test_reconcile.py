@@ -306,3 +306,32 @@ def test_a_recorded_nic_qemu_lost_is_dropped_and_an_unrecorded_one_adopted() -> 
         "network interface nic1 went away while vmspawnd was down",
         "network interface nic2 on rp4 was not in state.json; taken from QEMU",
     )
+
+
+def test_node_owner_knows_both_generations_of_a_drive_node() -> None:
+    assert node_owner("disk1-swap") == "disk1"
+    assert node_owner("-swap") == ""
+    assert node_owner("disk1-snap") == ""
+
+
+def test_a_swapped_drive_is_kept_on_the_node_qemu_has() -> None:
+    """SwapDrive moved disk1 to disk1-swap: recorded so, or not (the daemon died before writing it)."""
+    swapped = Drive("disk1", "/new", DiskType.NVME, "rp2", fdsets=(3,), node="disk1-swap")
+    s = snap(BOOT | {"disk1": ("nvme", "rp2")}, {"disk0-node", "disk1-swap"}, {3: ("disk1:0:/new",)})
+    r = reconcile(s, {"disk0": DISK0, "disk1": swapped}, SPARES, next_fdset=4)
+    assert r.drives["disk1"] == swapped
+    assert (r.orphan_nodes, r.messages) == ((), ())
+    r = reconcile(s, {"disk0": DISK0, "disk1": replace(swapped, node="")}, SPARES, next_fdset=4)
+    assert r.drives["disk1"].block_node == "disk1-swap"
+    assert r.messages == ("drive disk1 reads from node disk1-swap in QEMU, state.json said disk1-node",)
+    # Adopted on its swapped node, with that node's format.
+    formats = {"disk1-swap": (ImageFormat.QCOW2, False)}
+    r = reconcile(Snapshot(s.peripheral, s.parent_bus, s.nodes, s.fdsets, formats=formats), {"disk0": DISK0}, SPARES)
+    assert r.drives["disk1"] == replace(swapped, format=ImageFormat.QCOW2)
+    # Swapped back: the drive's own node again, recorded as "".
+    s = snap(BOOT | {"disk1": ("nvme", "rp2")}, {"disk0-node", "disk1-node"}, {3: ("disk1:0:/new",)})
+    assert reconcile(s, {"disk0": DISK0}, SPARES).drives["disk1"].node == ""
+    # Both nodes: the mirror of a swap cut short still runs; neither is an orphan.
+    s = snap(BOOT | {"disk1": ("nvme", "rp2")}, {"disk0-node", "disk1-node", "disk1-swap"})
+    r = reconcile(s, {"disk0": DISK0, "disk1": replace(swapped, node="")}, SPARES)
+    assert r.drives["disk1"].block_node == "disk1-node" and r.orphan_nodes == ()

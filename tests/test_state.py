@@ -76,6 +76,7 @@ def record(**kw: Any) -> MachineRecord:
         drives=(
             Drive("disk0", "/img", DiskType.NVME, "rp0"),
             Drive("hp1", "/proc/self/fd/9", DiskType.VIRTIO_SCSI, "rp5", DriveState.REMOVING, (3, 5), "scsi1"),
+            Drive("hp2", "/new", DiskType.VIRTIO_BLK, "rp6", node="hp2-swap"),
         ),
         next_fdset=4,
         next_controller=2,
@@ -113,7 +114,12 @@ def test_dumps_is_versioned_sorted_json() -> None:
         "format": "raw",
         "read_only": False,
         "serial": "",
+        "node": "",
     }
+    assert d["drives"][2]["node"] == "hp2-swap"
+    # A record from before SwapDrive has no node: the drive's own.
+    del d["drives"][2]["node"]
+    assert loads(json.dumps(d)).drives[2].block_node == "hp2-node"
     # Stable: dumping what was loaded gives the same text.
     assert dumps(loads(text)) == text
 
@@ -240,6 +246,7 @@ drives = st.builds(
     texts,
     st.sampled_from(list(ImageFormat)),
     st.booleans(),
+    texts,
     texts,
 )
 machine_shares = st.builds(

@@ -10,7 +10,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .imagechain import Layer, Role, opaque, single
-from .model import Accel, DiskType, DriveSpec, Firmware, Graphics, ImageFormat, MachineSpec, MiB, NetworkMode, PortKind
+from .model import (
+    NODE_SUFFIX,
+    Accel,
+    DiskType,
+    DriveSpec,
+    Firmware,
+    Graphics,
+    ImageFormat,
+    MachineSpec,
+    MiB,
+    NetworkMode,
+    PortKind,
+)
 from .qga import PORT_NAME
 from .topology import AGENT_ID, Plan, Port, drive_id
 
@@ -165,21 +177,22 @@ def opts(*parts: str, **props: str | int | None) -> str:
 
 
 def node_name(device_id: str) -> str:
-    return f"{device_id}-node"
+    return device_id + NODE_SUFFIX
 
 
 def read_only(drive: DriveSpec) -> bool:
     return drive.read_only or drive.disk_type is DiskType.VIRTIO_SCSI_CDROM
 
 
-def blockdev(device_id: str, top: Layer, filename: Callable[[Layer], str]) -> dict[str, object]:
-    """The -blockdev / QMP blockdev-add arguments for a drive's image chain.
+def blockdev(device_id: str, top: Layer, filename: Callable[[Layer], str], node: str = "") -> dict[str, object]:
+    """The -blockdev / QMP blockdev-add arguments for a drive's image chain,
+    its top node named `node` (by default the drive's own, node_name()).
 
     Every layer is an explicit node whose file is `filename(layer)` (an fd
     of the daemon's): a qcow2 node always gets `backing` (a node, or null
     at the bottom) and its `data-file`, so QEMU opens nothing its header names.
     """
-    return {"node-name": node_name(device_id)} | _node(top, filename)
+    return {"node-name": node or node_name(device_id)} | _node(top, filename)
 
 
 def _node(layer: Layer, filename: Callable[[Layer], str]) -> dict[str, object]:

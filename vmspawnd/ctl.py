@@ -255,6 +255,21 @@ ERRORS: dict[str, tuple[Exit, _Hint]] = {
             f"'{PROG} console {c.name or 'NAME'}' is its serial console"
         ),
     ),
+    "JobInProgress": (
+        Exit.BUSY,
+        lambda c: "a snapshot or swap of that drive runs already; retry once it returned",
+    ),
+    "JobTimeout": (
+        Exit.FAILED,
+        lambda c: "the copy was cancelled and left nothing behind; retry with a longer --timeout (or more bandwidth)",
+    ),
+    "JobFailed": (
+        Exit.FAILED,
+        lambda c: (
+            "the message quotes QEMU; check the target file (its size, free space, that it is writable) and "
+            f"/run/vmspawnd/machines/{c.name or 'NAME'}/qemu.log"
+        ),
+    ),
 }
 
 # Errors from the bus itself, not from vmspawnd.

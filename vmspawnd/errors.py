@@ -121,6 +121,18 @@ class NoGraphics(VmspawndError):
     """OpenGraphics of a machine created without graphics (it has no display)."""
 
 
+class JobInProgress(VmspawndError):
+    """A block job (SnapshotDrive, SwapDrive) runs on the drive already: one at a time per drive."""
+
+
+class JobTimeout(VmspawndError):
+    """A block job did not end within its timeout; it was cancelled and nothing of it is left."""
+
+
+class JobFailed(VmspawndError):
+    """QEMU ended a block job with an error (its words in the message); nothing of it is left."""
+
+
 ALL_ERRORS: tuple[type[VmspawndError], ...] = (
     InvalidArgument,
     NoSuchMachine,
@@ -149,4 +161,7 @@ ALL_ERRORS: tuple[type[VmspawndError], ...] = (
     AgentUnavailable,
     AgentFailed,
     NoGraphics,
+    JobInProgress,
+    JobTimeout,
+    JobFailed,
 )

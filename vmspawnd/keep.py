@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import replace
+from pathlib import Path
 
 from .model import Drive, DriveState, MachineSpec, PluggedDrive
 from .topology import drive_id
@@ -26,12 +27,20 @@ def fold(spec: MachineSpec, drives: Iterable[Drive]) -> MachineSpec:
     being removed is left out: its unplug was asked for, and so is an
     ejected cdrom: it has no file to open at the next boot."""
     builtin = boot_ids(spec)
+    drives = list(drives)
     plugged = tuple(
         PluggedDrive(d.id, d.drive_spec(), d.port, d.controller)
         for d in drives
         if d.id not in builtin and d.state is DriveState.ATTACHED and d.path
     )
-    return replace(spec, plugged=plugged)
+    # A boot drive SwapDrive moved boots from its new file (an ejected cdrom keeps the spec's medium).
+    moved = {d.id: d for d in drives if d.id in builtin and d.path}
+    boot = tuple(
+        replace(b, path=Path(moved[dev].path), format=moved[dev].format) if (dev := drive_id(i)) in moved else b
+        for i, b in enumerate(spec.boot_drives)
+    )
+    image, extra = (boot[0], boot[1:]) if spec.image is not None else (None, boot)
+    return replace(spec, image=image, drives=extra, plugged=plugged)
 
 
 def plugged_drive(p: PluggedDrive) -> Drive:

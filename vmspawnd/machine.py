@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import fcntl
 import itertools
 import logging
 import os
@@ -12,13 +13,14 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import acl, blockstats, cmdline, imagechain, keep, nic, qemulog, qga, reconcile, share, state
+from . import acl, blockjob, blockstats, cmdline, imagechain, keep, nic, qemulog, qga, reconcile, share, state
 from .chainopen import OpenedChain
 from .console import Console
 from .errors import (
@@ -26,6 +28,9 @@ from .errors import (
     AgentUnavailable,
     AlreadyRunning,
     InvalidArgument,
+    JobFailed,
+    JobInProgress,
+    JobTimeout,
     MigrationFailed,
     MigrationInProgress,
     NoGraphics,
@@ -43,7 +48,18 @@ from .errors import (
     VmspawndError,
 )
 from .identity import Identity
-from .model import DiskType, Drive, DriveSpec, DriveState, Graphics, MachineShare, MachineSpec, MachineState, Nic
+from .model import (
+    DiskType,
+    Drive,
+    DriveSpec,
+    DriveState,
+    Graphics,
+    ImageFormat,
+    MachineShare,
+    MachineSpec,
+    MachineState,
+    Nic,
+)
 from .porttable import PortTable
 from .process import Process, confinement_for
 from .process import start_time as process_start_time
@@ -125,6 +141,61 @@ class Outgoing:
         self.finished = asyncio.Event()
         # Its last MIGRATION status, once it ended.
         self.end: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+
+class BlockJob:
+    """A block job of ours in QEMU (SnapshotDrive, SwapDrive): the statuses its JOB_STATUS_CHANGE events told."""
+
+    def __init__(self, job_id: str, method: str) -> None:
+        self.id = job_id
+        self.method = method
+        self._seen: set[str] = set()
+        self._changed = asyncio.Event()
+
+    def status(self, status: str) -> None:
+        self._seen.add(status)
+        self._changed.set()
+
+    async def reach(self, wanted: set[str]) -> str:
+        """The first of `wanted` the job got to (concluded before any other), GONE once QEMU exited."""
+        while not (hit := (wanted | {blockjob.GONE}) & self._seen):
+            self._changed.clear()
+            await self._changed.wait()
+        for first in (blockjob.GONE, blockjob.CONCLUDED):
+            if first in hit:
+                return first
+        return hit.pop()
+
+
+def check_target_fd(fd: int, method: str) -> None:
+    """A copy's target: a regular file or block device the caller opened for reading and writing."""
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode) and not stat.S_ISBLK(mode):
+        raise InvalidArgument(f"{method} writes into a regular file or a block device; the fd passed is neither")
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if flags & os.O_ACCMODE != os.O_RDWR or flags & os.O_APPEND:
+        raise InvalidArgument(
+            f"{method}: the fd passed is not open for reading and writing (O_RDWR, without O_APPEND); "
+            "QEMU writes the copy through it"
+        )
+
+
+def prepare_target(fd: int, fmt: ImageFormat, size: int) -> None:
+    """A regular file becomes the drive's size (raw) or empty (qcow2, formatted
+    anew); a block device stays as it is (the raw node is cut to the size)."""
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        try:
+            os.ftruncate(fd, size if fmt is ImageFormat.RAW else 0)
+        except OSError as e:
+            raise JobFailed(f"cannot make the target file {size} bytes long: {e.strerror}; nothing was copied") from e
+
+
+def refuse_read_only(drive: Drive) -> None:
+    if drive.read_only:
+        raise InvalidArgument(
+            f"SwapDrive: drive {drive.id} is read-only: nothing writes to it, so nothing needs to move; "
+            "remove it and add the other file instead"
+        )
 
 
 class Observer(Protocol):
@@ -262,6 +333,10 @@ class Machine:
         self._next_fdset = 1
         self._next_controller = 1
         self._next_drive = len(spec.boot_drives)
+        # Drive id -> the SnapshotDrive or SwapDrive running on it (one at a time per drive).
+        self._busy: dict[str, str] = {}
+        # Job id -> our block job in QEMU, for its JOB_STATUS_CHANGE events.
+        self._jobs: dict[str, BlockJob] = {}
         # Drive ids whose block node QEMU would not give back.
         self._stuck_ids: set[str] = set()
         # The block node names of the last query-named-block-nodes; None before the first.
@@ -853,6 +928,8 @@ class Machine:
             for fut in self._waiters.values():
                 if not fut.done():
                     fut.set_exception(NotRunning(f"machine {self.name} stopped during the unplug"))
+            for job in self._jobs.values():
+                job.status(blockjob.GONE)
             await self._monitor.close()
             await self._stop_virtiofsd()
             # No state write may land in the directory after it is cleaned.
@@ -1224,21 +1301,22 @@ class Machine:
         self._notify("Drives")
         return changed
 
-    async def _add_blockdev(self, dev: str, top: imagechain.Layer, names: dict[str, str]) -> list[str]:
-        """blockdev-add of `top` on the fdsets `names`; returns the files QEMU
-        opened by name for it (see imagechain.opened_by_name).
+    async def _add_blockdev(self, dev: str, top: imagechain.Layer, names: dict[str, str], node: str = "") -> list[str]:
+        """blockdev-add of `top` on the fdsets `names` as node `node` (the
+        drive's own by default); returns the files QEMU opened by name for it
+        (see imagechain.opened_by_name).
 
         New nodes are judged against the last node list seen, which saves a
         round trip per add; a node another monitor added since then looks new
         too, so a stray seen that way is judged again against a fresh list.
         """
-        args = cmdline.blockdev(dev, top, lambda layer: names[layer.label])
+        args = cmdline.blockdev(dev, top, lambda layer: names[layer.label], node)
         fd_names = set(names.values())
         if self._nodes is not None:
             await self._monitor.execute("blockdev-add", args)
             if not await self._new_nodes_by_name(self._nodes, fd_names):
                 return []
-            await self._monitor.execute("blockdev-del", {"node-name": cmdline.node_name(dev)})
+            await self._monitor.execute("blockdev-del", {"node-name": args["node-name"]})
         known = {n["node-name"] for n in await self._monitor.execute("query-named-block-nodes")}
         await self._monitor.execute("blockdev-add", args)
         return await self._new_nodes_by_name(known, fd_names)
@@ -1267,6 +1345,229 @@ class Machine:
             log.warning("machine %s: undoing the request of %s that timed out", self.name, dev)
             await self._undo(undo, dev)
         self._stuck_ids.add(dev)
+
+    # -- block jobs: SnapshotDrive, SwapDrive -----------------------------------
+
+    def job_drive(self, dev: str, method: str) -> Drive:
+        """The drive `dev` a block job may run on: attached, a disk, and no other job on it."""
+        drive = self.drives.get(dev)
+        if drive is None:
+            raise NoSuchDrive(f"machine {self.name} has no drive {dev!r}; see its Drives property")
+        if drive.disk_type is DiskType.VIRTIO_SCSI_CDROM:
+            raise InvalidArgument(
+                f"{method}: drive {dev} is a cdrom: its medium is a file of yours already; change it with ReplaceDrive"
+            )
+        if drive.state is DriveState.REMOVING:
+            raise UnplugInProgress(f"drive {dev} is being removed; {method} refused")
+        if dev in self._busy:
+            raise JobInProgress(f"a {self._busy[dev]} of drive {dev} runs already; retry once it returned")
+        return drive
+
+    @contextlib.asynccontextmanager
+    async def _job_claim(self, dev: str, method: str) -> AsyncIterator[Drive]:
+        """The drive is this request's until it returns (JobInProgress for any
+        other). Jobs are waited for outside the machine's lock: other requests
+        go on meanwhile, and the event task (which takes the lock for some
+        events) keeps delivering the job's events."""
+        async with self._request(method):
+            drive = self.job_drive(dev, method)
+            self._busy[dev] = method
+        try:
+            yield drive
+        finally:
+            del self._busy[dev]
+
+    async def _start_job(self, dev: str, method: str, command: str, args: dict[str, object]) -> BlockJob:
+        """`command` starts the drive's job; its events are listened for before it is asked for."""
+        job = self._jobs[blockjob.job_id(dev)] = BlockJob(blockjob.job_id(dev), method)
+        try:
+            await self._monitor.execute(command, args)
+        except BaseException:
+            del self._jobs[job.id]
+            raise
+        return job
+
+    async def _job_end(self, job: BlockJob, deadline: float, wanted: str = blockjob.CONCLUDED) -> str:
+        """The first status of `wanted` the job reaches; JobTimeout past
+        `deadline` (the job cancelled), JobFailed with QEMU's words if it
+        concluded with an error; a concluded job is dismissed."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                status = await job.reach({wanted, blockjob.CONCLUDED})
+        except TimeoutError:
+            await self._cancel_job(job)
+            raise JobTimeout(
+                f"{job.method} did not finish in time; the copy was cancelled and nothing of it is left. "
+                "Give a longer timeout_usec (or a higher max_bandwidth)"
+            ) from None
+        if status == blockjob.GONE:
+            raise NotRunning(f"machine {self.name} stopped during {job.method}")
+        if status == blockjob.CONCLUDED:
+            error = blockjob.job_error(await self._monitor.execute("query-jobs"), job.id)
+            await self._dismiss(job)
+            if error:
+                raise JobFailed(f"QEMU's copy for {job.method} failed: {error}; nothing of it is left")
+        return status
+
+    async def _dismiss(self, job: BlockJob) -> None:
+        self._jobs.pop(job.id, None)
+        with contextlib.suppress(QmpError):
+            await self._monitor.execute("job-dismiss", {"id": job.id})
+
+    async def _cancel_job(self, job: BlockJob) -> None:
+        """job-cancel, its end awaited (bounded) and dismissed: QEMU keeps nothing of it."""
+        try:
+            with contextlib.suppress(QmpError):  # it concluded meanwhile
+                await self._monitor.execute("job-cancel", {"id": job.id})
+            async with asyncio.timeout(TIMEOUT):
+                await job.reach({blockjob.CONCLUDED})
+            await self._dismiss(job)
+        except (TimeoutError, QmpDisconnected, QemuUnresponsive) as e:
+            self._jobs.pop(job.id, None)
+            log.warning("machine %s: job %s did not end after its cancel: %s", self.name, job.id, e)
+
+    async def _pass_fd_once(self, dev: str, fd: int, what: str) -> int:
+        """`fd` into an fdset of its own; returns the fdset (removed by the caller)."""
+        fdset = next(i for i in itertools.count(self._next_fdset) if i not in self.plan.taken_fdsets)
+        self._next_fdset = fdset + 1
+        await self._monitor.pass_fd(fd, fdset, f"{dev}{blockjob.SNAPSHOT_SUFFIX}:{what}")
+        return fdset
+
+    async def snapshot_drive(self, dev: str, fd: int, fmt: ImageFormat, timeout: float, max_bandwidth: int) -> None:
+        """SnapshotDrive: the drive as it is now copied into the caller's file
+        `fd` (raw: cut to the drive's size; qcow2: formatted anew), the guest
+        running on. Nothing of it is left afterwards, whatever the outcome:
+        no job, no node, no fdset. The fd stays the caller's."""
+        method = "SnapshotDrive"
+        check_target_fd(fd, method)
+        deadline = asyncio.get_running_loop().time() + timeout
+        async with self._job_claim(dev, method) as drive:
+            node = blockjob.snapshot_node(dev)
+            fdset: int | None = None
+            added = False
+            try:
+                async with self._request(method):
+                    size = await self._node_size(drive)
+                    await asyncio.to_thread(prepare_target, fd, fmt, size)
+                    fdset = await self._pass_fd_once(dev, fd, os.readlink(f"/proc/self/fd/{fd}"))
+                filename = f"/dev/fdset/{fdset}"
+                if fmt is ImageFormat.QCOW2:
+                    await self._run_job(
+                        dev, method, "blockdev-create", blockjob.qcow2_create(dev, filename, size), deadline
+                    )
+                async with self._request(method):
+                    await self._monitor.execute("blockdev-add", blockjob.snapshot_target(dev, filename, fmt, size))
+                    added = True
+                    job = await self._start_job(
+                        dev, method, "blockdev-backup", blockjob.backup(dev, drive.block_node, max_bandwidth)
+                    )
+                await self._job_end(job, deadline)
+            except QmpError as e:
+                raise JobFailed(f"QEMU refused {method} of {dev}: {e}") from e
+            except QmpDisconnected as e:
+                raise NotRunning(f"machine {self.name} stopped during {method}: {e}") from e
+            finally:
+                await asyncio.shield(self._drop_target(node if added else "", (fdset,) if fdset is not None else ()))
+        log.info("machine %s: drive %s copied (%s)", self.name, dev, fmt, extra={"MACHINE": self.name, "DRIVE": dev})
+
+    async def _run_job(self, dev: str, method: str, command: str, args: dict[str, object], deadline: float) -> None:
+        """A job (blockdev-create) started in a request of its own, then waited for outside it."""
+        async with self._request(method):
+            job = await self._start_job(dev, method, command, args)
+        await self._job_end(job, deadline)
+
+    async def _node_size(self, drive: Drive) -> int:
+        size = blockjob.virtual_size(await self._monitor.execute("query-named-block-nodes"), drive.block_node)
+        if size is None:
+            raise QemuFailed(f"QEMU has no block node {drive.block_node} for drive {drive.id} of {self.name}")
+        return size
+
+    async def _drop_target(self, node: str, fdsets: Sequence[int]) -> None:
+        """A job's target gone again: its node (if added) and its fdsets. QEMU
+        gone meanwhile took them with it."""
+        async with self._lock:
+            with contextlib.suppress(QmpError, QmpDisconnected, QemuUnresponsive):
+                if node:
+                    await self._monitor.execute("blockdev-del", {"node-name": node})
+            for fdset in fdsets:
+                await self._remove_fdset(fdset)
+
+    def check_swap(self, dev: str) -> Drive:
+        """What SwapDrive refuses before a file is opened."""
+        drive = self.job_drive(dev, "SwapDrive")
+        refuse_read_only(drive)
+        return drive
+
+    async def swap_drive(
+        self, dev: str, target: DriveSpec, chain: OpenedChain, timeout: float, max_bandwidth: int
+    ) -> Drive:
+        """SwapDrive: the drive's contents move to `target` (opened as `chain`,
+        every layer by fd) under the running guest, which keeps its device:
+        blockdev-mirror to a node of the other generation, job-complete
+        once it is in sync; then the drive reads from the new node and file,
+        and the old node and its fds are gone. A failure leaves the drive as
+        it was and nothing of the new file in QEMU. The fds stay the caller's."""
+        method = "SwapDrive"
+        deadline = asyncio.get_running_loop().time() + timeout
+        async with self._job_claim(dev, method) as drive:
+            refuse_read_only(drive)
+            new_node = blockjob.swapped_node(dev, drive.block_node)
+            fdsets: dict[str, int] = {}
+            added = done = False
+            try:
+                async with self._request(method):
+                    names = await self._pass_layers(dev, chain, fdsets, [])
+                    strays = await self._add_blockdev(dev, chain.top, names, new_node)
+                    added = True
+                    if strays:
+                        raise AccessDenied(
+                            f"QEMU opened {', '.join(map(repr, strays))} by name for {target.path}: its header "
+                            "changed while vmspawnd read it; the drive was not swapped"
+                        )
+                    mirror = blockjob.mirror(dev, drive.block_node, new_node, max_bandwidth)
+                    job = await self._start_job(dev, method, "blockdev-mirror", mirror)
+                if await self._job_end(job, deadline, blockjob.READY) != blockjob.READY:
+                    raise JobFailed(f"QEMU's mirror for {method} of {dev} ended before it was in sync")
+                await self._monitor.execute("job-complete", {"id": job.id})
+                await self._job_end(job, deadline)
+                done = True
+            except QmpError as e:
+                raise JobFailed(f"QEMU refused {method} of {dev}: {e}") from e
+            except QmpDisconnected as e:
+                raise NotRunning(f"machine {self.name} stopped during {method}: {e}") from e
+            finally:
+                if not done:
+                    await asyncio.shield(self._drop_target(new_node if added else "", tuple(fdsets.values())))
+            swapped = replace(
+                drive, path=str(target.path), format=target.format, fdsets=tuple(fdsets.values()),
+                node="" if new_node == cmdline.node_name(dev) else new_node,
+            )  # fmt: skip
+            self.drives[dev] = swapped
+            self.save()
+            await asyncio.shield(self._drop_old(drive))
+        log.info("machine %s: drive %s moved to %s", self.name, dev, target.path, extra={"MACHINE": self.name})
+        self._notify("Drives")
+        return swapped
+
+    async def _drop_old(self, old: Drive) -> None:
+        """The node and fds the drive read from before its swap: a hotplugged
+        drive's own fdsets, a boot drive's fdset of its file (unless another
+        drive opened the same file)."""
+        async with self._lock:
+            # The next AddDrive must not take the new node's layers for strays.
+            self._nodes = None
+            fdsets = list(old.fdsets)
+            try:
+                await self._monitor.execute("blockdev-del", {"node-name": old.block_node})
+                if not fdsets and all(d.path != old.path for d in self.drives.values()):
+                    fdsets = blockjob.fdsets_of_file(
+                        await self._monitor.execute("query-fdsets"), old.path, cmdline.BOOT_FDSETS + 1
+                    )
+            except (QmpError, QmpDisconnected, QemuUnresponsive) as e:
+                log.warning("machine %s: the old node of drive %s stays: %s", self.name, old.id, e)
+                return
+            for fdset in fdsets:
+                await self._remove_fdset(fdset)
 
     # -- network interfaces ----------------------------------------------------
 
@@ -1380,6 +1681,8 @@ class Machine:
         def check(_: Drive) -> None:
             if dev in {drive_id(i) for i in range(len(self.spec.boot_drives))}:
                 raise InvalidArgument(f"drive {dev} was attached at boot on a builtin port and cannot be unplugged")
+            if dev in self._busy:
+                raise JobInProgress(f"a {self._busy[dev]} of drive {dev} runs; remove it once that returned")
 
         await self._unplug("RemoveDrive", "drive", self.drives, dev, timeout, check)
 
@@ -1482,6 +1785,8 @@ class Machine:
         elif name == "SHUTDOWN":
             self._shutdown_reason = str(data.get("reason", ""))
             self._shutdown.set()
+        elif name == "JOB_STATUS_CHANGE" and (job := self._jobs.get(str(data.get("id")))) is not None:
+            job.status(str(data.get("status", "")))
 
     async def _device_deleted(self, dev: str) -> None:
         if dev in self.shares:
@@ -1496,7 +1801,7 @@ class Machine:
                 try:
                     # An ejected cdrom (no path) has no node.
                     if drive.path:
-                        await self._monitor.execute("blockdev-del", {"node-name": cmdline.node_name(dev)})
+                        await self._monitor.execute("blockdev-del", {"node-name": drive.block_node})
                 except (QmpError, QmpDisconnected) as e:
                     log.warning("machine %s: blockdev-del of %s failed: %s", self.name, dev, e)
                 else:
@@ -1598,10 +1903,10 @@ class Machine:
     async def drive_stats(self, dev: str) -> dict[str, int]:
         """The drive's I/O counters since it was plugged (QMP query-blockstats)."""
         async with self._request("DriveStats"):
-            if dev not in self.drives:
+            if (drive := self.drives.get(dev)) is None:
                 raise NoSuchDrive(f"machine {self.name} has no drive {dev!r}; see its Drives property")
             reply = await self._run_command("query-blockstats", "DriveStats")
-        entry = blockstats.entry_of(reply, dev, cmdline.node_name(dev))
+        entry = blockstats.entry_of(reply, dev, drive.block_node)
         if entry is None:
             raise QemuFailed(f"QEMU reports no block device for drive {dev} of {self.name} (query-blockstats)")
         return blockstats.counters(entry)
@@ -1713,6 +2018,7 @@ class Machine:
             raise UnplugInProgress(
                 f"drives {', '.join(removing)} of {self.name} are being removed; suspend it once they are gone"
             )
+        self._check_no_jobs("Suspend")
         builtin = keep.boot_ids(self.spec)
         # Hotplugged, but not plugged again by the next start.
         why = [f"hotplugged NIC {n}" for n in sorted(self.nics)]
@@ -2141,6 +2447,13 @@ class Machine:
             )
         if busy := sorted(d.id for d in self.drives.values() if d.state is DriveState.REMOVING):
             raise UnplugInProgress(f"drives {', '.join(busy)} of {self.name} are being removed; wait for DriveRemoved")
+        self._check_no_jobs("Migrate")
+
+    def _check_no_jobs(self, what: str) -> None:
+        """The machine's state moves elsewhere: not while a drive's copy runs."""
+        if self._busy:
+            jobs = ", ".join(f"{m} of {d}" for d, m in sorted(self._busy.items()))
+            raise JobInProgress(f"{what} of {self.name} is refused while {jobs} runs; retry once it returned")
 
     async def start_migration(self, fd: int, max_bandwidth: int) -> Outgoing:
         """Migrate(), first half: the machine's state into the stream `fd`

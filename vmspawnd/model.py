@@ -89,6 +89,12 @@ class PortKind(enum.StrEnum):
     DOWNSTREAM = "downstream-port"
 
 
+# A drive's block node is "<id>-node"; after a SwapDrive "<id>-swap", then
+# "<id>-node" again (QEMU cannot rename a node; both fit its 31 characters).
+NODE_SUFFIX = "-node"
+SWAP_SUFFIX = "-swap"
+
+
 class DriveState(enum.StrEnum):
     ATTACHED = "attached"
     REMOVING = "removing"
@@ -121,9 +127,16 @@ class Drive:
     format: ImageFormat = ImageFormat.RAW
     read_only: bool = False
     serial: str = ""
+    # The block node the device reads from: "" for the drive's own ("<id>-node");
+    # SwapDrive moves it to the other generation ("<id>-swap"), and back.
+    node: str = ""
 
     def drive_spec(self) -> DriveSpec:
         return DriveSpec(Path(self.path), self.disk_type, self.format, self.read_only, self.serial)
+
+    @property
+    def block_node(self) -> str:
+        return self.node or self.id + NODE_SUFFIX
 
 
 @dataclass(frozen=True)

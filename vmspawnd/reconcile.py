@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import imagechain, nic
-from .cmdline import node_name
-from .model import DiskType, Drive, ImageFormat, MachineShare, Nic
+from .blockjob import drive_nodes
+from .model import NODE_SUFFIX, SWAP_SUFFIX, DiskType, Drive, ImageFormat, MachineShare, Nic
 
 # QOM types of the devices a Drive is made of.
 DRIVER_TYPES = {
@@ -25,7 +25,6 @@ DRIVER_TYPES = {
     "scsi-hd": DiskType.VIRTIO_SCSI,
     "scsi-cd": DiskType.VIRTIO_SCSI_CDROM,
 }
-NODE_SUFFIX = node_name("")
 SHARE_TYPE = "vhost-user-fs-pci"
 # A hotplugged share's chardev is its device id with this suffix (machine.SHARE_CHARDEV).
 CHARDEV_SUFFIX = "-vfs"
@@ -119,8 +118,16 @@ def fdset_owner(opaques: tuple[str, ...]) -> str:
 
 
 def node_owner(node: str) -> str:
-    """The device a block node was added for, "" for nodes not named by us."""
-    return node.removesuffix(NODE_SUFFIX) if node.endswith(NODE_SUFFIX) and node != NODE_SUFFIX else ""
+    """The drive a block node was added for (either generation, see SwapDrive), "" for nodes not named by us."""
+    for suffix in (NODE_SUFFIX, SWAP_SUFFIX):
+        if node.endswith(suffix) and node != suffix:
+            return node.removesuffix(suffix)
+    return ""
+
+
+def _live_node(dev: str, snap: Snapshot) -> str | None:
+    """The drive's node QEMU has, either generation (the drive's own first)."""
+    return next((n for n in drive_nodes(dev) if n in snap.nodes), None)
 
 
 # -- the decision ---------------------------------------------------------------
@@ -175,19 +182,23 @@ def reconcile(
         if (port, controller) != (drive.port, drive.controller) and port:
             messages.append(f"drive {dev} is on {port} in QEMU, state.json said {drive.port}")
             drive = replace(drive, port=port, controller=controller)
+        node = drive.block_node if drive.block_node in snap.nodes else _live_node(dev, snap)
+        if node is not None and node != drive.block_node:
+            messages.append(f"drive {dev} reads from node {node} in QEMU, state.json said {drive.block_node}")
+            drive = replace(drive, node=node)
         drives[dev] = replace(drive, fdsets=tuple(owned.get(dev, ())))
     for dev, qom_type in sorted(snap.peripheral.items()):
-        if dev in drives or qom_type not in DRIVER_TYPES or node_name(dev) not in snap.nodes:
+        if dev in drives or qom_type not in DRIVER_TYPES or (node := _live_node(dev, snap)) is None:
             continue
         port, controller = _drive_port(dev, snap)
         fdsets = tuple(owned.get(dev, ()))
         # The image is the chain's top layer; the other fdsets hold its backing files.
         layers = [imagechain.parse_opaque(snap.fdsets[i][0]) for i in fdsets]
         path = next((p for _, label, p in layers if label == imagechain.level_label(0)), "?")
-        fmt, read_only = snap.formats.get(node_name(dev), (ImageFormat.RAW, False))
+        fmt, read_only = snap.formats.get(node, (ImageFormat.RAW, False))
         drives[dev] = Drive(
             dev, path, DRIVER_TYPES[qom_type], port, fdsets=fdsets, controller=controller, format=fmt,
-            read_only=read_only,
+            read_only=read_only, node="" if node.endswith(NODE_SUFFIX) else node,
         )  # fmt: skip
         messages.append(f"drive {dev} on {port} was not in state.json; taken from QEMU")
 

@@ -202,6 +202,8 @@ def _drive(d: Any, where: str, version: int) -> Drive:
         format=_enum(d, "format", ImageFormat, where) if version >= 2 else ImageFormat.RAW,
         read_only=_get(d, "read_only", bool, where) if version >= 2 else False,
         serial=_get(d, "serial", str, where) if version >= 2 else "",
+        # Written since SwapDrive; "" (the drive's own node) before.
+        node=_get(d, "node", str, where, default=""),
     )
 
 

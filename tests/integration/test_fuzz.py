@@ -47,6 +47,7 @@ from vmspawnd.bus.options import (
     ADD_NETWORK_FD_OPTIONS,
     ADD_NETWORK_OPTIONS,
     ADD_SHARE_OPTIONS,
+    BLOCK_JOB_OPTIONS,
     DRIVE_OPTIONS,
     MACHINE_OPTIONS,
     MOUNT_OPTIONS,
@@ -660,6 +661,81 @@ def settle(bus: BusThread, vm: VM) -> None:
             print(f"settle {drives}: {t1 - t0:.2f} + {time.monotonic() - t1:.2f}")
 
     bus.run(run())
+
+
+# -- SnapshotDrive / SwapDrive / SwapDriveFd on a running machine ---------------
+
+JOB_EXAMPLES = int(os.environ.get("VMSPAWND_FUZZ_JOB_EXAMPLES", str(MACHINE_EXAMPLES // 5)))
+# Mostly options that pass; a crawl with a tiny bound reaches the cancel path
+# (never a crawl without one: it would copy for the default half hour).
+formats = st.sampled_from(["raw", "raw", "qcow2", "vmdk", ""]).map(lambda v: Variant("s", v))
+plausible_job_options = st.fixed_dictionaries(
+    {},
+    optional={
+        "format": formats,
+        "timeout_usec": st.sampled_from([0, 1, 1000, 300_000, 2**64 - 1]).map(lambda v: Variant("t", v)),
+        "max_bandwidth": st.sampled_from([0, 64 << 20, 2**63, 2**64 - 1]).map(lambda v: Variant("t", v)),
+    },
+)
+crawling_job_options = st.fixed_dictionaries(
+    {
+        "max_bandwidth": st.sampled_from([1, 4096]).map(lambda v: Variant("t", v)),
+        "timeout_usec": st.sampled_from([1, 1000, 300_000]).map(lambda v: Variant("t", v)),
+    },
+    optional={"format": formats},
+)
+job_options = st.one_of(
+    option_dicts({k: v for k, v in BLOCK_JOB_OPTIONS.items() if k != "max_bandwidth"}),
+    plausible_job_options,
+    plausible_job_options,
+    crawling_job_options,
+)
+# "$drive": the example's own disk.
+job_drives = st.one_of(st.just("$drive"), st.just("$drive"), drive_ids)
+job_steps = st.one_of(
+    st.tuples(st.just("SnapshotDrive"), job_drives, st.sampled_from(FD_KINDS), job_options),
+    st.tuples(st.just("SwapDrive"), job_drives, st.one_of(junk_paths(with_fresh=True), st.just(FRESH)), job_options),
+    st.tuples(st.just("SwapDriveFd"), job_drives, st.sampled_from(FD_KINDS), job_options),
+)
+
+
+def test_fuzz_machine_block_job_calls(bus: BusThread, daemon: Daemon, files: Files, fuzz_vm: VM) -> None:
+    """Snapshots and swaps with any input: a typed error or success, and
+    afterwards no job, block node or fdset of theirs in QEMU."""
+    tally = Tally()
+    fuzz = Fuzz(bus, daemon, tally, daemon_fds(daemon))
+    vm = fuzz_vm
+    fuzz.healthy([vm.name], [vm.leader])
+    where = {"path": vm.path, "interface": MACHINE_IFACE}
+
+    @maybe_seeded
+    @fuzz_settings(JOB_EXAMPLES)
+    @given(steps=st.lists(job_steps, min_size=1, max_size=4))
+    def example(steps: list[tuple[str, str, str, dict[str, Variant]]]) -> None:
+        tally.examples += 1
+        outcome, result = fuzz.call("AddDrive", "sa{sv}", [files.fresh(), {}], **where)
+        assert outcome == "ok", result
+        for method, drive, arg, options in steps:
+            target = result[0] if drive == "$drive" else drive
+            if method == "SwapDrive":
+                file = files.fresh() if arg == FRESH else arg
+                fuzz.call(method, "ssa{sv}", [target, file, options], **where)
+                continue
+            fd = open_fd(arg, files)
+            try:
+                fuzz.call(method, "sha{sv}", [target, 0, options], unix_fds=(fd,), **where)
+            finally:
+                os.close(fd)
+        settle(bus, vm)
+        assert vm.probe("query-jobs") == []
+        assert vm.probe.block_nodes() == vm.nodes
+        assert vm.probe.fdsets() == []
+        fuzz.healthy([vm.name], [vm.leader])
+
+    started = time.monotonic()
+    example()
+    tally.report("SnapshotDrive/SwapDrive/SwapDriveFd on a running machine", time.monotonic() - started)
+    assert tally.examples >= min(JOB_EXAMPLES, 30)
 
 
 # -- AddShare / RemoveShare on a running machine ------------------------------

@@ -387,6 +387,56 @@ class MachineInterface(ServiceInterface):
 
     @dbus_method()
     @replies_errors
+    async def SnapshotDrive(self, drive_id: DBusStr, fd: DBusUnixFd, options: Options) -> None:
+        """The drive as it is now, copied into the file `fd` the caller opened read-write; the guest runs on."""
+        passed = caller.passed_fds()
+        try:
+            check_passed(fd, passed, "SnapshotDrive")
+            await self._authorize(self.machine)
+            fmt, timeout, max_bandwidth = parse.block_job(options, "SnapshotDrive")
+            await self.machine.snapshot_drive(drive_id, fd, fmt, timeout, max_bandwidth)
+        finally:
+            for passed_fd in passed:
+                os.close(passed_fd)
+
+    @dbus_method()
+    @replies_errors
+    async def SwapDrive(self, drive_id: DBusStr, path: DBusStr, options: Options) -> None:
+        """The drive's contents move to `path` (each layer opened with the caller's rights); the disk stays."""
+        uid = await self._authorize(self.machine)
+        target, timeout, max_bandwidth = parse.swap_target(path, options, "SwapDrive")
+        # Refused before the file is touched.
+        self.machine.check_swap(drive_id)
+        await self._swap(drive_id, target, timeout, max_bandwidth, uid)
+
+    @dbus_method()
+    @replies_errors
+    async def SwapDriveFd(self, drive_id: DBusStr, fd: DBusUnixFd, options: Options) -> None:
+        passed = caller.passed_fds()
+        try:
+            check_passed(fd, passed, "SwapDriveFd")
+            uid = await self._authorize(self.machine)
+            # Relative backing names count from the directory the fd's file is in.
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            target, timeout, max_bandwidth = parse.swap_target(path, options, "SwapDriveFd")
+            self.machine.check_swap(drive_id)
+            await self._swap(drive_id, target, timeout, max_bandwidth, uid, os.dup(fd))
+        finally:
+            for passed_fd in passed:
+                os.close(passed_fd)
+
+    async def _swap(
+        self, drive_id: str, target: DriveSpec, timeout: float, max_bandwidth: int, uid: int, fd: int | None = None
+    ) -> None:
+        chain = await open_chain(uid, str(target.path), target.format, False, fd=fd)
+        try:
+            await self.machine.swap_drive(drive_id, target, chain, timeout, max_bandwidth)
+        finally:
+            # QEMU holds its own copies now.
+            chain.close()
+
+    @dbus_method()
+    @replies_errors
     async def EjectDrive(self, drive_id: DBusStr) -> None:
         await self._authorize(self.machine)
         await self.machine.change_medium(drive_id, None, None)

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from dbus_fast import Variant
 
 from .. import nic
+from ..blockjob import DEFAULT_TIMEOUT, MAX_TIMEOUT
 from ..cmdline import Share
 from ..errors import InvalidArgument
 from ..machine import DRIVE_ID, RESERVED_ID
@@ -70,6 +71,8 @@ OPEN_CONSOLE_OPTIONS = {"read_only": "b"}
 # None yet: the a{sv} leaves room (a protocol of several, a client's name).
 OPEN_GRAPHICS_OPTIONS: dict[str, str] = {}
 REPLACE_DRIVE_OPTIONS = {"format": "s"}
+# SnapshotDrive's target format and SwapDrive's new file's; the job's bound and its speed in bytes/s.
+BLOCK_JOB_OPTIONS = {"format": "s", "timeout_usec": "t", "max_bandwidth": "t"}
 ADD_NETWORK_FD_OPTIONS = {"mac": "s", "id": "s"}
 ADD_NETWORK_OPTIONS = ADD_NETWORK_FD_OPTIONS | {"network": "s"}
 
@@ -268,6 +271,27 @@ def replace_drive(path_value: str, options: dict[str, Variant]) -> DriveSpec:
     """The new medium of a ReplaceDrive: a cdrom's, so read-only."""
     v = unpack(options, REPLACE_DRIVE_OPTIONS, "ReplaceDrive")
     return drive({"path": path_value, "read_only": True} | v, DiskType.VIRTIO_SCSI_CDROM, "ReplaceDrive")
+
+
+def block_job(options: dict[str, Variant], method: str) -> tuple[ImageFormat, float, int]:
+    """(format, timeout in s, max_bandwidth in bytes/s or 0 for no limit) of SnapshotDrive / SwapDrive(Fd)."""
+    v = unpack(options, BLOCK_JOB_OPTIONS, method)
+    timeout_usec = v.get("timeout_usec", int(DEFAULT_TIMEOUT * 1_000_000))
+    if not 0 < timeout_usec <= MAX_TIMEOUT * 1_000_000:
+        raise InvalidArgument(
+            f"timeout_usec {timeout_usec} is out of range; give 1 to {int(MAX_TIMEOUT * 1_000_000)} (a day)"
+        )
+    max_bandwidth = v.get("max_bandwidth", 0)
+    if max_bandwidth >= 2**63:
+        raise InvalidArgument(f"max_bandwidth {max_bandwidth} is out of range; give at most {2**63 - 1} bytes/s")
+    fmt = choice(ImageFormat, v.get("format", "raw"), "format")
+    return fmt, float(timeout_usec) / 1_000_000, max_bandwidth
+
+
+def swap_target(path_value: str, options: dict[str, Variant], method: str) -> tuple[DriveSpec, float, int]:
+    """SwapDrive's new file (as the drive it becomes: its format), the job's timeout and max_bandwidth."""
+    fmt, timeout, max_bandwidth = block_job(options, method)
+    return DriveSpec(path(path_value, "path"), format=fmt), timeout, max_bandwidth
 
 
 def nic_options(options: dict[str, Variant], schema: dict[str, str], where: str) -> tuple[str, str, dict[str, Any]]:
