@@ -51,6 +51,8 @@ class FakeMachine:
     passwords: dict[str, str] = field(default_factory=dict)
     # NMIs injected (InjectNMI).
     nmis: int = 0
+    # Boot drives SwapDrive moved, by id: their new files.
+    moved: dict[str, str] = field(default_factory=dict)
 
 
 class FakeClient:
@@ -95,7 +97,7 @@ class FakeClient:
     def properties(self, name: str) -> dict[str, Any]:
         m = self._get(name)
         spares = m.options.get("hotplug_spares", 0)
-        drives = self._boot_drives(m.options) | m.drives
+        drives = self._boot_drives(m.options) | m.moved | m.drives
         return {
             "Name": name,
             "State": m.state,
@@ -205,6 +207,37 @@ class FakeClient:
         self._streams.append((thread, theirs))
         thread.start()
         return ours
+
+    def _copy_source(self, name: str, drive_id: str, fmt: str) -> tuple[FakeMachine, str]:
+        """The drive a copy (SnapshotDrive, SwapDrive) runs on, refused as the daemon refuses."""
+        m = self._running(name)
+        drives = self._boot_drives(m.options) | m.moved | m.drives
+        if drive_id not in drives:
+            raise VmspawndError("NoSuchDrive", f"machine {name} has no drive {drive_id!r}; see its Drives property")
+        if fmt not in ("raw", "qcow2"):
+            raise VmspawndError("InvalidArgument", f"unknown format {fmt!r}; use one of: raw, qcow2")
+        return m, drives[drive_id]
+
+    def snapshot_drive(self, name: str, drive_id: str, fd: int, fmt: str, timeout: float) -> None:
+        """The drive's bytes into `fd` (a fake drive's file as it is, whatever `fmt`)."""
+        _, path = self._copy_source(name, drive_id, fmt)
+        if os.fstat(fd).st_mode & 0o170000 != 0o100000:
+            raise VmspawndError("InvalidArgument", "SnapshotDrive writes into a regular file or a block device")
+        os.ftruncate(fd, 0)
+        if os.path.exists(path):
+            with open(path, "rb") as source:
+                os.pwrite(fd, source.read(), 0)
+
+    def swap_drive(self, name: str, drive_id: str, path: str, fmt: str, timeout: float) -> None:
+        m, _ = self._copy_source(name, drive_id, fmt)
+        if not path.startswith("/"):
+            raise VmspawndError("InvalidArgument", f"path {path!r} must be an absolute path")
+        if not os.path.exists(path):
+            raise VmspawndError("InvalidArgument", f"cannot open drive {path!r}: it does not exist")
+        if drive_id in m.drives:
+            m.drives[drive_id] = path
+        else:
+            m.moved[drive_id] = path
 
     def close(self) -> None:
         """End the streams still served and wait for their threads."""

@@ -274,6 +274,91 @@ def test_nova_proxies_reach_the_guests_display_and_serial_console_over_tcp(shell
     assert refused(vnc.host, vnc.port) and refused(serial.host, serial.port)
 
 
+class Images:
+    """The two image service calls snapshot makes; the upload is kept (no Glance here)."""
+
+    def __init__(self) -> None:
+        self.uploaded: dict[str, tuple[dict[str, Any], bytes]] = {}
+
+    def get(self, context: Any, image_id: str) -> dict[str, Any]:
+        return {"id": image_id, "name": f"snapshot {image_id}"}
+
+    def update(self, context: Any, image_id: str, metadata: dict[str, Any], data: Any = None, **kw: Any) -> None:
+        self.uploaded[image_id] = metadata, data.read()
+
+
+def guest_writes(sock: socket.socket, text: str, dev: str, block: int) -> None:
+    """`text` onto the guest's /dev/`dev` at 4 KiB block `block`, down to the device."""
+    sock.sendall(
+        f"printf {text} | dd of=/dev/{dev} bs=4096 seek={block} conv=notrunc,fsync; echo WR''OTE-$?\r".encode()
+    )
+    read_until(sock, r"WROTE-0")
+
+
+def at(path: Path, block: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(block * 4096)
+        return f.read(length)
+
+
+def test_a_running_instance_is_snapshotted_and_its_volume_swapped_under_the_guest(
+    shell_driver: VmspawndDriver, nova_conf: Any, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    driver = shell_driver
+    disk = workdir / f"disk-{uuid.uuid4()}.raw"
+    disk.write_bytes(b"\0" * MiB)
+    nova_conf.set_override("image", str(disk), group="vmspawnd")
+    images = Images()
+    monkeypatch.setattr(driver, "_image_api", images)
+    ctxt = nova_context.get_admin_context()
+    instance = new_instance()
+    name = mapping.machine_name(instance.name, instance.uuid)
+    driver.spawn(ctxt, instance, objects.ImageMeta.from_dict({}), [], None, {}, network_info=[])
+    try:
+        console(driver, instance, "VMSPAWN-GUEST-READY")
+        console(driver, instance, r"/ # ")
+        sock = driver.client.open_console(name)
+        # snapshot: the image uploaded holds the instance's disk as the guest wrote it; the guest runs on.
+        guest_writes(sock, "ROOT-MARK", "vda", 8)
+        states: list[str] = []
+        driver.snapshot(ctxt, instance, "img-1", lambda task_state, **kw: states.append(task_state))
+        metadata, data = images.uploaded["img-1"]
+        assert data == disk.read_bytes() and at(disk, 8, 9) == b"ROOT-MARK"
+        assert (metadata["disk_format"], metadata["properties"]["image_location"]) == ("raw", "snapshot")
+        assert states == ["image_pending_upload", "image_uploading"]
+        assert list((workdir / "instances" / instance.uuid).glob("snapshot-*")) == []
+        assert driver.get_info(instance).state == power_state.RUNNING
+
+        # swap_volume: the guest keeps its disk (no unplug) and writes into the new volume.
+        old_id, new_id = str(uuid.uuid4()), str(uuid.uuid4())
+        old, new = workdir / f"volume-{old_id}", workdir / f"volume-{new_id}"
+        old.write_bytes(b"\0" * MiB)
+        new.write_bytes(b"\0" * MiB)
+        old_info = {"driver_volume_type": "local", "serial": old_id, "data": {"device_path": str(old)}}
+        new_info = {"driver_volume_type": "local", "serial": new_id, "data": {"device_path": str(new)}}
+        mark = console_size(driver, instance)
+        driver.attach_volume(ctxt, old_info, instance, "/dev/vdb")
+        dev = console(driver, instance, rf"VMSPAWN-BLOCK-ADD (\w+) serial={re.escape(mapping.serial(old_id))}", mark)
+        guest_writes(sock, "BEFORE-SWAP", dev.group(1), 4)
+        mark = console_size(driver, instance)
+        driver.swap_volume(ctxt, old_info, new_info, instance, "/dev/vdb", 0)
+        guest_writes(sock, "AFTER-SWAP", dev.group(1), 16)
+        assert at(new, 4, 11) == b"BEFORE-SWAP" and at(new, 16, 10) == b"AFTER-SWAP"
+        assert at(old, 16, 10) == b"\0" * 10
+        assert "VMSPAWN-BLOCK-REMOVE" not in console_log(driver, instance).read_text(errors="replace")[mark:]
+        drives = {d["id"]: d["path"] for d in driver.client.properties(name)["Drives"]}
+        assert drives[mapping.drive_id(old_id)] == str(new)
+        sock.close()
+        # Nova's records name the new volume now: detach finds the drive that moved onto it.
+        driver.detach_volume(ctxt, new_info, instance, "/dev/vdb")
+        assert [
+            p for p in (d["path"] for d in driver.client.properties(name)["Drives"]) if p in (str(old), str(new))
+        ] == []
+    finally:
+        driver.destroy(ctxt, instance, [])
+        nova_conf.clear_override("image", group="vmspawnd")
+
+
 def test_the_host_offers_its_hotplug_ports(driver: VmspawndDriver, nova_conf: Any) -> None:
     tree = provider_tree.ProviderTree()
     tree.new_root("test-host", str(uuid.uuid4()))

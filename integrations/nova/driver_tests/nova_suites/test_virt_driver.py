@@ -9,6 +9,7 @@ driver leaves to Nova's fallbacks).
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 import uuid
@@ -16,18 +17,17 @@ from typing import Any
 from unittest import mock
 
 import fixtures
+import nova.conf
 from nova.tests.unit.virt import test_virt_drivers as upstream
 from oslo_serialization import jsonutils
 
 from driver_tests.fakeclient import FakeClient
 from nova import objects, test
 
+CONF = nova.conf.CONF
+
 # Tests whose driver method raises NotImplementedError, and why.
 NOT_IMPLEMENTED = {
-    # vmspawnd has no disk snapshot of a running machine yet.
-    "test_snapshot_running",
-    # A swap keeps the guest's disk while its backing changes (a block mirror): vmspawnd has none.
-    "test_swap_volume",
     # VMware's MKS console: no such thing in QEMU.
     "test_get_mks_console",
     # No live migration.
@@ -156,6 +156,39 @@ class VmspawndDriverTestCase(upstream._VirtDriverTestCase, test.TestCase):
         self.flags(enabled=False, group="vnc")
         self.flags(enabled=True, group="spice")
         super().test_get_spice_console()
+
+    def test_snapshot_running(self) -> None:
+        # A test host boots the configured kernel with a configured image: the instance's disk.
+        fd, disk = tempfile.mkstemp(prefix="fake-root-")
+        os.write(fd, b"ROOT-DISK-BYTES")
+        os.close(fd)
+        self.addCleanup(os.unlink, disk)
+        self.flags(image=disk, group="vmspawnd")
+        # The fixture's update keeps no data: what the driver uploads is read here.
+        uploaded: list[bytes] = []
+        api = self.connection._image_api
+        real_update = api.update
+
+        def update(context: Any, image_id: str, metadata: Any, data: Any = None, **kw: Any) -> Any:
+            uploaded.append(data.read())
+            return real_update(context, image_id, metadata, **kw)
+
+        with mock.patch.object(api, "update", update):
+            super().test_snapshot_running()
+        self.assertEqual([b"ROOT-DISK-BYTES"], uploaded)
+        (image,) = [i for i in self.image_service.detail(self.ctxt) if i["name"] == "snap-1"]
+        self.assertEqual(("raw", "snapshot"), (image["disk_format"], image["properties"]["image_location"]))
+        # The copy made in the instance's directory is gone.
+        self.assertEqual([], glob.glob(os.path.join(glob.escape(CONF.instances_path), "*", "snapshot-*")))
+
+    def test_swap_volume(self) -> None:
+        client = self.connection.client
+        with mock.patch.object(client, "swap_drive", wraps=client.swap_drive) as swap:
+            super().test_swap_volume()
+        # The volume's drive moved onto the new volume's file; no drive came or went.
+        name, drive, path, fmt, _ = swap.call_args.args
+        self.assertEqual({drive: path}, client.machines[name].drives)
+        self.assertEqual("raw", fmt)
 
     def test_live_migration(self) -> None:
         self.skipTest("vmspawnd has no live migration yet")

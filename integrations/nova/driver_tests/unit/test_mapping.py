@@ -168,3 +168,18 @@ def test_only_a_rescue_name_names_a_rescued_instance(name: str) -> None:
 )
 def test_what_is_outside_an_instance_directory(paths: list[str], outside: list[str]) -> None:
     assert mapping.outside(paths, "/i/u/") == outside
+
+
+@given(uuids, uuids, st.lists(st.tuples(st.sampled_from(["disk0", "disk1", "vx"]), st.sampled_from(["/a", "/b"]))))
+def test_a_volume_is_found_by_its_own_drive_or_by_the_file_a_swap_moved_a_drive_onto(
+    old: str, new: str, others: list[tuple[str, str]]
+) -> None:
+    drives = [*others, (mapping.drive_id(old), "/new")]
+    # attach made its drive: found by its id, whatever its path.
+    assert mapping.volume_drive(drives, old, "/elsewhere") == mapping.drive_id(old)
+    # After a swap the new volume's drive is the old one's, found by the new volume's file.
+    assert mapping.volume_drive(drives, new, "/new") == mapping.drive_id(old)
+    # Not attached: no drive; and a drive the daemon named (diskN) is never a volume's.
+    assert mapping.volume_drive(drives, new, "/nowhere") is None
+    assert mapping.volume_drive(drives, new, None) is None
+    assert mapping.volume_drive([("disk1", "/new")], new, "/new") is None

@@ -44,6 +44,8 @@ MACHINE_OPTIONS = {
 # One entry of CreateMachine's `drives`.
 DRIVE_OPTIONS = {"path": "s", "format": "s", "disk_type": "s", "read_only": "b", "serial": "s"}
 ADD_DRIVE_OPTIONS = {"disk_type": "s", "format": "s", "read_only": "b", "serial": "s", "id": "s"}
+# SnapshotDrive's and SwapDrive's options.
+COPY_OPTIONS = {"format": "s", "timeout_usec": "t"}
 
 DEFAULT_TIMEOUT = 60.0
 # Replies to a call that waits on the guest (PowerOff, RemoveDrive) may take
@@ -184,6 +186,16 @@ class Client:
         options = {"timeout_usec": ("t", round(timeout * 1_000_000))}
         self._machine(name, "RemoveDriveEx", "sa{sv}", (drive_id, options), timeout + MARGIN)
 
+    def snapshot_drive(self, name: str, drive_id: str, fd: int, fmt: str, timeout: float) -> None:
+        """The drive as it is now copied into the open file `fd` (read-write), in `fmt` (raw or qcow2)."""
+        options = variants({"format": fmt, "timeout_usec": round(timeout * 1_000_000)}, COPY_OPTIONS)
+        self._machine(name, "SnapshotDrive", "sha{sv}", (drive_id, fd, options), timeout + MARGIN)
+
+    def swap_drive(self, name: str, drive_id: str, path: str, fmt: str, timeout: float) -> None:
+        """The drive's contents moved to `path` under the running guest, which keeps its disk."""
+        options = variants({"format": fmt, "timeout_usec": round(timeout * 1_000_000)}, COPY_OPTIONS)
+        self._machine(name, "SwapDrive", "ssa{sv}", (drive_id, path, options), timeout + MARGIN)
+
     # -- plumbing ---------------------------------------------------------
 
     def _machine(
@@ -226,7 +238,7 @@ class Client:
             conn = self._idle.pop() if self._idle else None
         if conn is None:
             try:
-                # With fd passing: OpenGraphics and OpenConsole answer with one.
+                # With fd passing: OpenGraphics and OpenConsole answer with one, SnapshotDrive takes one.
                 conn = open_dbus_connection(self.address, enable_fds=True, auth_timeout=self.timeout)
             except OSError as e:
                 raise Unreachable(f"cannot connect to the bus at {self.address}: {e}") from e

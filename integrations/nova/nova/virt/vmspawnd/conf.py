@@ -80,6 +80,13 @@ opts = [
     ),
     cfg.IntOpt("call_timeout", default=120, min=1, help="Seconds to wait for vmspawnd's answer to one call."),
     cfg.IntOpt("unplug_timeout", default=10, min=1, help="Seconds to wait for the guest to release a detached volume."),
+    cfg.IntOpt(
+        "copy_timeout",
+        default=1800,
+        min=1,
+        help="Seconds a disk copy may take: the root disk's for a snapshot, a volume's for a swap "
+        "(vmspawnd cancels the copy past it).",
+    ),
 ]
 
 

@@ -8,16 +8,20 @@ with its volumes, and power_on starts it again.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import nova.conf
 import os_resource_classes as orc
-from nova.compute import power_state
+from nova.compute import power_state, task_states
 from nova.compute import utils as compute_utils
 from nova.console import type as ctype
+from nova.image import glance
 from nova.objects import diagnostics as diagnostics_obj
 from nova.objects import fields
 from oslo_concurrency import processutils
@@ -48,6 +52,8 @@ RESCUE_FILES = ".rescue"
 RESCUED_DISK_SERIAL = "nova-rescued-disk"
 # Beside instances_path/<uuid> during a resize: the disks as they were (libvirt's suffix).
 RESIZE_STASH = "_resize"
+# The daemon's id of a machine's first boot drive: the instance's own disk.
+ROOT_DRIVE = "disk0"
 # In instances_path: one file per compute (named by its my_ip) that writes there,
 # so a source host knows which destinations see its instance directories.
 COMPUTES_SEEING = ".vmspawnd-computes"
@@ -106,6 +112,8 @@ class VmspawndDriver(driver.ComputeDriver):
         self._host = str(CONF.host)
         # The TCP ports in front of the instances' consoles (Nova's proxies connect there).
         self._consoles = consoleproxy.Consoles()
+
+        self._image_api = glance.API()
 
     # -- the host ---------------------------------------------------------
 
@@ -499,8 +507,9 @@ class VmspawndDriver(driver.ComputeDriver):
         name = self._name(instance)
         # A suspended one resumes where it was (Start), as a stopped one boots.
         if state in ("stopped", "suspended", "failed"):
-            present = [d["id"] for d in self.client.properties(name).get("Drives", [])]
-            if mapping.volumes_to_change(present, self._wanted_volumes(block_device_info))[1]:
+            drives = self._drives(name)
+            present = [d for d, _ in drives]
+            if mapping.volumes_to_change(present, self._wanted_volumes(block_device_info, drives))[1]:
                 # A volume detached while it was off: the kept machine still
                 # holds it, and a guest still booting misses an unplug, so
                 # the machine is made again from Nova's records instead.
@@ -618,10 +627,12 @@ class VmspawndDriver(driver.ComputeDriver):
         if self._state(instance) in ("stopped", "failed"):
             self.client.start(self._name(instance))
 
-    def trigger_crash_dump(self, instance: Any) -> None:
-        """An NMI to every vCPU (InjectNMI): a guest with kdump set up writes a crash dump."""
+    @staticmethod
+    @contextlib.contextmanager
+    def _running_instance(instance: Any) -> Iterator[None]:
+        """The daemon's NotRunning and NoSuchMachine as Nova's exceptions for `instance`."""
         try:
-            self.client.inject_nmi(self._name(instance))
+            yield
         except vclient.VmspawndError as e:
             if e.name == "NotRunning":
                 raise exception.InstanceNotRunning(instance_id=instance.uuid) from e
@@ -629,10 +640,60 @@ class VmspawndDriver(driver.ComputeDriver):
                 raise exception.InstanceNotFound(instance_id=instance.uuid) from e
             raise
 
+    def trigger_crash_dump(self, instance: Any) -> None:
+        """An NMI to every vCPU (InjectNMI): a guest with kdump set up writes a crash dump."""
+        with self._running_instance(instance):
+            self.client.inject_nmi(self._name(instance))
+
+    @staticmethod
+    def _snapshot_metadata(instance: Any, disk_format: str, name: str) -> dict[str, Any]:
+        """The snapshot image's metadata, as libvirt's _create_snapshot_metadata makes it."""
+        properties = {
+            "kernel_id": instance.kernel_id,
+            "image_location": "snapshot",
+            "image_state": "available",
+            "owner_id": instance.project_id,
+            "ramdisk_id": instance.ramdisk_id,
+        }
+        if instance.os_type:
+            properties["os_type"] = instance.os_type
+        image_meta = instance.image_meta
+        container = image_meta.container_format if image_meta.obj_attr_is_set("container_format") else "bare"
+        return {
+            "status": "active", "name": name, "properties": properties, "disk_format": disk_format,
+            "container_format": container,
+        }  # fmt: skip
+
     def snapshot(self, context: Any, instance: Any, image_id: str, update_task_state: Any) -> None:
-        if self._state(instance) != "running":
+        """The instance's own disk as it is now (SnapshotDrive: the guest runs
+        on) into a file of the instance's directory, then uploaded to the
+        image service as libvirt does; the file goes whatever happens."""
+        if self._state(instance) not in ("running", "paused"):
             raise exception.InstanceNotRunning(instance_id=instance.uuid)
-        raise NotImplementedError("vmspawnd cannot snapshot a machine yet")
+        disk = self._local_disk(instance)
+        if disk is None:
+            raise exception.ImageUnacceptable(
+                image_id=image_id, reason="the instance boots the configured kernel alone: it has no disk to snapshot"
+            )
+        disk_format = disk[1]
+        metadata = self._snapshot_metadata(instance, disk_format, self._image_api.get(context, image_id)["name"])
+        update_task_state(task_state=task_states.IMAGE_PENDING_UPLOAD)
+        os.makedirs(self._instance_dir(instance), exist_ok=True)
+        fd, copy = tempfile.mkstemp(prefix="snapshot-", dir=self._instance_dir(instance))
+        try:
+            try:
+                with self._running_instance(instance):
+                    self.client.snapshot_drive(
+                        self._name(instance), ROOT_DRIVE, fd, disk_format, CONF.vmspawnd.copy_timeout
+                    )
+            finally:
+                os.close(fd)
+            update_task_state(task_state=task_states.IMAGE_UPLOADING, expected_state=task_states.IMAGE_PENDING_UPLOAD)
+            with open(copy, "rb") as image_file, compute_utils.disk_ops_semaphore:
+                self._image_api.update(context, image_id, metadata, image_file)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(copy)
 
     # -- rescue -----------------------------------------------------------
 
@@ -946,13 +1007,17 @@ class VmspawndDriver(driver.ComputeDriver):
         id): its drive's DriveStats. None, as with libvirt, when the volume is
         not (or no longer) attached or the instance does not run."""
         bdms = objects.BlockDeviceMappingList.get_by_instance_uuid(nova_context.get_admin_context(), instance.uuid)
-        volumes = [(bdm.device_name, self._bdm_volume(bdm)) for bdm in bdms if bdm.is_volume]
-        volume_id = mapping.volume_for_disk(disk_id, volumes)
+        connections = {self._bdm_volume(bdm): self._bdm_connection(bdm) for bdm in bdms if bdm.is_volume}
+        volume_id = mapping.volume_for_disk(
+            disk_id, [(bdm.device_name, self._bdm_volume(bdm)) for bdm in bdms if bdm.is_volume]
+        )
         if volume_id is None:
             LOG.info("no volume %s on instance %s: no block stats", disk_id, instance.uuid)
             return None
+        name = self._name(instance)
         try:
-            counters = self.client.drive_stats(self._name(instance), mapping.drive_id(volume_id))
+            drive = self._volume_drive(self._drives(name), {"serial": volume_id} | connections[volume_id])
+            counters = self.client.drive_stats(name, drive)
         except vclient.VmspawndError as e:
             if e.name not in ("NoSuchDrive", "NoSuchMachine", "NotRunning"):
                 raise
@@ -960,10 +1025,13 @@ class VmspawndDriver(driver.ComputeDriver):
             return None
         return mapping.block_stats(counters)
 
+    @staticmethod
+    def _bdm_connection(bdm: Any) -> dict[str, Any]:
+        return dict(jsonutils.loads(bdm.connection_info)) if bdm.connection_info else {}
+
     def _bdm_volume(self, bdm: Any) -> str:
         """What attach_volume made the drive id of: the connection's serial, else the volume id."""
-        connection_info = jsonutils.loads(bdm.connection_info) if bdm.connection_info else {}
-        return self._volume_id(connection_info) or str(bdm.volume_id)
+        return self._volume_id(self._bdm_connection(bdm)) or str(bdm.volume_id)
 
     # -- volumes ----------------------------------------------------------
 
@@ -989,16 +1057,33 @@ class VmspawndDriver(driver.ComputeDriver):
         except vclient.VmspawndError as e:
             raise exception.VolumeAttachFailed(volume_id=volume_id, reason=str(e)) from e
 
-    def _wanted_volumes(self, block_device_info: Any) -> dict[str, Any]:
-        """Nova's volumes of the instance by the drive id each gets."""
+    def _drives(self, name: str) -> list[tuple[str, str]]:
+        """(id, path) of the machine's drives."""
+        return [(d["id"], d["path"]) for d in self.client.properties(name).get("Drives", [])]
+
+    def _local_path(self, connection_info: dict[str, Any]) -> str | None:
+        """The volume's file on this host; None for a kind this driver does not attach."""
+        if connection_info.get("driver_volume_type") not in self.volume_types:
+            return None
+        return self._volume_path(connection_info)[0]
+
+    def _volume_drive(self, drives: list[tuple[str, str]], connection_info: dict[str, Any]) -> str:
+        """The drive holding the volume: the one attach_volume made, or the one
+        a swap_volume moved onto it (mapping.volume_drive); else the one attach_volume would make."""
+        volume_id = self._volume_id(connection_info)
+        found = mapping.volume_drive(drives, volume_id, self._local_path(connection_info))
+        return found or mapping.drive_id(volume_id)
+
+    def _wanted_volumes(self, block_device_info: Any, drives: list[tuple[str, str]]) -> dict[str, Any]:
+        """Nova's volumes of the instance by the drive that holds (or is to hold) each, of `drives`."""
         return {
-            mapping.drive_id(self._volume_of(bdm)): bdm
+            self._volume_drive(drives, {"serial": self._volume_of(bdm)} | dict(bdm["connection_info"])): bdm
             for bdm in driver.block_device_info_get_mapping(block_device_info)
         }
 
     def _plug_missing(self, name: str, block_device_info: Any) -> None:
-        present = [d["id"] for d in self.client.properties(name).get("Drives", [])]
-        to_plug, _ = mapping.volumes_to_change(present, self._wanted_volumes(block_device_info))
+        drives = self._drives(name)
+        to_plug, _ = mapping.volumes_to_change([d for d, _ in drives], self._wanted_volumes(block_device_info, drives))
         for bdm in to_plug:
             self._plug(name, bdm["connection_info"], self._volume_of(bdm))
 
@@ -1037,8 +1122,10 @@ class VmspawndDriver(driver.ComputeDriver):
             # Unplugged when it is powered on (power_on no longer gets the volume).
             LOG.info("volume %s leaves %s at its next power on", volume_id, instance.uuid)
             return
+        name = self._name(instance)
         try:
-            self.client.remove_drive(self._name(instance), mapping.drive_id(volume_id), CONF.vmspawnd.unplug_timeout)
+            drive = self._volume_drive(self._drives(name), connection_info)
+            self.client.remove_drive(name, drive, CONF.vmspawnd.unplug_timeout)
         except vclient.VmspawndError as e:
             if e.name == "NoSuchDrive":
                 # Not there (any more): what Nova asked for holds.
@@ -1047,6 +1134,33 @@ class VmspawndDriver(driver.ComputeDriver):
             if e.name == "NoSuchMachine":
                 raise exception.InstanceNotFound(instance_id=instance.uuid) from e
             raise exception.DeviceDetachFailed(device=mountpoint, reason=str(e)) from e
+
+    def swap_volume(
+        self,
+        context: Any,
+        old_connection_info: dict[str, Any],
+        new_connection_info: dict[str, Any],
+        instance: Any,
+        mountpoint: str,
+        resize_to: int,
+    ) -> None:
+        """The old volume's drive moves onto the new volume (SwapDrive, a block
+        mirror): the guest keeps its disk, serial and all. The drive keeps its
+        id, the old volume's: from then on it is found by the new volume's file."""
+        name = self._name(instance)
+        path, fmt = self._volume_path(new_connection_info)
+        try:
+            drive = self._volume_drive(self._drives(name), old_connection_info)
+            self.client.swap_drive(name, drive, path, fmt, CONF.vmspawnd.copy_timeout)
+        except vclient.VmspawndError as e:
+            if e.name == "NoSuchMachine":
+                raise exception.InstanceNotFound(instance_id=instance.uuid) from e
+            raise exception.VolumeRebaseFailed(reason=str(e)) from e
+        if resize_to:
+            LOG.warning(
+                "vmspawnd cannot resize a drive: the guest sees volume %s at its old size, not %d GiB",
+                self._volume_id(new_connection_info), resize_to, instance=instance,
+            )  # fmt: skip
 
     def get_device_name_for_instance(self, instance: Any, bdms: Any, block_device_obj: Any) -> str:
         """The next free name: the guest names a hotplugged disk itself (by its

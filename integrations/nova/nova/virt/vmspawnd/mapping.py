@@ -113,6 +113,15 @@ def is_volume_drive(drive: str) -> bool:
     return bool(VOLUME_DRIVE.fullmatch(drive))
 
 
+def volume_drive(drives: list[tuple[str, str]], volume_id: str, path: str | None) -> str | None:
+    """The drive (of `drives`: id, path) holding a volume: the one attach made
+    (drive_id(volume_id)), else the volume drive a swap moved onto the
+    volume's `path` (a drive keeps its id, the old volume's). None: not attached."""
+    if any(d == drive_id(volume_id) for d, _ in drives):
+        return drive_id(volume_id)
+    return next((d for d, p in drives if path is not None and p == path and is_volume_drive(d)), None)
+
+
 def volumes_to_change(present: list[str], wanted: dict[str, Any]) -> tuple[list[Any], list[str]]:
     """(values of `wanted` to plug, drive ids to unplug) so that the machine's
     volume drives are exactly `wanted` (drive id -> what to plug)."""
