@@ -5,14 +5,15 @@
 #
 # Completes verbs, options, option values, machine names (from
 # `vmspawnctl list --no-legend`) and, for `remove-drive NAME <TAB>` (and
-# replace-drive, eject-drive, drive-stats), the machine's attached drive ids (from
+# replace-drive, eject-drive, drive-stats, snapshot-drive, swap-drive), the machine's attached drive ids (from
 # `vmspawnctl status NAME --json`), for `remove-share NAME <TAB>` its attached
 # share ids, for `remove-nic NAME <TAB>` its network interfaces.
 # Needs nothing but bash 4; drive ids are read with jq if it is there,
 # else with python3 (which vmspawnctl needs anyway).
 
 __vmspawnctl_verbs="list status plan create add-drive remove-drive add-share remove-share replace-drive eject-drive
-    add-nic remove-nic poweroff terminate console nmi drive-stats pause resume reboot start suspend"
+    add-nic remove-nic poweroff terminate console nmi drive-stats snapshot-drive swap-drive pause resume reboot start
+    suspend"
 __vmspawnctl_global_opts="--help --json --user --system --no-pager --no-legend --no-ask-password"
 __vmspawnctl_machine_opts="--kernel --initrd --cmdline --image --image-format --drive --disk-type --network
     --vsock --memory --cpus --spares --accel --firmware --graphics --qemu-extra --qemu-extra-string"
@@ -144,6 +145,7 @@ _vmspawnctl() {
         add-share) opts+=" --tag --id" ;;
         remove-drive | remove-share | remove-nic | poweroff) opts+=" --timeout" ;;
         replace-drive) opts+=" --format" ;;
+        snapshot-drive | swap-drive) opts+=" --format --timeout" ;;
         add-nic) opts+=" --network --mac --id" ;;
         console) opts+=" --read-only --no-follow" ;;
         "") opts+=" --version" ;;
@@ -160,17 +162,18 @@ _vmspawnctl() {
 
     case $verb in
         status | terminate | poweroff | console | pause | resume | reboot | start | suspend | add-drive | remove-drive | \
-            add-share | remove-share | replace-drive | eject-drive | add-nic | remove-nic | nmi | drive-stats)
+            add-share | remove-share | replace-drive | eject-drive | add-nic | remove-nic | nmi | drive-stats | \
+            snapshot-drive | swap-drive)
             if ((${#args[@]} == 0)); then
                 __vmspawnctl_reply "$(__vmspawnctl_machines "$ctl")" "$cur"
-            elif [[ $verb == remove-drive || $verb == replace-drive || $verb == eject-drive || $verb == drive-stats ]] &&
-                ((${#args[@]} == 1)); then
+            elif [[ $verb == remove-drive || $verb == replace-drive || $verb == eject-drive || $verb == drive-stats ||
+                $verb == snapshot-drive || $verb == swap-drive ]] && ((${#args[@]} == 1)); then
                 __vmspawnctl_reply "$(__vmspawnctl_attached "$ctl" "${args[0]}" Drives)" "$cur"
             elif [[ $verb == remove-share ]] && ((${#args[@]} == 1)); then
                 __vmspawnctl_reply "$(__vmspawnctl_attached "$ctl" "${args[0]}" Shares)" "$cur"
             elif [[ $verb == remove-nic ]] && ((${#args[@]} == 1)); then
                 __vmspawnctl_reply "$(__vmspawnctl_attached "$ctl" "${args[0]}" Networks)" "$cur"
-            elif [[ $verb == replace-drive ]] && ((${#args[@]} == 2)); then
+            elif [[ $verb == replace-drive || $verb == snapshot-drive || $verb == swap-drive ]] && ((${#args[@]} == 2)); then
                 __vmspawnctl_files "$cur"
             elif [[ $verb == add-drive ]] && ((${#args[@]} == 1)); then
                 __vmspawnctl_files "$cur"

@@ -14,7 +14,7 @@ from dbus_fast import Variant
 from tests.devtypes import TYPES
 from vmspawnd import ctl
 from vmspawnd.bus.manager import plan_value
-from vmspawnd.bus.options import ADD_DRIVE_OPTIONS, DRIVE_OPTIONS, MACHINE_OPTIONS
+from vmspawnd.bus.options import ADD_DRIVE_OPTIONS, BLOCK_JOB_OPTIONS, DRIVE_OPTIONS, MACHINE_OPTIONS
 from vmspawnd.errors import ALL_ERRORS
 from vmspawnd.model import DriveSpec, MachineSpec, Network, NetworkMode
 from vmspawnd.topology import plan_machine
@@ -156,6 +156,15 @@ def test_add_drive_options_match_the_daemon_schema() -> None:
     opts = ctl.add_drive_options(args)
     assert {k: v.signature for k, v in opts.items()} == ADD_DRIVE_OPTIONS
     assert ctl.add_drive_options(ctl.parse_args(["add-drive", "vm", "/d"])) == {}
+
+
+@pytest.mark.parametrize("verb", ["snapshot-drive", "swap-drive"])
+def test_copy_options_match_the_daemon_schema(verb: str) -> None:
+    args = ctl.parse_args([verb, "vm", "disk1", "/t", "--format", "qcow2", "--timeout", "2min"])
+    opts = ctl.copy_options(args)
+    assert {k: v.signature for k, v in opts.items()} == {k: BLOCK_JOB_OPTIONS[k] for k in ("format", "timeout_usec")}
+    assert opts["timeout_usec"].value == 120_000_000
+    assert ctl.copy_options(ctl.parse_args([verb, "vm", "disk1", "/t"])) == {}
 
 
 def test_add_share_args_make_the_directory_absolute() -> None:
@@ -522,6 +531,9 @@ def test_completion_of_verbs_and_options() -> None:
     assert complete(["vmspawnctl", "add-nic", "x", "--m"]) == ["--mac"]
     assert complete(["vmspawnctl", "add-nic", "x", "--network", "t"]) == ["tap:"]
     assert complete(["vmspawnctl", "replace-drive", "x", "d", "/m", "--format", "r"]) == ["raw"]
+    assert {"--format", "--timeout"} <= set(complete(["vmspawnctl", "snapshot-drive", "x", "d", "/t", "--"]))
+    assert complete(["vmspawnctl", "swap-drive", "x", "d", "/t", "--format", "q"]) == ["qcow2"]
+    assert complete(["vmspawnctl", "sn"]) == ["snapshot-drive"]
     assert complete(["vmspawnctl", "create", "x", "--disk-type", ""]) == list(ctl.DISK_TYPES)
     assert complete(["vmspawnctl", "plan", "--accel", "t"]) == ["tcg"]
     assert complete(["vmspawnctl", "plan", "--firmware", ""]) == ["bios", "uefi"]
@@ -563,6 +575,8 @@ def test_completion_of_machine_names_and_drive_ids(stub_env: dict[str, str]) -> 
     assert complete(["vmspawnctl", "add-share", "b"], stub_env) == ["beta"]
     assert complete(["vmspawnctl", "eject-drive", "alpha", "h"], stub_env) == ["hot1"]
     assert complete(["vmspawnctl", "replace-drive", "alpha", "h"], stub_env) == ["hot1"]
+    assert complete(["vmspawnctl", "snapshot-drive", "alpha", "h"], stub_env) == ["hot1"]
+    assert complete(["vmspawnctl", "swap-drive", "alpha", "h"], stub_env) == ["hot1"]
     assert complete(["vmspawnctl", "remove-nic", "alpha", ""], stub_env) == ["nic1"]
     assert complete(["vmspawnctl", "nmi", "a"], stub_env) == ["alpha"]
     assert complete(["vmspawnctl", "nmi", "alpha", ""], stub_env) == []

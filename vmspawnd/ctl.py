@@ -1093,6 +1093,43 @@ async def cmd_drive_stats(client: Client, args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def copy_options(args: argparse.Namespace) -> dict[str, Variant]:
+    """snapshot-drive's and swap-drive's --format and --timeout."""
+    opts = {} if args.format is None else {"format": Variant("s", args.format)}
+    return opts | ({} if args.timeout is None else {"timeout_usec": Variant("t", args.timeout)})
+
+
+async def cmd_snapshot_drive(client: Client, args: argparse.Namespace) -> int:
+    """SnapshotDrive into a file you open (made if missing): it holds what you may write, never more."""
+    path = await client.machine_path(args.name)
+    try:
+        fd = os.open(args.target, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY, 0o600)
+    except OSError as e:
+        raise file_error(e, "snapshot target", args.target) from e
+    try:
+        await client.call(
+            "SnapshotDrive", "sha{sv}", [args.id, 0, copy_options(args)], path=path, interface=MACHINE_IFACE,
+            unix_fds=[fd], manage=True,
+        )  # fmt: skip
+    finally:
+        os.close(fd)
+    if args.json:
+        emit_json({"machine": args.name, "id": args.id, "target": absolute(args.target)}, args)
+    return Exit.OK
+
+
+async def cmd_swap_drive(client: Client, args: argparse.Namespace) -> int:
+    """SwapDrive to PATH, which the daemon opens (every layer) with your rights."""
+    path = await client.machine_path(args.name)
+    target = absolute(args.path)
+    await client.call(
+        "SwapDrive", "ssa{sv}", [args.id, target, copy_options(args)], path=path, interface=MACHINE_IFACE, manage=True
+    )  # fmt: skip
+    if args.json:
+        emit_json({"machine": args.name, "id": args.id, "path": target}, args)
+    return Exit.OK
+
+
 async def cmd_console(client: Client, args: argparse.Namespace) -> int:
     """Attach to the serial console (OpenConsole); --no-follow prints the log instead."""
     path = await client.machine_path(args.name)
@@ -1220,6 +1257,8 @@ VERBS: dict[str, Callable[[Client, argparse.Namespace], Awaitable[int]]] = {
     "console": cmd_console,
     "nmi": cmd_nmi,
     "drive-stats": cmd_drive_stats,
+    "snapshot-drive": cmd_snapshot_drive,
+    "swap-drive": cmd_swap_drive,
     "pause": cmd_run_state,
     "resume": cmd_run_state,
     "reboot": cmd_run_state,
@@ -1253,6 +1292,8 @@ examples:
   vmspawnctl suspend web
   vmspawnctl reboot web
   vmspawnctl drive-stats web disk0
+  vmspawnctl snapshot-drive web disk0 /srv/backup/web.raw
+  vmspawnctl swap-drive web disk1 /srv/fast/data.raw
   vmspawnctl poweroff web
 
 {EXIT_STATUS_HELP}"""
@@ -1414,6 +1455,28 @@ VERB_HELP: dict[str, VerbHelp] = {
         "and bytes, flushes, and the requests that failed (I/O errors). Boot drives and hotplugged drives "
         "alike; the ids are in 'vmspawnctl status NAME'.",
         ("vmspawnctl drive-stats web disk0", "vmspawnctl drive-stats web data --json"),
+    ),
+    "snapshot-drive": VerbHelp(
+        "copy a running machine's drive into a file",
+        "Open TARGET yourself (read-write, made if missing) and have the drive copied into it as it is now "
+        "(SnapshotDrive); the guest runs on. --format raw (the default: the file becomes the drive's size) or "
+        "qcow2 (the file is formatted anew). Returns once the copy is complete; past --timeout (default: the "
+        "daemon's, 30 min) the copy is cancelled (JobTimeout).",
+        (
+            "vmspawnctl snapshot-drive web disk0 /srv/backup/web.raw",
+            "vmspawnctl snapshot-drive web data data.qcow2 --format qcow2 --timeout 2h",
+        ),
+    ),
+    "swap-drive": VerbHelp(
+        "move a running machine's drive to another file",
+        "Move the drive's contents to PATH while the guest keeps using its disk (SwapDrive, a block mirror): "
+        "vmspawnd opens PATH, every layer of it, with your rights; from then on the drive is PATH (across "
+        "a daemon restart and the next start of a kept machine) and the old file is free. PATH must be at "
+        "least the drive's size. --format raw (default) or qcow2, --timeout as snapshot-drive.",
+        (
+            "vmspawnctl swap-drive web data /srv/fast/data.raw",
+            "vmspawnctl swap-drive web disk1 new.qcow2 --format qcow2",
+        ),
     ),
     "pause": VerbHelp(
         "pause a machine",
@@ -1614,6 +1677,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("drive-stats")
     p.add_argument("name", metavar="NAME", help="the machine")
     p.add_argument("id", metavar="ID", help="the drive id (see status)")
+    for name, file, file_help in (
+        ("snapshot-drive", "target", "the file to copy into (yours to write; made if missing)"),
+        ("swap-drive", "path", "the drive's new file, one you can open read-write"),
+    ):
+        p = verb(name)
+        p.add_argument("name", metavar="NAME", help="the machine")
+        p.add_argument("id", metavar="ID", help="the drive id (see status)")
+        p.add_argument(file, metavar=file.upper(), help=file_help)
+        p.add_argument("--format", metavar="FORMAT", help=f"{', '.join(IMAGE_FORMATS)} (default raw)")
+        p.add_argument(
+            "--timeout", type=_argtype(parse_timespan_usec, "time"), metavar="TIME", help="how long the copy may take"
+        )  # fmt: skip
     for name in RUN_STATE_METHODS:
         verb(name).add_argument("name", metavar="NAME", help="the machine")
     return parser

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ from dbus_fast import DBusError, Variant
 from .harness import Client, Site, guest_options, wait_console
 from .qmp_probe import Probe
 from .test_console import open_console
+from .test_ctl import ctl, expect_error, ok
 from .test_hotplug import disk
 from .test_image_chain import nobody_polkit  # noqa: F401
 from .test_system import System, gdbus_machine, machine_options, new_image, owned_file, polkit, root, system  # noqa: F401
@@ -328,3 +330,20 @@ async def test_nobody_cannot_swap_to_a_file_it_may_not_open(
     result = await gdbus_machine(system, "nobody", path, "SwapDrive", drive, mine, "@a{sv} {}")
     assert result.code == 0, result
     assert {d["id"]: d["path"] for d in await root.prop(path, "Drives")}[drive] == mine
+
+
+async def test_vmspawnctl_snapshot_drive_and_swap_drive(vm: Guest, tmp_path: Path) -> None:
+    await vm.write("CTL-MARKER", BEFORE)
+    target = tmp_path / "ctl-snap.raw"
+    out = json.loads(ok("snapshot-drive", "jobs", vm.drive, str(target), "--json"))
+    assert out == {"machine": "jobs", "id": vm.drive, "target": str(target)}
+    assert at(target, BEFORE, 10) == b"CTL-MARKER"
+    new = disk(tmp_path, "ctl-new.raw", SIZE)
+    assert json.loads(ok("swap-drive", "jobs", vm.drive, new, "--json"))["path"] == new
+    assert {d["id"]: d["path"] for d in await vm.client.prop(vm.path, "Drives")}[vm.drive] == new
+    # The daemon's refusals, with their exit statuses.
+    expect_error(
+        ctl("swap-drive", "jobs", vm.drive, disk(tmp_path, "x.raw", SIZE), "--format", "qcow2"),
+        2, "not a qcow2 image", "",
+    )  # fmt: skip
+    expect_error(ctl("snapshot-drive", "jobs", "nope", str(target)), 3, "no drive 'nope'", "status")
