@@ -27,17 +27,21 @@ class VM:
     probe: Probe
 
 
-async def boot(client: Client, guest: Any, tmp: Path, name: str, spares: int = 4) -> VM:
+async def boot(client: Client, guest: Any, tmp: Path, name: str, spares: int = 4, ready: bool = True) -> VM:
     monitor = tmp / f"{name}.qmp"
     path = await client.create(name, **guest_options(guest, hotplug_spares=spares, qemu_extra=Probe.extra(monitor)))
     console = Path(await client.prop(path, "ConsoleLog"))
-    await wait_console(console, "VMSPAWN-GUEST-READY", timeout=60)
+    if ready:
+        await wait_console(console, "VMSPAWN-GUEST-READY", timeout=60)
     return VM(name, path, console, Probe(monitor))
 
 
 @pytest.fixture
-async def vm(client: Client, guest: Any, tmp_path: Path) -> AsyncIterator[VM]:
-    yield await boot(client, guest, tmp_path, "hp")
+async def vm(client: Client, guest: Any, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[VM]:
+    # A test marked no_guest checks only what the daemon and QEMU decide: it
+    # need not wait the guest's ~3 s boot (dozens of such tests in the suite).
+    ready = request.node.get_closest_marker("no_guest") is None
+    yield await boot(client, guest, tmp_path, "hp", ready=ready)
 
 
 def disk(tmp: Path, name: str, size: int = 1 << 20) -> str:
@@ -147,6 +151,7 @@ async def test_add_drive_on_a_named_spare_and_a_taken_one_is_no_free_port(
     assert await client.prop(vm.path, "FreeSparePorts") == 3
 
 
+@pytest.mark.no_guest
 async def test_no_free_port_on_a_paused_vm_leaves_no_fdset(client: Client, vm: VM, tmp_path: Path) -> None:
     """Finding 12: the fd went to QEMU before the port was taken, and a paused
     QEMU closes no removed fd: every NoFreePort left an fdset behind."""
@@ -200,6 +205,7 @@ async def test_8_concurrent_adds_get_8_ports_and_two_machines_hotplug_in_paralle
             assert vm.probe.devices_on(port) == [drive_id]
 
 
+@pytest.mark.no_guest
 async def test_failed_device_add_is_rolled_back(client: Client, vm: VM, tmp_path: Path) -> None:
     """A real failure: the same image twice, writable. blockdev-add succeeds,
     device_add fails on QEMU's image lock; nothing may be left behind.
@@ -237,6 +243,7 @@ async def test_failed_device_add_is_rolled_back(client: Client, vm: VM, tmp_path
         ),
     ],
 )
+@pytest.mark.no_guest
 async def test_bad_add_drive_options_change_nothing(
     client: Client, vm: VM, tmp_path: Path, options: dict[str, Variant], error: str, text: str
 ) -> None:
@@ -248,6 +255,7 @@ async def test_bad_add_drive_options_change_nothing(
     assert await client.prop(vm.path, "FreeSparePorts") == 4
 
 
+@pytest.mark.no_guest
 async def test_bad_paths_and_ids(client: Client, vm: VM, tmp_path: Path) -> None:
     cases = [
         ("/nonexistent.raw", "does not exist"),
@@ -266,6 +274,7 @@ async def test_bad_paths_and_ids(client: Client, vm: VM, tmp_path: Path) -> None
     assert e.value.type == E + "InvalidArgument" and "already used" in e.value.text
 
 
+@pytest.mark.no_guest
 async def test_nobody_may_not_add_drives_to_roots_machine(client: Client, vm: VM, tmp_path: Path) -> None:
     result = busctl("call", "org.vmspawnd1", vm.path, MACHINE_IFACE, "AddDrive", "sa{sv}", "/etc/shadow", "0",
                     check=False, as_user="nobody")  # fmt: skip

@@ -109,6 +109,7 @@ async def test_bad_replace_drive_is_refused_and_changes_nothing(
     assert vm.probe.fdsets() == fdsets and vm.probe.block_nodes() == nodes
 
 
+@pytest.mark.no_guest
 async def test_eject_drive_refuses_a_disk_and_an_unknown_id(client: Client, vm: VM, tmp_path: Path) -> None:  # noqa: F811
     disk_id, _ = await client.add_drive(vm.path, disk(tmp_path, "d.raw"))
     for drive_id, error in ((disk_id, "InvalidArgument"), ("nope", "NoSuchDrive")):

@@ -80,6 +80,7 @@ async def test_the_default_mac_is_stable_and_locally_administered(client: Client
     await wait_console(vm.console, rf"VMSPAWN-NET-ADD \S+ mac={mac}", start=mark)
 
 
+@pytest.mark.no_guest
 async def test_no_free_port_counts_drives_and_nics_together(
     client: Client,
     vm: VM,  # noqa: F811
@@ -138,6 +139,7 @@ async def test_no_free_port_counts_shares_too(client: Client, vm: VM, tmp_path: 
         ({"id": "9lives"}, "InvalidArgument", "invalid"),
     ],
 )
+@pytest.mark.no_guest
 async def test_bad_add_network_is_refused_and_leaves_nothing(
     client: Client,
     vm: VM,  # noqa: F811
@@ -156,6 +158,7 @@ async def test_bad_add_network_is_refused_and_leaves_nothing(
     assert await networks(client, vm) == {}
 
 
+@pytest.mark.no_guest
 async def test_a_duplicate_id_or_mac_is_refused(client: Client, vm: VM, tmp_path: Path) -> None:  # noqa: F811
     drive_id, _ = await client.add_drive(vm.path, disk(tmp_path, "d"))
     nic_id, _ = await add_nic(client, vm, mac="02:00:00:00:00:07")
@@ -166,6 +169,7 @@ async def test_a_duplicate_id_or_mac_is_refused(client: Client, vm: VM, tmp_path
     assert list(await networks(client, vm)) == [nic_id]
 
 
+@pytest.mark.no_guest
 async def test_remove_network_errors(client: Client, vm: VM) -> None:  # noqa: F811
     for nic_id in ("nope", "net0"):
         with pytest.raises(DBusError) as e:
@@ -173,6 +177,7 @@ async def test_remove_network_errors(client: Client, vm: VM) -> None:  # noqa: F
         assert e.value.type == E + "NoSuchNetwork"
 
 
+@pytest.mark.no_guest
 async def test_add_network_fd_refuses_a_file_that_is_no_tap(client: Client, vm: VM, tmp_path: Path) -> None:  # noqa: F811
     path = disk(tmp_path, "not-a-tap")
     with open(path, "rb") as f, pytest.raises(DBusError) as e:
