@@ -1301,16 +1301,20 @@ class Machine:
         self._notify("Drives")
         return changed
 
-    async def _add_blockdev(self, dev: str, top: imagechain.Layer, names: dict[str, str], node: str = "") -> list[str]:
+    async def _add_blockdev(
+        self, dev: str, top: imagechain.Layer, names: dict[str, str], node: str = "", size: int = 0
+    ) -> list[str]:
         """blockdev-add of `top` on the fdsets `names` as node `node` (the
-        drive's own by default); returns the files QEMU opened by name for it
-        (see imagechain.opened_by_name).
+        drive's own by default; a raw one cut to `size` bytes if given);
+        returns the files QEMU opened by name for it (see imagechain.opened_by_name).
 
         New nodes are judged against the last node list seen, which saves a
         round trip per add; a node another monitor added since then looks new
         too, so a stray seen that way is judged again against a fresh list.
         """
         args = cmdline.blockdev(dev, top, lambda layer: names[layer.label], node)
+        if size:
+            args["size"] = size
         fd_names = set(names.values())
         if self._nodes is not None:
             await self._monitor.execute("blockdev-add", args)
@@ -1516,8 +1520,10 @@ class Machine:
             added = done = False
             try:
                 async with self._request(method):
+                    # A mirror wants both ends the same size: a larger raw file is cut to the drive's.
+                    size = await self._node_size(drive) if target.format is ImageFormat.RAW else 0
                     names = await self._pass_layers(dev, chain, fdsets, [])
-                    strays = await self._add_blockdev(dev, chain.top, names, new_node)
+                    strays = await self._add_blockdev(dev, chain.top, names, new_node, size)
                     added = True
                     if strays:
                         raise AccessDenied(

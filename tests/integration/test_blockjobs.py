@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from dbus_fast import DBusError, Variant
 
-from .harness import Client, Site, guest_options, wait_console
+from .harness import Client, Site, blank_image, guest_options, image_options, wait_console
 from .qmp_probe import Probe
 from .test_console import open_console
 from .test_ctl import ctl, expect_error, ok
@@ -239,6 +239,7 @@ async def test_one_job_per_drive_and_a_busy_drive_is_not_removed(vm: Guest, tmp_
         ("SwapDrive", "cdrom", {}, "InvalidArgument", "cdrom"),
         ("SnapshotDrive", "cdrom", {}, "InvalidArgument", "cdrom"),
         ("SwapDrive", "read-only drive", {}, "InvalidArgument", "read-only"),
+        ("SwapDrive", "smaller", {}, "JobFailed", "QEMU refused SwapDrive"),
     ],
 )
 async def test_bad_requests_are_refused_and_change_nothing(
@@ -249,7 +250,7 @@ async def test_bad_requests_are_refused_and_change_nothing(
     )
     ro, _ = await vm.client.add_drive(vm.path, disk(tmp_path, "ro.raw"), read_only=True)
     ids = {"nope": "nope", "cdrom": cdrom, "read-only drive": ro}
-    files = {"missing": str(tmp_path / "missing.raw"), "relative": "new.raw"}
+    files = {"missing": str(tmp_path / "missing.raw"), "relative": "new.raw", "smaller": disk(tmp_path, "s.raw", 4096)}
     before = vm.leftovers(), await vm.client.prop(vm.path, "Drives")
     drive_id = ids.get(target, vm.drive)
     with pytest.raises(DBusError) as e:
@@ -347,3 +348,33 @@ async def test_vmspawnctl_snapshot_drive_and_swap_drive(vm: Guest, tmp_path: Pat
         2, "not a qcow2 image", "",
     )  # fmt: skip
     expect_error(ctl("snapshot-drive", "jobs", "nope", str(target)), 3, "no drive 'nope'", "status")
+
+
+async def test_a_kept_machine_boots_again_from_the_files_its_drives_were_swapped_to(
+    client: Client, tmp_path: Path
+) -> None:
+    """A boot drive (SwapDrive) and a hotplugged one (SwapDriveFd): the next Start opens the new files."""
+    image = blank_image(tmp_path, "root.raw")
+    path = await client.create("swapkept", **image_options(image, keep=True))
+    hot, _ = await client.add_drive(path, disk(tmp_path, "hot.raw", SIZE))
+    # A raw file larger than the drive takes it too.
+    moved = {
+        "disk0": disk(tmp_path, "root-new.raw", os.stat(image).st_size),
+        hot: disk(tmp_path, "hot-new.raw", 2 * SIZE),
+    }
+    await client.call("SwapDrive", "ssa{sv}", ["disk0", moved["disk0"], {}], path=path, interface=MACHINE_IFACE)
+    fd = os.open(moved[hot], os.O_RDWR | os.O_CLOEXEC)
+    try:
+        await client.call("SwapDriveFd", "sha{sv}", [hot, 0, {}], path=path, interface=MACHINE_IFACE, unix_fds=[fd])
+    finally:
+        os.close(fd)
+    leader = await client.prop(path, "Leader")
+    # The boot drive's own file left QEMU too (its fdset of the command line).
+    assert not held_by(leader, str(tmp_path / "root.raw")) and not held_by(leader, str(tmp_path / "hot.raw"))
+    await client.call("PowerOff", "t", [1_000_000], path=path, interface=MACHINE_IFACE)
+    assert await client.prop(path, "State") == "stopped"
+    await client.call("Start", path=path, interface=MACHINE_IFACE)
+    assert {d["id"]: d["path"] for d in await client.prop(path, "Drives")} == moved
+    leader = await client.prop(path, "Leader")
+    assert all(held_by(leader, f) for f in moved.values())
+    assert not held_by(leader, str(tmp_path / "root.raw")) and not held_by(leader, str(tmp_path / "hot.raw"))
