@@ -424,6 +424,10 @@ def test_rescue_resize_and_back(disk_driver: VmspawndDriver, nova_conf: Any, wor
         boot = asyncio.run(wait_console(rescue_log, r"(?s)VMSPAWN-BLOCK.*VMSPAWN-GUEST-READY", timeout=BOOT)).group(0)
         disks = re.findall(r"VMSPAWN-BLOCK (\w+) serial=(.*)", boot)
         assert disks == [("vda", ""), ("vdb", RESCUED_DISK_SERIAL)]
+        # The console is the rescue machine's, as libvirt's is the rescue domain's.
+        vnc = driver.get_vnc_console(ctxt, instance)
+        with socket.create_connection((vnc.host, vnc.port), timeout=30) as sock:
+            assert read_until(sock, r"RFB 003\.008\n") == "RFB 003.008\n"
 
         # Unrescue: the rescue machine and its disk go, the instance boots again with its volume.
         mark = console_size(driver, instance)

@@ -302,14 +302,19 @@ class VmspawndDriver(driver.ComputeDriver):
             state = self._state_of(mapping.rescue_name(instance.uuid)) or state
         return hardware.InstanceInfo(state=getattr(power_state, mapping.power_state_name(state)))
 
-    def _state_of(self, name: str) -> str | None:
-        """A machine's State, or None when there is none of that name."""
+    def _properties_of(self, name: str) -> dict[str, Any] | None:
+        """A machine's properties, or None when there is none of that name."""
         try:
-            return str(self.client.properties(name)["State"])
+            return self.client.properties(name)
         except vclient.VmspawndError as e:
             if e.name == "NoSuchMachine":
                 return None
             raise
+
+    def _state_of(self, name: str) -> str | None:
+        """A machine's State, or None when there is none of that name."""
+        props = self._properties_of(name)
+        return None if props is None else str(props["State"])
 
     # -- spawn and destroy ------------------------------------------------
 
@@ -749,6 +754,8 @@ class VmspawndDriver(driver.ComputeDriver):
         self.power_off(instance)
         try:
             options = self._rescue_source(context, instance, image_meta) | self._sized(instance, 0)
+            # Its consoles are the instance's while it runs.
+            options["graphics"] = self._graphics()
             disk = self._local_disk(instance)
             if disk is not None:
                 options["drives"] = [{"path": disk[0], "format": disk[1], "serial": RESCUED_DISK_SERIAL}]
@@ -922,16 +929,24 @@ class VmspawndDriver(driver.ComputeDriver):
         except FileNotFoundError:
             return ""
 
+    def _running_machine(self, instance: Any) -> tuple[str, dict[str, Any]]:
+        """(name, properties) of the machine that runs the instance: its own,
+        or in rescue its rescue machine (as libvirt's domain is the rescue one then)."""
+        props = self._properties(instance)
+        rescue = mapping.rescue_name(instance.uuid)
+        if props["State"] == "stopped" and (rescued := self._properties_of(rescue)) is not None:
+            return rescue, rescued
+        return self._name(instance), props
+
     def _console(self, instance: Any, kind: str, graphics: str = "") -> tuple[str, int]:
         """(host, port) of a TCP port of ours in front of the instance's `kind`
         console: each connection there gets a stream of its own from vmspawnd
         (OpenGraphics for a display of type `graphics`, else OpenConsole)."""
-        props = self._properties(instance)
+        _, props = self._running_machine(instance)
         if graphics and props.get("Graphics") != graphics:
             raise exception.ConsoleTypeUnavailable(console_type=kind)
         if props["State"] not in ("running", "paused"):
             raise exception.InstanceNotReady(instance_id=instance.uuid)
-        name = self._name(instance)
         address = (
             CONF.vmspawnd.console_address
             or {
@@ -943,6 +958,8 @@ class VmspawndDriver(driver.ComputeDriver):
         idle = CONF.vmspawnd.console_idle_timeout or CONF.consoleauth.token_ttl
 
         def open_stream() -> Any:
+            # Looked up per connection: a rescue may have begun or ended since the port was handed out.
+            name, _ = self._running_machine(instance)
             return self.client.open_graphics(name) if graphics else self.client.open_console(name)
 
         try:
