@@ -11,6 +11,7 @@ import asyncio
 import gc
 import os
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,12 @@ import pytest
 
 from tests.devtypes import TYPES
 from vmspawnd import state
+from vmspawnd.accel import INTERNAL_ERROR
 from vmspawnd.chainopen import OpenedChain
 from vmspawnd.errors import AccessDenied, InvalidArgument, NoFreePort, NotRunning, UnplugTimeout
 from vmspawnd.imagechain import single
 from vmspawnd.machine import Machine
-from vmspawnd.model import DiskType, Drive, DriveSpec, ImageFormat, MachineSpec, MachineState
+from vmspawnd.model import Accel, DiskType, Drive, DriveSpec, ImageFormat, MachineSpec, MachineState
 from vmspawnd.qmp import QmpError
 from vmspawnd.topology import plan_machine
 
@@ -45,9 +47,17 @@ class FakeQemu:
         # Commands that raise once, as a broken handler would.
         self.broken: dict[str, BaseException] = {}
         self.refuse: dict[str, str] = {}
+        # query-status's status (QEMU's RunState) while the VM is stopped.
+        self.runstate = "paused"
+        # Set while the dispatcher waits for an event and none is queued: all handled.
+        self.idle = asyncio.Event()
 
     def emit(self, name: str, **data: Any) -> None:
+        self.idle.clear()
         self.events.put_nowait((name, data))
+
+    async def drained(self) -> None:
+        await asyncio.wait_for(self.idle.wait(), 5)
 
     def _cleanup(self) -> None:
         # QEMU's monitor_fdset_cleanup: removed fds go only while the VM runs.
@@ -85,6 +95,8 @@ class FakeQemu:
             return [{"node-name": n, "file": f} for n, f in self.nodes.items()]
         elif cmd == "query-fdsets":
             return [{"fdset-id": i, "fds": [{"fd": 100 + i, "opaque": o}]} for i, (o, _) in self.fdsets.items()]
+        elif cmd == "query-status":
+            return {"running": self.running, "status": "running" if self.running else self.runstate}
         elif cmd in ("stop", "cont"):
             self.running = cmd == "cont"
             if self.running:
@@ -96,6 +108,8 @@ class FakeQemu:
         return 100 + fdset_id
 
     async def next_event(self) -> tuple[str, dict[str, Any]]:
+        if self.events.empty():
+            self.idle.set()
         return await self.events.get()
 
     async def close(self, timeout: float = 10) -> None:
@@ -400,3 +414,41 @@ async def test_a_drive_id_too_long_for_its_block_node_is_the_callers_to_shorten(
     drive = await m.add_drive(spec(), files[0], "a" * 26)
     assert all(len(node) <= 31 for node in qemu.nodes) and drive.id in qemu.devices
     await end(m)
+
+
+@pytest.mark.parametrize("asked", [Accel.AUTO, Accel.KVM])
+async def test_kvm_failing_under_the_guest_is_told_to_the_manager_once_only_for_auto(
+    tmp_path: Path, qemu: FakeQemu, caplog: pytest.LogCaptureFixture, asked: Accel
+) -> None:
+    m = await machine(tmp_path, qemu)
+    m.spec, m.accel = replace(m.spec, accel=asked), "kvm"
+    told: list[Machine] = []
+    m.on_kvm_failed = told.append
+    # A Pause is a stop like any other.
+    await m.pause()
+    qemu.emit("STOP")
+    await qemu.drained()
+    assert told == [] and "failed" not in caplog.text
+    await m.resume()
+    # QEMU stops the guest itself where KVM cannot go on (one STOP per vCPU at worst).
+    qemu.running, qemu.runstate = False, INTERNAL_ERROR
+    qemu.emit("STOP")
+    qemu.emit("STOP")
+    await qemu.drained()
+    assert m.state is MachineState.PAUSED
+    if asked is Accel.AUTO:
+        assert told == [m] and m.kvm_failed == INTERNAL_ERROR
+    else:
+        # Asked for, KVM is not replaced: the machine stays paused and the log says why.
+        assert told == [] and not m.kvm_failed
+        assert "machine m: KVM failed: QEMU stopped the guest in runstate internal-error" in caplog.text
+        assert "it stays paused, as accel=kvm asked for KVM only" in caplog.text
+
+
+def test_a_failed_start_leaves_a_kept_machine_stopped_and_one_not_kept_failed(tmp_path: Path) -> None:
+    for keep, expected in ((True, MachineState.STOPPED), (False, MachineState.FAILED)):
+        spec = MachineSpec("m", kernel=Path("/k"), keep=keep)
+        m = Machine(spec, plan_machine(spec, TYPES), "0" * 32, tmp_path / "m", 0)
+        m.start_failed("QEMU exited during start-up")
+        assert m.state is expected
+        assert m.reason == "the last Start() failed: QEMU exited during start-up"

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import acl, blockjob, blockstats, cmdline, imagechain, keep, nic, qemulog, qga, reconcile, share, state
+from . import accel, acl, blockjob, blockstats, cmdline, imagechain, keep, nic, qemulog, qga, reconcile, share, state
 from .chainopen import OpenedChain
 from .console import Console
 from .errors import (
@@ -49,6 +49,7 @@ from .errors import (
 )
 from .identity import Identity
 from .model import (
+    Accel,
     DiskType,
     Drive,
     DriveSpec,
@@ -281,6 +282,14 @@ class Machine:
         self.migration_status = ""
         self.observer: Observer | None = None
         self.on_ended: Callable[[Machine], None] | None = None
+        # KVM failed under this "auto" machine (accel.on_stop): the manager starts it again with TCG.
+        self.on_kvm_failed: Callable[[Machine], None] | None = None
+        # The runstate QEMU stopped the guest in when KVM failed ("" while it has not).
+        self.kvm_failed = ""
+        # Its QEMU stops only to start again at once (stop_for_relaunch): it stays listed meanwhile.
+        self._relaunch = False
+        # A next run (successor) starts in its predecessor's directory, there already with its logs.
+        self._reuses_dir = False
         self.process: Process | None = None
         self._virtiofsd: list[tuple[share.OpenShare, Process | Service]] = []
         # Where QEMU's stderr goes, for a start that fails (its words are in qemu.log).
@@ -372,7 +381,7 @@ class Machine:
     def defined(self) -> bool:
         """A kept machine not terminated: it stays listed when it stops
         (not while it waits for its incoming migration: a failed one removes it)."""
-        return self.spec.keep and not self._forget and not self.incoming
+        return (self.spec.keep or self._relaunch) and not self._forget and not self.incoming
 
     def loaded_stopped(self, record: state.MachineRecord) -> None:
         """A kept, stopped (or suspended) machine read back from its record
@@ -391,6 +400,7 @@ class Machine:
         after._next_drive = max(after._next_drive, self._next_drive)
         after._next_controller = self._next_controller
         after.resuming = self.suspended
+        after._reuses_dir = True
         return after
 
     # -- life cycle ---------------------------------------------------------
@@ -421,8 +431,10 @@ class Machine:
         self._notify("State", "StateReason")
 
     def start_failed(self, why: str) -> None:
-        # A suspended machine stays suspended, its saved state kept for the next Start().
-        self.state = MachineState.SUSPENDED if self.suspended else MachineState.STOPPED
+        # A suspended machine stays suspended, its saved state kept for the
+        # next Start(); one not kept (its start with TCG after KVM failed) has failed.
+        at_rest = MachineState.STOPPED if self.spec.keep else MachineState.FAILED
+        self.state = MachineState.SUSPENDED if self.suspended else at_rest
         self.reason = f"the last Start() failed: {why}"
         self._notify("State", "StateReason")
 
@@ -481,8 +493,7 @@ class Machine:
         name that a caller named. `confine` (QEMU into its cgroup) runs while
         QEMU starts up: its time is hidden behind QEMU's own.
         """
-        # A kept machine's directory is there already, with its record and logs.
-        state.make_dir(self.dir, exist_ok=self.spec.keep)
+        state.make_dir(self.dir, exist_ok=self._reuses_dir)
         files, self._next_fdset = cmdline.plugged_files(
             {dev: (c.top, c.fds) for dev, c in (plugged or {}).items()}, 1, self.plan.taken_fdsets
         )
@@ -546,6 +557,8 @@ class Machine:
             raise
         if self.resuming:
             await self._restore()
+        # Known before any event is handled: a STOP is judged by it (accel.on_stop).
+        await self._query_accel()
         await self._running(must_persist=True)
         await self._connect_console()
         await self._sync_run_state()
@@ -651,6 +664,7 @@ class Machine:
                     await self._reconcile(
                         {d.id: d for d in record.drives}, record.shares, {n.id: n for n in record.nics}
                     )
+                await self._query_accel()
         except TimeoutError:
             await self._monitor.close(QUIT_REPLY_TIMEOUT)
             raise QemuUnresponsive(
@@ -942,7 +956,10 @@ class Machine:
                     # A Terminate() while the record was being written: it goes too.
                     state.clear_all_but_log(self.dir)
         finally:
-            if self.state is MachineState.STOPPING:
+            if self.state is MachineState.STOPPING and self._relaunch and self.defined:
+                # Never at rest between its two runs: nobody may Start() it meanwhile.
+                self.state = MachineState.STARTING
+            elif self.state is MachineState.STOPPING:
                 self.state = MachineState.SUSPENDED if self.suspended else MachineState.STOPPED
             self._ended.set()
         if self.on_ended:
@@ -981,6 +998,13 @@ class Machine:
         if not await self.process.wait(QUIT_TIMEOUT):
             await self.process.stop(QUIT_TIMEOUT)
         await self._ended.wait()
+
+    async def stop_for_relaunch(self) -> None:
+        """Stop QEMU so the manager starts the machine again at once (KVM
+        failed under it): it stays listed through the stop as a kept one does,
+        its hotplugged drives folded into its spec, starting once QEMU is gone."""
+        self._relaunch = True
+        await self.terminate(forget=False)
 
     async def close(self) -> None:
         """Let go of QEMU without stopping it (daemon shutdown)."""
@@ -1780,6 +1804,9 @@ class Machine:
             await self._device_deleted(str(data["device"]))
         elif name in RUN_STATE_EVENTS:
             self._run_state_changed(RUN_STATE_EVENTS[name])
+            if name == "STOP":
+                # Whoever stopped it: QEMU itself does when the accelerator fails.
+                await self._sync_run_state()
             if name == "RESUME" and self._unfreed_fdsets:
                 async with self._lock:
                     for fdset in sorted(self._unfreed_fdsets):
@@ -1845,7 +1872,7 @@ class Machine:
             log.warning("machine %s: netdev_del of %s failed: %s", self.name, card.id, e)
         self.ports.release(card.id)
 
-    async def query_accel(self) -> None:
+    async def _query_accel(self) -> None:
         """Which accelerator QEMU ended up with: for "auto" it is QEMU's choice."""
         info = await self._monitor.execute("query-kvm")
         self.accel = "kvm" if info.get("enabled") else "tcg"
@@ -1853,14 +1880,33 @@ class Machine:
     # -- run state: pause, resume, reboot, power off ----------------------------
 
     async def _sync_run_state(self) -> None:
-        """QEMU may run paused from the start (-S) or have been paused while
-        the daemon was down: its own status is the truth."""
+        """QEMU may run paused from the start (-S), have been paused while
+        the daemon was down, or have stopped the guest itself: its own status is the truth."""
         try:
             status = await self._monitor.execute("query-status")
         except (QmpError, QmpDisconnected, QemuUnresponsive) as e:
             log.warning("machine %s: query-status failed: %s", self.name, e, extra={"MACHINE": self.name})
             return
         self._run_state_changed(MachineState.RUNNING if status.get("running") else MachineState.PAUSED)
+        self._stopped_in(str(status.get("status", "")))
+
+    def _stopped_in(self, runstate: str) -> None:
+        """QEMU stops the guest in runstate internal-error when its accelerator
+        cannot go on: KVM under "auto" is replaced by TCG (the manager starts
+        the machine again), anything else stays paused and is said."""
+        action = accel.on_stop(self.spec.accel, self.accel, runstate)
+        if action is accel.OnStop.REPORT:
+            log.error(
+                "machine %s: %s failed: QEMU stopped the guest in runstate %s (its words are in %s); it stays "
+                "paused%s: Reboot and Resume it to try again, or Terminate it",
+                self.name, "KVM" if self.accel == "kvm" else "the accelerator", runstate, self.qemu_log,
+                ", as accel=kvm asked for KVM only" if self.spec.accel is Accel.KVM else "",
+                extra={"MACHINE": self.name},
+            )  # fmt: skip
+        elif action is accel.OnStop.FALL_BACK and not self.kvm_failed:
+            self.kvm_failed = runstate
+            if self.on_kvm_failed is not None:
+                self.on_kvm_failed(self)
 
     def _run_state_changed(self, new: MachineState) -> None:
         """STOP/RESUME from QEMU (whoever paused it) or our own stop/cont:

@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import cmdline, imagechain, keep, pcitypes, quota, sealed, share, state, tap
+from . import accel, cmdline, imagechain, keep, pcitypes, quota, sealed, share, state, tap
 from .cgroup import Cgroups, limits
 from .chainopen import OpenedChain, open_chain
 from .config import Config
@@ -41,9 +41,6 @@ ATTACH_TIMEOUT = 1.5
 # An unmanaged machine is retried after these many seconds, then every last one.
 RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0)
 
-# QEMU's words when KVM is there but unusable (its own errors name KVM;
-# a failed MSR write aborts in kvm.c).
-KVM_FAILED = re.compile(r"kvm|MSR", re.IGNORECASE)
 NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -208,6 +205,9 @@ class Manager:
         # A kept machine stopped (it stays listed), or its next run replaced it.
         self.on_stopped: Callable[[Machine], None] = lambda m: None
         self.on_replaced: Callable[[Machine, Machine], None] = lambda old, new: None
+        # The machine KVM failed under first ("" while none has): from then on
+        # an "auto" machine starts with TCG directly, for the daemon's life.
+        self.kvm_failed_by = ""
 
     @property
     def machines_dir(self) -> Path:
@@ -307,18 +307,77 @@ class Manager:
 
     async def _with_fallback(self, spec: MachineSpec, run: Callable[[MachineSpec], Awaitable[Machine]]) -> Machine:
         """ "auto" means KVM where QEMU can use it: a host may have /dev/kvm
-        and still fail (a nested KVM that aborts at the first vCPU reset),
-        and then the machine starts again with TCG."""
+        and still fail (accel.py), and then the machine starts again with
+        TCG; once KVM failed, "auto" starts with TCG directly."""
+        if spec.accel is Accel.AUTO and self.kvm_failed_by:
+            log.info(
+                "machine %s: accel=auto starts with TCG: KVM failed under machine %s earlier",
+                spec.name, self.kvm_failed_by, extra={"MACHINE": spec.name},
+            )  # fmt: skip
+            return await run(replace(spec, accel=Accel.TCG))
         try:
             return await run(spec)
         except QemuFailed as e:
-            if spec.accel is not Accel.AUTO or not KVM_FAILED.search(str(e)):
+            if not accel.falls_back_at_start(spec.accel, str(e)):
                 raise
-            log.warning(
-                "machine %s: KVM is present but QEMU cannot use it (%s); starting it with TCG instead",
-                spec.name, e, extra={"MACHINE": spec.name},
-            )  # fmt: skip
+            self._kvm_unusable(spec.name, str(e))
         return await run(replace(spec, accel=Accel.TCG))
+
+    def _kvm_unusable(self, name: str, why: str) -> None:
+        log.warning(
+            "machine %s: KVM is present but QEMU cannot use it (%s); starting it with TCG instead, "
+            "and every later accel=auto machine too",
+            name, why, extra={"MACHINE": name},
+        )  # fmt: skip
+        self.kvm_failed_by = self.kvm_failed_by or name
+
+    def _kvm_failed(self, machine: Machine) -> None:
+        """KVM failed under a running "auto" machine (Machine._stopped_in).
+        One still being started is left to its start (_launch fails it)."""
+        if self.machines.get(machine.name) is machine:
+            self._own(self._fall_back(machine))
+
+    async def _fall_back(self, old: Machine) -> None:
+        """Start a machine KVM failed under again with TCG, as Start() starts
+        a kept one (same name, object, ports and drives; kept or not); the
+        guest boots afresh. A failure leaves it as a failed Start() does, and
+        one not kept goes."""
+        name, owner = old.name, old.owner_uid
+        why = f"QEMU stopped the guest in runstate {old.kvm_failed}; its words are in {old.qemu_log}"
+        self._kvm_unusable(name, why)
+        # It holds its quota all along: nobody takes it meanwhile.
+        self._creating[name] = (owner, usage(old.spec))
+        try:
+            await old.stop_for_relaunch()
+            if self.machines.get(name) is not old:
+                return  # terminated meanwhile
+            new = await self._restart(old, replace(old.spec, accel=Accel.TCG))
+        except Exception as e:  # the machine's failure: it is told, the daemon goes on
+            log.error(
+                "machine %s: starting it again with TCG failed: %s", name, e, extra={"MACHINE": name},
+                exc_info=not isinstance(e, VmspawndError),
+            )  # fmt: skip
+            await self._fall_back_failed(old, str(e) or type(e).__name__)
+            return
+        except BaseException:
+            await asyncio.shield(self._fall_back_failed(old, "vmspawnd stopped meanwhile"))
+            raise
+        finally:
+            del self._creating[name]
+        # Swapped with no await between, as in start.
+        self.machines[name] = new
+        self.on_replaced(old, new)
+
+    async def _fall_back_failed(self, old: Machine, why: str) -> None:
+        if old.state is not MachineState.STARTING:
+            return  # its QEMU was not stopped (or it was terminated): it stays as it is
+        old.start_failed(why)
+        if old.spec.keep:
+            await old.save_stopped()
+        elif self.machines.get(old.name) is old:
+            state.clear_all_but_log(old.dir)
+            del self.machines[old.name]
+            self.on_removed(old)
 
     async def _create(self, spec: MachineSpec, owner_uid: int, incoming: bool) -> Machine:
         plan = await self._plan(spec)
@@ -344,6 +403,7 @@ class Manager:
         undoes it all (`keep_dir`: a kept machine's directory stays, with its logs)."""
         spec, owner_uid = machine.spec, machine.owner_uid
         machine.on_ended = self._ended
+        machine.on_kvm_failed = self._kvm_failed
         opened: dict[str, int] = {}
         plugged: dict[str, OpenedChain] = {}
         shares: list[share.OpenShare] = []
@@ -365,9 +425,11 @@ class Manager:
                     3 + secrets.randbelow(2**31), opened, shares, tap_fd, chains, loaded.get("kernel"),
                     loaded.get("initrd"), plugged, lambda: self._confine(machine),
                 )  # fmt: skip
-            await machine.query_accel()
             # A suspended machine's guest runs on only once all else succeeded.
             await machine.go_on()
+            if machine.kvm_failed:
+                # Before the machine is listed: its start fails, and _with_fallback tries TCG.
+                raise QemuFailed(f"KVM failed: QEMU stopped the guest in runstate {machine.kvm_failed}")
         except BaseException:
             await asyncio.shield(machine.discard(keep_dir))
             self._release_identity(machine)
@@ -504,10 +566,10 @@ class Manager:
             self.identities.claim(identity)
         machine = Machine(record.spec, plan, record.id, directory, record.owner_uid, identity, self.systemd)
         machine.on_ended = self._ended
+        machine.on_kvm_failed = self._kvm_failed
         self._claiming.add(pid)
         try:
             await machine.attach(record, ATTACH_TIMEOUT)
-            await machine.query_accel()
         except (VmspawndError, QmpError, QmpDisconnected, OSError) as e:
             machine.unmanaged(str(e), None)
         finally:
@@ -542,6 +604,9 @@ class Manager:
     def _install(self, machine: Machine) -> None:
         self.machines[machine.name] = machine
         self.on_new(machine)
+        if machine.kvm_failed:
+            # KVM failed under it while it was being taken back.
+            self._kvm_failed(machine)
         if machine.state is MachineState.UNMANAGED:
             log.warning(
                 "machine %s is unmanaged, its directory kept, retried in the background: %s",
