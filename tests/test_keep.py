@@ -256,3 +256,32 @@ def test_fold_takes_the_file_a_swapped_boot_drive_moved_to() -> None:
     # An ejected boot cdrom (no file) keeps the spec's medium.
     cd = replace(s, image=DriveSpec(Path("/img/cd.iso"), DiskType.VIRTIO_SCSI_CDROM, read_only=True))
     assert fold(cd, [Drive("disk0", "", DiskType.VIRTIO_SCSI_CDROM, "rp0")]).image == cd.image
+
+
+@pytest.mark.parametrize("keep", [True, False])
+async def test_a_failed_start_with_tcg_after_kvm_failed_leaves_it_as_a_failed_start(tmp_path: Path, keep: bool) -> None:
+    """Manager._fall_back: the machine's QEMU is gone (it is starting); its
+    start with TCG failed. Kept, it stays, stopped, its record written; not
+    kept, it goes, only its logs stay."""
+    manager = Manager(tmp_path)
+    removed: list[Machine] = []
+    manager.on_removed = removed.append
+    s = replace(spec(), name="k", keep=keep)
+    m = Machine(s, plan(s), "0" * 32, tmp_path / "machines" / "k", 1000)
+    m.dir.mkdir(parents=True)
+    (m.dir / state.LOG).write_text("qemu-system-x86_64: no\n")
+    (m.dir / "argv").write_text("qemu\n")
+    manager.machines["k"] = m
+    # Not stopped (cut short while its QEMU was quitting): nothing changes.
+    m.state = MachineState.STOPPING
+    await manager._fall_back_failed(m, "vmspawnd stopped meanwhile")
+    assert manager.machines == {"k": m} and m.state is MachineState.STOPPING and not m.reason
+    m.state = MachineState.STARTING
+    await manager._fall_back_failed(m, "QEMU exited during start-up")
+    assert m.reason == "the last Start() failed: QEMU exited during start-up"
+    if keep:
+        assert manager.machines == {"k": m} and m.state is MachineState.STOPPED and removed == []
+        assert state.read(m.dir).stopped
+    else:
+        assert manager.machines == {} and m.state is MachineState.FAILED and removed == [m]
+        assert sorted(p.name for p in m.dir.iterdir()) == [state.LOG]
