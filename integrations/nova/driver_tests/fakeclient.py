@@ -4,8 +4,11 @@ It keeps the daemon's documented rules (DESIGN §2) that the driver relies on:
 names are unique, a kept machine stays stopped after PowerOff and Start
 boots it with its drives, Suspend of a kept machine leaves it suspended
 and Start resumes it, drives take spare ports, errors carry the daemon's
-names. Tests of the driver against the real daemon live in
-tests/integration.
+names. A live migration goes over the real socket the driver hands in: the
+source's fake writes the guest's run state into it and its machine is gone,
+the destination's reads it to the stream's end (none: the migration failed
+and the machine is removed, as the daemon removes it). Tests of the driver
+against the real daemon live in tests/integration.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class FakeMachine:
     options: dict[str, Any]
     state: str = "running"
     drives: dict[str, str] = field(default_factory=dict)
+    # The spare port of each hotplugged drive.
+    ports: dict[str, str] = field(default_factory=dict)
     console: str = ""
     # What the guest agent set, by user.
     passwords: dict[str, str] = field(default_factory=dict)
@@ -82,7 +87,13 @@ class FakeClient:
         console = os.path.join(self._dir, f"{name}.log")
         with open(console, "w") as f:
             f.write("fake guest booted\n")
-        self.machines[name] = FakeMachine(dict(options), console=console)
+        m = FakeMachine(dict(options), console=console)
+        if options.get("incoming"):
+            m.state = "incoming"
+        for plugged in options.get("plugged", []):
+            m.drives[plugged["id"]] = plugged["path"]
+            m.ports[plugged["id"]] = plugged["port"]
+        self.machines[name] = m
 
     def terminate(self, name: str) -> None:
         self._get(name)
@@ -102,8 +113,9 @@ class FakeClient:
             "Name": name,
             "State": m.state,
             "Leader": 0 if m.state in ("stopped", "suspended") else 4242,
-            "Drives": [{"id": i, "path": p, "disk_type": "virtio-blk", "port": "", "state": "attached"}
-                       for i, p in drives.items()],
+            "Drives": [{"id": i, "path": p, "disk_type": "virtio-blk", "port": m.ports.get(i, ""),
+                        "state": "attached"} for i, p in drives.items()],
+            "Ports": [{"id": f"spare{i}", "role": "spare"} for i in range(spares)],
             "FreeSparePorts": spares - len(m.drives),
             "ConsoleLog": m.console,
             "Graphics": m.options.get("graphics", "none"),
@@ -166,16 +178,57 @@ class FakeClient:
         drive_id = options.get("id") or f"drive{len(m.drives)}"
         if drive_id in m.drives:
             raise VmspawndError("InvalidArgument", f"drive id {drive_id!r} is taken")
-        if len(m.drives) >= m.options.get("hotplug_spares", 0):
+        spares = m.options.get("hotplug_spares", 0)
+        free = [f"spare{i}" for i in range(spares) if f"spare{i}" not in m.ports.values()]
+        if not free:
             raise VmspawndError("NoFreePort", "all spare ports are taken")
         m.drives[drive_id] = path
-        return drive_id, f"rp{len(m.drives)}"
+        m.ports[drive_id] = free[0]
+        return drive_id, free[0]
 
     def remove_drive(self, name: str, drive_id: str, timeout: float) -> None:
         m = self._get(name)
         if drive_id not in m.drives:
             raise VmspawndError("NoSuchDrive", f"no drive {drive_id!r}")
         del m.drives[drive_id]
+        del m.ports[drive_id]
+
+    def migrate(self, name: str, stream: socket.socket, max_bandwidth: int, timeout: float) -> None:
+        m = self._running(name)
+        with stream:
+            stream.settimeout(timeout)
+            try:
+                stream.sendall(m.state.encode())
+            except OSError as e:
+                raise VmspawndError(
+                    "MigrationFailed", f"the migration of {name} failed: {e}; the guest runs on here"
+                ) from e
+        del self.machines[name]
+
+    def incoming(self, name: str, stream: socket.socket, timeout: float) -> None:
+        m = self._get(name)
+        if m.state != "incoming":
+            raise VmspawndError(
+                "NotRunning", f"machine {name!r} is {m.state}: only one created with 'incoming' takes one"
+            )
+        with stream:
+            stream.settimeout(timeout)
+            received = b"".join(iter(lambda: stream.recv(4096), b""))
+        if received.decode() not in ("running", "paused"):
+            del self.machines[name]
+            raise VmspawndError("MigrationFailed", f"the incoming migration of {name} failed; the machine is removed")
+        m.state = received.decode()
+
+    def _migrating(self, name: str, method: str) -> None:
+        # Migrate returns only once the migration ended: none is ever seen in progress.
+        self._running(name)
+        raise VmspawndError("NotMigrating", f"machine {name} is not migrating; {method} needs a Migrate in progress")
+
+    def cancel_migration(self, name: str) -> None:
+        self._migrating(name, "CancelMigration")
+
+    def force_complete_migration(self, name: str) -> None:
+        self._migrating(name, "ForceCompleteMigration")
 
     def open_graphics(self, name: str) -> socket.socket:
         m = self._running(name)

@@ -18,41 +18,21 @@ from typing import Any
 
 import pytest
 from nova.compute import power_state, provider_tree
-from nova.tests.unit import fake_instance
 from oslo_serialization import jsonutils
 from tests.integration.harness import Daemon, not_just_logs, qemu_pids, wait_console
 from tests.integration.test_agent import root_hash, sha512_crypt
 from tests.integration.test_console import read_until
 
+from driver_tests.integration.instances import BOOT, MiB, console, console_log, console_size, new_instance
 from nova import context as nova_context
 from nova import exception, objects
 from nova.virt import fake
 from nova.virt.vmspawnd import VmspawndDriver, mapping
 from nova.virt.vmspawnd.driver import RESCUED_DISK_SERIAL
 
-BOOT = 120  # s: the tiny guest boots in a few seconds, but under TCG on a loaded host
-MiB = 1024 * 1024
-
-
-def console_log(driver: VmspawndDriver, instance: Any) -> Path:
-    return Path(driver.client.properties(mapping.machine_name(instance.name, instance.uuid))["ConsoleLog"])
-
-
-def console(driver: VmspawndDriver, instance: Any, pattern: str, start: int = 0) -> re.Match[str]:
-    return asyncio.run(wait_console(console_log(driver, instance), pattern, timeout=BOOT, start=start))
-
-
-def console_size(driver: VmspawndDriver, instance: Any) -> int:
-    """Where the log ends now, counted as wait_console counts (text, not bytes)."""
-    return len(console_log(driver, instance).read_text(errors="replace"))
-
 
 @pytest.fixture
-def driver(nova_conf: Any, guest: Any, daemon: Daemon) -> Any:
-    nova_conf.set_override("kernel", str(guest.kernel), group="vmspawnd")
-    nova_conf.set_override("initrd", str(guest.initrd), group="vmspawnd")
-    nova_conf.set_override("cmdline", guest.cmdline, group="vmspawnd")
-    nova_conf.set_override("accel", "tcg", group="vmspawnd")
+def driver(guest_conf: Any, daemon: Daemon) -> Any:
     d = VmspawndDriver(fake.FakeVirtAPI())
     d.init_host("test-host")
     yield d
@@ -60,17 +40,6 @@ def driver(nova_conf: Any, guest: Any, daemon: Daemon) -> Any:
     d.cleanup_host("test-host")
     assert qemu_pids(str(daemon.runtime_dir)) == []
     assert not_just_logs(daemon.runtime_dir / "machines") == []
-
-
-def new_instance() -> Any:
-    ctxt = nova_context.get_admin_context()
-    flavor = objects.Flavor(
-        name="tiny", memory_mb=256, vcpus=1, root_gb=0, ephemeral_gb=0, swap=0, extra_specs={}, flavorid="1"
-    )
-    instance = fake_instance.fake_instance_obj(ctxt, uuid=str(uuid.uuid4()), flavor=flavor)
-    # Loaded, as Nova's compute manager has it (no database here to lazy-load from).
-    instance.system_metadata = {}
-    return instance
 
 
 def test_unknown_instance_is_not_found(driver: VmspawndDriver) -> None:

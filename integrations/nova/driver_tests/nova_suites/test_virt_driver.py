@@ -30,9 +30,6 @@ CONF = nova.conf.CONF
 NOT_IMPLEMENTED = {
     # VMware's MKS console: no such thing in QEMU.
     "test_get_mks_console",
-    # No live migration.
-    "test_live_migration_force_complete",
-    "test_live_migration_abort",
     # A running host cannot start itself up (its BMC does); reboot and shutdown go to logind.
     "test_host_power_action_startup",
 }
@@ -189,6 +186,3 @@ class VmspawndDriverTestCase(upstream._VirtDriverTestCase, test.TestCase):
         name, drive, path, fmt, _ = swap.call_args.args
         self.assertEqual({drive: path}, client.machines[name].drives)
         self.assertEqual("raw", fmt)
-
-    def test_live_migration(self) -> None:
-        self.skipTest("vmspawnd has no live migration yet")

@@ -183,3 +183,70 @@ def test_a_volume_is_found_by_its_own_drive_or_by_the_file_a_swap_moved_a_drive_
     assert mapping.volume_drive(drives, new, "/nowhere") is None
     assert mapping.volume_drive(drives, new, None) is None
     assert mapping.volume_drive([("disk1", "/new")], new, "/new") is None
+
+
+# -- live migration --------------------------------------------------------
+
+hosts = st.ip_addresses().map(str) | st.from_regex(r"[a-z][a-z0-9-]{0,20}(\.[a-z][a-z0-9-]{0,20}){0,3}", fullmatch=True)
+
+
+@given(hosts, st.integers(1, 65535))
+def test_a_stream_address_gives_back_its_host_and_port(host: str, port: int) -> None:
+    assert mapping.parse_stream_address(mapping.stream_address(host, port)) == (host, port)
+
+
+@pytest.mark.parametrize(
+    "text", ["", "host", "host:", ":80", "host:0", "host:65536", "host:x", "[::1]", "::1:80", "[::1:80"]
+)
+def test_a_stream_address_without_a_host_and_port_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="host:port"):
+        mapping.parse_stream_address(text)
+
+
+@given(st.integers(1, 1 << 22), st.integers(1, 10_000))
+def test_a_migration_may_take_longer_the_more_memory_and_counts_at_least_two_gib(memory_mb: int, per_gib: int) -> None:
+    timeout = mapping.migration_timeout(memory_mb, per_gib)
+    assert timeout >= 2 * per_gib
+    assert timeout <= mapping.migration_timeout(memory_mb + 1024, per_gib)
+    assert timeout == per_gib * max(2, memory_mb / 1024)
+
+
+def test_the_volume_ports_of_a_machine_are_its_volume_drives_on_spare_ports() -> None:
+    drives = [
+        {"id": "disk0", "port": "port0"},
+        {"id": "vabc", "port": "port4"},
+        {"id": "vdef", "port": "port2"},
+        {"id": "vnone", "port": ""},
+    ]
+    assert mapping.volume_ports(drives) == {"vabc": "port4", "vdef": "port2"}
+
+
+def test_spare_ports_are_the_spares_with_the_volume_on_each() -> None:
+    ports = [
+        {"id": "port0", "role": "builtin"},
+        {"id": "port1", "role": "spare"},
+        {"id": "switch0", "role": "switch"},
+        {"id": "port2", "role": "spare"},
+        {"id": "port3", "role": "spare"},
+    ]
+    drives = [{"id": "disk0", "port": "port0"}, {"id": "vabc", "port": "port2"}, {"id": "disk1", "port": "port3"}]
+    assert mapping.spare_ports(ports, drives) == [("port1", ""), ("port2", "vabc"), ("port3", "")]
+
+
+@given(st.dictionaries(st.sampled_from(["v1", "v2", "v3"]), st.sampled_from(["p1", "p2", "p3"])))
+def test_plugged_puts_every_volume_on_its_port_at_the_source(ports: dict[str, str]) -> None:
+    volumes = {drive: (f"/dev/{drive}", "raw", f"serial-{drive}") for drive in ports}
+    plugged = mapping.plugged(volumes, ports)
+    assert {p["id"]: p["port"] for p in plugged} == ports
+    assert all(p["path"] == f"/dev/{p['id']}" and p["serial"] == f"serial-{p['id']}" for p in plugged)
+    assert all(p["format"] == "raw" for p in plugged)
+
+
+def test_plugged_refuses_a_volume_the_source_does_not_have() -> None:
+    with pytest.raises(ValueError, match=r"v2.*not attached at the source"):
+        mapping.plugged({"v1": ("/a", "raw", "s1"), "v2": ("/b", "raw", "s2")}, {"v1": "p1"})
+
+
+def test_plugged_refuses_a_volume_only_the_source_has() -> None:
+    with pytest.raises(ValueError, match=r"v2.*no connection on this host"):
+        mapping.plugged({"v1": ("/a", "raw", "s1")}, {"v1": "p1", "v2": "p2"})

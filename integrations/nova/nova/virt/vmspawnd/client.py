@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from jeepney import DBusAddress, FileDescriptor, MessageType, new_method_call
+from jeepney import DBusAddress, FileDescriptor, HeaderFields, Message, MessageType, new_method_call
 from jeepney.io.blocking import DBusConnection, open_dbus_connection
 
 BUS_NAME = "org.vmspawnd1"
@@ -40,9 +41,15 @@ MACHINE_OPTIONS = {
     "drives": "aa{sv}",
     "guest_agent": "b",
     "graphics": "s",
+    "incoming": "b",
+    "plugged": "aa{sv}",
 }
 # One entry of CreateMachine's `drives`.
 DRIVE_OPTIONS = {"path": "s", "format": "s", "disk_type": "s", "read_only": "b", "serial": "s"}
+# One entry of `plugged`: a drive the source had hotplugged, with its id and spare port.
+PLUGGED_OPTIONS = DRIVE_OPTIONS | {"id": "s", "port": "s"}
+# The schema of each entry of an aa{sv} option.
+ENTRY_OPTIONS = {"drives": DRIVE_OPTIONS, "plugged": PLUGGED_OPTIONS}
 ADD_DRIVE_OPTIONS = {"disk_type": "s", "format": "s", "read_only": "b", "serial": "s", "id": "s"}
 # SnapshotDrive's and SwapDrive's options.
 COPY_OPTIONS = {"format": "s", "timeout_usec": "t"}
@@ -79,14 +86,18 @@ def object_path(name: str) -> str:
 
 
 def variants(options: dict[str, Any], schema: dict[str, str]) -> dict[str, tuple[str, Any]]:
-    return {key: (schema[key], wrapped(schema[key], value)) for key, value in options.items()}
+    return {key: (schema[key], wrapped(key, schema[key], value)) for key, value in options.items()}
 
 
-def wrapped(signature: str, value: Any) -> Any:
-    """A value for jeepney: each entry of an aa{sv} (drives) as variants too."""
+def wrapped(key: str, signature: str, value: Any) -> Any:
+    """A value for jeepney: each entry of an aa{sv} (drives, plugged) as variants too."""
     if signature == "aa{sv}":
-        return [variants(entry, DRIVE_OPTIONS) for entry in value]
+        return [variants(entry, ENTRY_OPTIONS[key]) for entry in value]
     return value
+
+
+def usec(seconds: float) -> int:
+    return round(seconds * 1_000_000)
 
 
 def plain(variant: tuple[str, Any]) -> Any:
@@ -143,7 +154,7 @@ class Client:
         self._machine(name, "Start", timeout=timeout)
 
     def power_off(self, name: str, timeout: float) -> None:
-        self._machine(name, "PowerOff", "t", (round(timeout * 1_000_000),), timeout + MARGIN)
+        self._machine(name, "PowerOff", "t", (usec(timeout),), timeout + MARGIN)
 
     def reboot(self, name: str) -> None:
         self._machine(name, "Reboot")
@@ -183,7 +194,7 @@ class Client:
         return drive_id, port
 
     def remove_drive(self, name: str, drive_id: str, timeout: float) -> None:
-        options = {"timeout_usec": ("t", round(timeout * 1_000_000))}
+        options = {"timeout_usec": ("t", usec(timeout))}
         self._machine(name, "RemoveDriveEx", "sa{sv}", (drive_id, options), timeout + MARGIN)
 
     def snapshot_drive(self, name: str, drive_id: str, fd: int, fmt: str, timeout: float) -> None:
@@ -196,12 +207,43 @@ class Client:
         options = variants({"format": fmt, "timeout_usec": round(timeout * 1_000_000)}, COPY_OPTIONS)
         self._machine(name, "SwapDrive", "ssa{sv}", (drive_id, path, options), timeout + MARGIN)
 
+    # -- live migration (the stream is the caller's: a connected socket) --
+
+    def migrate(self, name: str, stream: socket.socket, max_bandwidth: int, timeout: float) -> None:
+        """The machine into `stream` (max_bandwidth bytes/s, 0 for QEMU's own);
+        returns once it completed and the machine is gone here. `stream` is
+        closed once the daemon has it."""
+        options = {"timeout_usec": ("t", usec(timeout))} | (
+            {"max_bandwidth": ("t", max_bandwidth)} if max_bandwidth else {}
+        )
+        with stream:
+            self._machine(name, "Migrate", "ha{sv}", (stream.fileno(), options), timeout + MARGIN, stream)
+
+    def incoming(self, name: str, stream: socket.socket, timeout: float) -> None:
+        """The stream into a machine created with `incoming`; returns once it
+        runs here. `stream` is closed once the daemon has it."""
+        options = {"timeout_usec": ("t", usec(timeout))}
+        with stream:
+            self._machine(name, "Incoming", "ha{sv}", (stream.fileno(), options), timeout + MARGIN, stream)
+
+    def cancel_migration(self, name: str) -> None:
+        self._machine(name, "CancelMigration")
+
+    def force_complete_migration(self, name: str) -> None:
+        self._machine(name, "ForceCompleteMigration")
+
     # -- plumbing ---------------------------------------------------------
 
     def _machine(
-        self, name: str, member: str, signature: str = "", body: tuple[Any, ...] = (), timeout: float | None = None
+        self,
+        name: str,
+        member: str,
+        signature: str = "",
+        body: tuple[Any, ...] = (),
+        timeout: float | None = None,
+        handed: socket.socket | None = None,
     ) -> tuple[Any, ...]:
-        return self._call(object_path(name), MACHINE_IFACE, member, signature, body, timeout)
+        return self._call(object_path(name), MACHINE_IFACE, member, signature, body, timeout, handed)
 
     def _stream(self, name: str, member: str, signature: str = "", body: tuple[Any, ...] = ()) -> socket.socket:
         """A method's answer that is an fd: a stream of ours."""
@@ -217,10 +259,14 @@ class Client:
         signature: str = "",
         body: tuple[Any, ...] = (),
         timeout: float | None = None,
+        handed: socket.socket | None = None,
     ) -> tuple[Any, ...]:
         message = new_method_call(DBusAddress(path, BUS_NAME, interface), member, signature or None, body)
         with self._connection() as conn:
-            reply = conn.send_and_get_reply(message, timeout=timeout or self.timeout)
+            if handed is None:
+                reply = conn.send_and_get_reply(message, timeout=timeout or self.timeout)
+            else:
+                reply = self._hand_over(conn, message, handed, timeout or self.timeout)
         if reply.header.message_type is MessageType.error:
             error = reply.header.fields.get(4, "")  # HeaderFields.error_name
             text = reply.body[0] if reply.body else ""
@@ -232,13 +278,30 @@ class Client:
             raise VmspawndError(error, text)
         return tuple(reply.body)
 
+    @staticmethod
+    def _hand_over(conn: DBusConnection, message: Message, stream: socket.socket, timeout: float) -> Message:
+        """send_and_get_reply, with our copy of `stream` closed as soon as it
+        is sent: QEMU then holds this host's only end, so its close (a cancel,
+        a failure) ends the stream for the other side too."""
+        deadline = time.monotonic() + timeout
+        serial = next(conn.outgoing_serial)
+        try:
+            conn.send(message, serial=serial)
+        finally:
+            stream.close()
+        while True:
+            reply = conn.receive(timeout=max(0.0, deadline - time.monotonic()))
+            if reply.header.fields.get(HeaderFields.reply_serial) == serial:
+                return reply
+
     @contextmanager
     def _connection(self) -> Iterator[DBusConnection]:
         with self._lock:
             conn = self._idle.pop() if self._idle else None
         if conn is None:
             try:
-                # With fd passing: OpenGraphics and OpenConsole answer with one, SnapshotDrive takes one.
+                # With fd passing: OpenGraphics and OpenConsole answer with one, SnapshotDrive, Migrate and
+                # Incoming take one.
                 conn = open_dbus_connection(self.address, enable_fds=True, auth_timeout=self.timeout)
             except OSError as e:
                 raise Unreachable(f"cannot connect to the bus at {self.address}: {e}") from e

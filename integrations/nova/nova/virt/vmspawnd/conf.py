@@ -87,6 +87,31 @@ opts = [
         help="Seconds a disk copy may take: the root disk's for a snapshot, a volume's for a swap "
         "(vmspawnd cancels the copy past it).",
     ),
+    cfg.StrOpt(
+        "live_migration_inbound_addr",
+        help="The address (IP or host name) this host listens on for an incoming live migration's TCP "
+        "stream, on an ephemeral port; the default is my_ip.",
+    ),
+    cfg.IntOpt(
+        "live_migration_accept_timeout",
+        default=360,
+        min=1,
+        help="Seconds a destination waits for the source's migration stream after pre_live_migration "
+        "(the source may first wait vif_plugging_timeout for Neutron).",
+    ),
+    cfg.IntOpt(
+        "live_migration_completion_timeout",
+        default=800,
+        min=1,
+        help="Seconds per GiB of guest memory (at least 2 GiB counted) a live migration may take before "
+        "it is cancelled and the guest runs on at the source (as libvirt's option of that name).",
+    ),
+    cfg.IntOpt(
+        "live_migration_bandwidth",
+        default=0,
+        min=0,
+        help="Most MiB/s a live migration sends; 0 leaves it to QEMU.",
+    ),
 ]
 
 

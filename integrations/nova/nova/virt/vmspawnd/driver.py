@@ -13,12 +13,13 @@ import glob
 import os
 import shutil
 import tempfile
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
 import nova.conf
 import os_resource_classes as orc
-from nova.compute import power_state, task_states
+from nova.compute import power_state, task_states, vm_states
 from nova.compute import utils as compute_utils
 from nova.console import type as ctype
 from nova.image import glance
@@ -34,7 +35,7 @@ from nova import exception, objects
 from nova.virt import driver, hardware, images
 from nova.virt.vmspawnd import client as vclient
 from nova.virt.vmspawnd import conf as vconf
-from nova.virt.vmspawnd import consoleproxy, hostpower, mapping
+from nova.virt.vmspawnd import consoleproxy, hostpower, mapping, transport
 
 LOG = logging.getLogger(__name__)
 CONF = nova.conf.CONF
@@ -57,6 +58,9 @@ ROOT_DRIVE = "disk0"
 # In instances_path: one file per compute (named by its my_ip) that writes there,
 # so a source host knows which destinations see its instance directories.
 COMPUTES_SEEING = ".vmspawnd-computes"
+# A live migration's destination check leaves such a file in instances_path:
+# a source that sees it shares the destination's (libvirt's check).
+SHARED_CHECK = ".vmspawnd-shared-"
 
 
 def local_volume(data: dict[str, Any]) -> tuple[str, str]:
@@ -106,8 +110,12 @@ class VmspawndDriver(driver.ComputeDriver):
     def __init__(self, virtapi: Any, read_only: bool = False) -> None:
         super().__init__(virtapi)
         self.client = vclient.Client(CONF.vmspawnd.bus_address, timeout=CONF.vmspawnd.call_timeout)
-        # Nova's compute manager reads this for live migrations in flight: none here.
-        self.active_migrations: dict[str, Any] = {}
+        # Live migrations this host sends, by instance uuid (as libvirt's):
+        # what was asked of each meanwhile ("abort").
+        self.active_migrations: dict[str, deque[str]] = {}
+        # Incoming live migrations, by instance uuid: each one's listener,
+        # from pre_live_migration to post_live_migration_at_destination or the rollback.
+        self._incoming: dict[str, transport.Listener] = {}
         # This host's name, as init_host gets it (several computes may share one process in tests).
         self._host = str(CONF.host)
         # The TCP ports in front of the instances' consoles (Nova's proxies connect there).
@@ -127,6 +135,8 @@ class VmspawndDriver(driver.ComputeDriver):
 
     def cleanup_host(self, host: str) -> None:
         self._consoles.close_all()
+        for listener in self._incoming.values():
+            listener.close()
         self.client.close()
 
     def set_host_enabled(self, enabled: bool) -> str:
@@ -386,15 +396,9 @@ class VmspawndDriver(driver.ComputeDriver):
             "accel": CONF.vmspawnd.accel,
         }
 
-    def _create(self, context: Any, instance: Any, image_meta: Any, allocations: Any, block_device_info: Any) -> None:
-        volumes = driver.block_device_info_get_mapping(block_device_info)
-        spares = mapping.hotplug_spares(
-            mapping.requested_ports(allocations),
-            CONF.vmspawnd.hotplug_spares,
-            len(volumes),
-            CONF.vmspawnd.max_hotplug_spares,
-        )
-        options = (
+    def _options(self, context: Any, instance: Any, image_meta: Any, spares: int) -> dict[str, Any]:
+        """An instance's machine (what a live migration's destination makes again too)."""
+        return (
             self._boot_source(context, instance, image_meta)
             | self._sized(instance, spares)
             | {
@@ -404,6 +408,16 @@ class VmspawndDriver(driver.ComputeDriver):
                 "graphics": self._graphics(),
             }
         )
+
+    def _create(self, context: Any, instance: Any, image_meta: Any, allocations: Any, block_device_info: Any) -> None:
+        volumes = driver.block_device_info_get_mapping(block_device_info)
+        spares = mapping.hotplug_spares(
+            mapping.requested_ports(allocations),
+            CONF.vmspawnd.hotplug_spares,
+            len(volumes),
+            CONF.vmspawnd.max_hotplug_spares,
+        )
+        options = self._options(context, instance, image_meta, spares)
         name = self._name(instance)
         try:
             self.client.create(name, options)
@@ -915,6 +929,231 @@ class VmspawndDriver(driver.ComputeDriver):
             os.rename(stash, base)
         self._terminate_if_there(self._name(instance))
         self._make(context, instance, instance.image_meta, None, block_device_info, power_on)
+
+    # -- live migration ---------------------------------------------------
+    # Over shared storage only (the destination opens the same disks), the
+    # guest's state over one TCP connection between the two nova-computes
+    # (transport.py): the destination listens from pre_live_migration on,
+    # the source connects in live_migration, each daemon gets its end.
+
+    def _migration_timeout(self, instance: Any) -> float:
+        return mapping.migration_timeout(instance.flavor.memory_mb, CONF.vmspawnd.live_migration_completion_timeout)
+
+    def check_can_live_migrate_destination(
+        self,
+        context: Any,
+        instance: Any,
+        src_compute_info: Any,
+        dst_compute_info: Any,
+        block_migration: bool | None = False,
+        disk_over_commit: bool | None = False,
+    ) -> Any:
+        """On the destination. No block migration (None, Nova's "auto", is
+        shared storage here); a disk outside instances_path must be here too;
+        one inside is checked by the source (check_can_live_migrate_source)."""
+        if block_migration:
+            raise exception.MigrationPreCheckError(
+                reason="vmspawnd moves a running instance over shared storage only: no block migration"
+            )
+        disk = self._local_disk(instance)
+        if disk is not None and mapping.outside([disk[0]], CONF.instances_path) and not os.path.exists(disk[0]):
+            raise exception.MigrationPreCheckError(reason=f"its disk {disk[0]} is not on {self._host}")
+        os.makedirs(CONF.instances_path, exist_ok=True)
+        fd, marker = tempfile.mkstemp(prefix=SHARED_CHECK, dir=CONF.instances_path)
+        os.close(fd)
+        # Nova's conductor knows libvirt's migrate data (it would not know one of ours).
+        return objects.LibvirtLiveMigrateData(
+            filename=os.path.basename(marker),
+            block_migration=False,
+            disk_over_commit=bool(disk_over_commit),
+            # The disks are the same files on both hosts: nothing of them is copied or removed.
+            is_shared_block_storage=True,
+        )
+
+    def cleanup_live_migration_destination_check(self, context: Any, dest_check_data: Any) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(CONF.instances_path, dest_check_data.filename))
+
+    def check_can_live_migrate_source(
+        self, context: Any, instance: Any, dest_check_data: Any, block_device_info: Any = None
+    ) -> Any:
+        """On the source: the machine runs (or is paused); a disk in
+        instances_path needs the destination to share it; the destination is
+        told the machine's spare ports and the volume on each, so that it
+        makes the same machine."""
+        props = self._properties(instance)
+        if props["State"] not in ("running", "paused"):
+            raise exception.MigrationPreCheckError(
+                reason=f"it is {props['State']} on {self._host}: only a running or paused instance moves live"
+            )
+        shared = os.path.exists(os.path.join(CONF.instances_path, dest_check_data.filename))
+        disk = self._local_disk(instance)
+        if disk is not None and not shared and not mapping.outside([disk[0]], CONF.instances_path):
+            raise exception.MigrationPreCheckError(
+                reason=f"its disk {disk[0]} is in {CONF.instances_path}, which the destination does not share"
+            )
+        dest_check_data.is_shared_instance_path = shared
+        # libvirt's bdms (per volume: where the destination's guest has it), one
+        # per spare port here: `dev` the port, `serial` the volume drive on it or "".
+        dest_check_data.bdms = [
+            objects.LibvirtLiveMigrateBDMInfo(serial=drive, dev=port)
+            for port, drive in mapping.spare_ports(props["Ports"], props["Drives"])
+        ]
+        return dest_check_data
+
+    def pre_live_migration(
+        self,
+        context: Any,
+        instance: Any,
+        block_device_info: Any,
+        network_info: Any,
+        disk_info: Any,
+        migrate_data: Any,
+    ) -> Any:
+        """On the destination: the machine made as the source has it (its
+        volumes on the same ports), waiting for its state; a listener for the
+        stream, whose address goes to the source in target_connect_addr."""
+        name = self._name(instance)
+        disk = self._local_disk(instance)
+        if disk is not None and not os.path.exists(disk[0]):
+            raise exception.MigrationPreCheckError(reason=f"its disk {disk[0]} is not on {self._host}")
+        if "bdms" not in migrate_data:
+            raise exception.MigrationPreCheckError(reason="the source did not say what its machine has")
+        ports = {bdm.serial: bdm.dev for bdm in migrate_data.bdms if bdm.serial}
+        volumes = {}
+        for drive, bdm in self._wanted_volumes(block_device_info).items():
+            path, fmt = self._volume_path(bdm["connection_info"])
+            volumes[drive] = (path, fmt, mapping.serial(self._volume_of(bdm)))
+        try:
+            plugged = mapping.plugged(volumes, ports)
+        except ValueError as e:
+            raise exception.MigrationPreCheckError(reason=str(e)) from e
+        spares = len(migrate_data.bdms)
+        options = self._options(context, instance, instance.image_meta, spares) | {"incoming": True, "plugged": plugged}
+        try:
+            self.client.create(name, options)
+        except vclient.VmspawndError as e:
+            raise exception.MigrationError(reason=f"vmspawnd on {self._host} cannot make the machine: {e}") from e
+        timeout = self._migration_timeout(instance)
+        try:
+            listener = transport.Listener(
+                str(CONF.vmspawnd.live_migration_inbound_addr or CONF.my_ip),
+                CONF.vmspawnd.live_migration_accept_timeout,
+                lambda stream: self.client.incoming(name, stream, timeout),
+            )
+        except transport.TransportError as e:
+            self._terminate_if_there(name)
+            raise exception.MigrationError(reason=str(e)) from e
+        self._incoming[instance.uuid] = listener
+        migrate_data.target_connect_addr = mapping.stream_address(listener.host, listener.port)
+        return migrate_data
+
+    def live_migration(
+        self,
+        context: Any,
+        instance: Any,
+        dest: str,
+        post_method: Any,
+        recover_method: Any,
+        block_migration: bool = False,
+        migrate_data: Any = None,
+    ) -> None:
+        """On the source: the stream to the destination's listener, Migrate
+        into it; post_method once the guest runs there, recover_method (the
+        guest runs on here) when it failed or was aborted, as libvirt's."""
+        name = self._name(instance)
+        self.active_migrations[instance.uuid] = deque()
+        try:
+            address = migrate_data.target_connect_addr if migrate_data and "target_connect_addr" in migrate_data else ""
+            host, port = mapping.parse_stream_address(address or "")
+            stream = transport.connect(host, port, CONF.vmspawnd.call_timeout)
+            bandwidth = CONF.vmspawnd.live_migration_bandwidth * units.Mi
+            self.client.migrate(name, stream, bandwidth, self._migration_timeout(instance))
+        except (ValueError, transport.TransportError, vclient.VmspawndError) as e:
+            if "abort" in self.active_migrations[instance.uuid]:
+                LOG.warning("live migration of %s to %s aborted: %s", instance.uuid, dest, e)
+                recover_method(context, instance, dest, migrate_data, migration_status="cancelled")
+            else:
+                LOG.error("live migration of %s to %s failed: %s", instance.uuid, dest, e)
+                recover_method(context, instance, dest, migrate_data)
+            return
+        finally:
+            del self.active_migrations[instance.uuid]
+        post_method(context, instance, dest, block_migration, migrate_data)
+
+    def live_migration_abort(self, instance: Any) -> None:
+        """CancelMigration: the guest runs on here (live_migration calls recover_method)."""
+        # Noted first: live_migration may hear of the cancel before this call returns.
+        if (asked := self.active_migrations.get(instance.uuid)) is not None:
+            asked.append("abort")
+        try:
+            self.client.cancel_migration(self._name(instance))
+        except vclient.VmspawndError as e:
+            self._not_migrating(instance, "abort", e)
+
+    def live_migration_force_complete(self, instance: Any) -> None:
+        """ForceCompleteMigration: the guest is paused so that the migration converges
+        (post_live_migration_at_destination runs it on there)."""
+        try:
+            self.client.force_complete_migration(self._name(instance))
+        except vclient.VmspawndError as e:
+            self._not_migrating(instance, "force-complete", e)
+
+    @staticmethod
+    def _not_migrating(instance: Any, what: str, e: vclient.VmspawndError) -> None:
+        """A migration that ended before the request came (Nova checked that it
+        ran): nothing to do, as libvirt drops a request its migration outlived."""
+        if e.name == "NoSuchMachine":
+            raise exception.InstanceNotFound(instance_id=instance.uuid) from e
+        if e.name != "NotMigrating":
+            raise exception.MigrationError(reason=f"cannot {what} the migration of {instance.uuid}: {e}") from e
+        LOG.info("no live migration of %s to %s: it has ended (%s)", instance.uuid, what, e.message)
+
+    def post_live_migration_at_source(self, context: Any, instance: Any, network_info: Any) -> None:
+        """The machine left with its migration; nothing is left of it here."""
+        self._terminate_if_there(self._name(instance))
+
+    def post_live_migration_at_destination(
+        self,
+        context: Any,
+        instance: Any,
+        network_info: Any,
+        block_migration: bool = False,
+        block_device_info: Any = None,
+    ) -> None:
+        """The incoming stream's end; a guest that a force-complete paused
+        runs on here (one Nova had paused stays paused)."""
+        listener = self._incoming.pop(instance.uuid, None)
+        if listener is not None:
+            try:
+                listener.wait(CONF.vmspawnd.call_timeout)
+            except (transport.TransportError, vclient.VmspawndError) as e:
+                listener.close()
+                raise exception.MigrationError(
+                    reason=f"instance {instance.uuid} did not come in on {self._host}: {e}"
+                ) from e
+        if self._state(instance) == "paused" and instance.vm_state != vm_states.PAUSED:
+            self.client.resume(self._name(instance))
+
+    def rollback_live_migration_at_destination(
+        self,
+        context: Any,
+        instance: Any,
+        network_info: Any,
+        block_device_info: Any,
+        destroy_disks: bool = True,
+        migrate_data: Any = None,
+    ) -> None:
+        """The waiting machine and listener go; never the disks (the source's too)."""
+        listener = self._incoming.pop(instance.uuid, None)
+        if listener is not None:
+            listener.close()
+        self._terminate_if_there(self._name(instance))
+        if listener is not None:
+            try:
+                listener.wait(CONF.vmspawnd.call_timeout)
+            except (transport.TransportError, vclient.VmspawndError) as e:
+                LOG.info("incoming migration of %s called off: %s", instance.uuid, e)
 
     # -- consoles and diagnostics -----------------------------------------
 

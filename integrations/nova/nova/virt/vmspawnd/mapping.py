@@ -206,3 +206,53 @@ def block_stats(counters: dict[str, int]) -> tuple[int, int, int, int, int]:
     """(rd_req, rd_bytes, wr_req, wr_bytes, errs), as libvirt's blockStats gives them."""
     rd_req, rd_bytes, wr_req, wr_bytes, errors = (int(counters[key]) for key in BLOCK_STATS)
     return rd_req, rd_bytes, wr_req, wr_bytes, errors
+
+
+# -- live migration --------------------------------------------------------
+
+
+def stream_address(host: str, port: int) -> str:
+    """'host:port' ('[v6]:port') of the destination's migration listener."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_stream_address(text: str) -> tuple[str, int]:
+    host, colon, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""
+    if not colon or not host or "[" in host or "]" in host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not the host:port of a migration listener")
+    return host, int(port)
+
+
+def migration_timeout(memory_mb: int, seconds_per_gib: float) -> float:
+    """How long a migration may take before it is cancelled (as libvirt's
+    live_migration_completion_timeout: per GiB of guest memory, at least 2)."""
+    return seconds_per_gib * max(2, memory_mb / 1024)
+
+
+def volume_ports(drives: list[dict[str, Any]]) -> dict[str, str]:
+    """The spare port of each volume drive of a machine (its `Drives`)."""
+    return {d["id"]: d["port"] for d in drives if is_volume_drive(d["id"]) and d.get("port")}
+
+
+def spare_ports(ports: list[dict[str, Any]], drives: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(port, volume drive on it or "") of each spare port of a machine (its `Ports` and `Drives`)."""
+    on = {port: drive for drive, port in volume_ports(drives).items()}
+    return [(p["id"], on.get(p["id"], "")) for p in ports if p.get("role") == "spare"]
+
+
+def plugged(volumes: dict[str, tuple[str, str, str]], ports: dict[str, str]) -> list[dict[str, Any]]:
+    """CreateMachine's `plugged` for a migration's destination: each volume
+    (drive id -> path here, format, serial) on the port it has at the source.
+    The two sides must hold the same volumes, or the guest's devices differ."""
+    if missing := sorted(volumes.keys() - ports.keys()):
+        raise ValueError(f"volume drives {', '.join(missing)} are not attached at the source")
+    if extra := sorted(ports.keys() - volumes.keys()):
+        raise ValueError(f"volume drives {', '.join(extra)} of the source have no connection on this host")
+    return [
+        {"id": drive, "path": path, "format": fmt, "serial": serial, "port": ports[drive]}
+        for drive, (path, fmt, serial) in volumes.items()
+    ]
