@@ -1021,7 +1021,9 @@ class VmspawndDriver(driver.ComputeDriver):
             raise exception.MigrationPreCheckError(reason="the source did not say what its machine has")
         ports = {bdm.serial: bdm.dev for bdm in migrate_data.bdms if bdm.serial}
         volumes = {}
-        for drive, bdm in self._wanted_volumes(block_device_info).items():
+        # By the drives attach made: one a swap moved onto another volume keeps the old
+        # volume's id and serial, which the source does not pass on (such an instance is refused).
+        for drive, bdm in self._wanted_volumes(block_device_info, []).items():
             path, fmt = self._volume_path(bdm["connection_info"])
             volumes[drive] = (path, fmt, mapping.serial(self._volume_of(bdm)))
         try:
