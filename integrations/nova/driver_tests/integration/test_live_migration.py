@@ -89,6 +89,14 @@ def prepare(source: Host, destination: Host, instance: Any, bdi: dict[str, Any])
     return destination.driver.pre_live_migration(ctxt, instance, bdi, [], None, data)
 
 
+def spawned(host: Host) -> Any:
+    """A new instance of the tiny guest, spawned on `host`."""
+    instance = new_instance(MEMORY_MB)
+    ctxt = nova_context.get_admin_context()
+    host.driver.spawn(ctxt, instance, objects.ImageMeta.from_dict({}), [], None, {}, network_info=[])
+    return instance
+
+
 def last_tick(driver: VmspawndDriver, instance: Any) -> float:
     return float(re.findall(TICK, console_log(driver, instance).read_text(errors="replace"))[-1])
 
@@ -98,8 +106,7 @@ def test_an_instance_with_a_volume_live_migrates_and_runs_on_at_the_destination(
 ) -> None:
     source, destination = hosts
     ctxt = nova_context.get_admin_context()
-    instance = new_instance(MEMORY_MB)
-    source.driver.spawn(ctxt, instance, objects.ImageMeta.from_dict({}), [], None, {}, network_info=[])
+    instance = spawned(source)
     try:
         console(source.driver, instance, TICK)
         volume_id = str(uuid.uuid4())
@@ -146,8 +153,7 @@ def test_an_aborted_live_migration_leaves_the_guest_running_at_the_source(
 ) -> None:
     source, destination = hosts
     ctxt = nova_context.get_admin_context()
-    instance = new_instance(MEMORY_MB)
-    source.driver.spawn(ctxt, instance, objects.ImageMeta.from_dict({}), [], None, {}, network_info=[])
+    instance = spawned(source)
     name = mapping.machine_name(instance.name, instance.uuid)
     try:
         console(source.driver, instance, TICK)
@@ -189,8 +195,7 @@ def test_a_destination_without_the_source_s_volume_refuses_before_anything_moves
 ) -> None:
     source, destination = hosts
     ctxt = nova_context.get_admin_context()
-    instance = new_instance(MEMORY_MB)
-    source.driver.spawn(ctxt, instance, objects.ImageMeta.from_dict({}), [], None, {}, network_info=[])
+    instance = spawned(source)
     try:
         volume = workdir / f"volume-{uuid.uuid4()}"
         volume.write_bytes(b"\0" * MiB)
