@@ -5,7 +5,10 @@ functional fixtures (API, conductor, scheduler, placement in one process).
 The scheduler places two servers on the two hosts; one is stopped and
 started, a volume is attached and its guest sees it; everything is deleted
 and no QEMU of either daemon is left; placement shows each host's
-hotplug-port inventory, and the ports the flavor asked for in use.
+hotplug-port inventory, and the ports the flavor asked for in use. A server
+with a volume live-migrates to the other host through Nova's API, conductor
+and both compute managers (the migrate data crossing Nova's RPC), and its
+guest goes on there without a new boot.
 """
 
 from __future__ import annotations
@@ -140,6 +143,49 @@ class TwoHostsTestCase(integrated_helpers.ProviderUsageBaseTestCase):
             self._delete_server(s)
         for s in servers:
             self._wait_until_deleted(s)
+        for host, daemon in self.daemons.items():
+            self.assertEqual([], self.driver(host).list_instances())
+            self.assertEqual([], qemu_pids(str(daemon.runtime_dir)))
+
+    def test_live_migration(self) -> None:
+        # 128 MiB: a migration makes all of the guest's memory resident, which
+        # 256 MiB with the boot files' copies takes past the machine's cgroup limit.
+        flavor_id = self._create_flavor(
+            memory_mb=128, vcpu=1, disk=0, ephemeral=0, extra_spec={mapping.HOTPLUG_EXTRA_SPEC: str(PORTS)}
+        )
+        server = self._create_server(name="mover", flavor_id=flavor_id, networks="none")
+        source = server["OS-EXT-SRV-ATTR:host"]
+        (destination,) = set(HOSTS) - {source}
+        self.wait_console(server, "VMSPAWN-GUEST-READY")
+        volume_id = str(uuid.uuid4())
+        volume = self.workdir / f"volume-{volume_id}"
+        volume.write_bytes(b"\0" * MiB)
+        self.stub_out(
+            "nova.tests.fixtures.cinder.CinderFixture.VOLUME_CONNECTION_INFO",
+            cinder_fixture.CinderFixture.VOLUME_CONNECTION_INFO
+            | {volume_id: {"driver_volume_type": "local", "data": {"device_path": str(volume)}}},
+        )
+        self._attach_volume(server, volume_id)
+        self.wait_console(server, f"VMSPAWN-BLOCK-ADD \\w+ serial={mapping.serial(volume_id)}")
+
+        self.api.post_server_action(server["id"], {"os-migrateLive": {"host": None, "block_migration": "auto"}})
+        server = self._wait_for_server_parameter(
+            server, {"OS-EXT-SRV-ATTR:host": destination, "status": "ACTIVE"}, max_retries=240
+        )
+        self._wait_for_migration_status(server, ["completed"])
+        self.assertEqual([], self.driver(source).list_instances())
+        self.assertEqual([], qemu_pids(str(self.daemons[source].runtime_dir)))
+        name = mapping.machine_name(server["OS-EXT-SRV-ATTR:instance_name"], server["id"])
+        props = self.driver(destination).client.properties(name)
+        self.assertEqual("running", props["State"])
+        self.assertIn(str(volume), [d["path"] for d in props["Drives"]])
+        # The same guest runs there (its volume unplugs), with no boot of its own.
+        self.api.delete_server_volume(server["id"], volume_id)
+        self.wait_console(server, r"VMSPAWN-BLOCK-REMOVE \w+")
+        self.assertNotIn("VMSPAWN-GUEST-READY", self.console_log(server).read_text(errors="replace"))
+
+        self._delete_server(server)
+        self._wait_until_deleted(server)
         for host, daemon in self.daemons.items():
             self.assertEqual([], self.driver(host).list_instances())
             self.assertEqual([], qemu_pids(str(daemon.runtime_dir)))
