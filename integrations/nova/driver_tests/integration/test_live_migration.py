@@ -190,6 +190,47 @@ def test_an_aborted_live_migration_leaves_the_guest_running_at_the_source(
     assert source.left() == ([], [], [])
 
 
+def test_a_forced_live_migration_completes_and_the_guest_runs_on_at_the_destination(
+    hosts: tuple[Host, Host], guest_conf: Any
+) -> None:
+    source, destination = hosts
+    ctxt = nova_context.get_admin_context()
+    instance = spawned(source)
+    name = mapping.machine_name(instance.name, instance.uuid)
+    try:
+        console(source.driver, instance, TICK)
+        data = prepare(source, destination, instance, {})
+        # 8 MiB/s: slow enough for the force-complete to land while it runs.
+        guest_conf.set_override("live_migration_bandwidth", 8, group="vmspawnd")
+        calls = Calls()
+        migrating = threading.Thread(
+            target=source.driver.live_migration,
+            args=(ctxt, instance, "destination", calls.post, calls.recover, False, data),
+        )
+        migrating.start()
+        try:
+            asyncio.run(wait_migration(destination.driver, name, {"active"}))
+            before = last_tick(source.driver, instance)
+            source.driver.live_migration_force_complete(instance)
+        finally:
+            migrating.join(MIGRATION)
+        assert not migrating.is_alive()
+        assert calls.calls == [("post", (ctxt, instance, "destination", False, data), {})]
+        # The source paused it to converge: it comes in paused, and runs on once Nova is done.
+        assert destination.driver.get_info(instance).state == power_state.PAUSED
+        destination.driver.post_live_migration_at_destination(ctxt, instance, [], False, {})
+        source.driver.post_live_migration_at_source(ctxt, instance, [])
+        assert destination.driver.get_info(instance).state == power_state.RUNNING
+        assert source.left() == ([], [], [])
+        moved = float(console(destination.driver, instance, TICK).group(1))
+        assert moved > before
+    finally:
+        guest_conf.clear_override("live_migration_bandwidth", group="vmspawnd")
+        source.driver.destroy(ctxt, instance, [])
+        destination.driver.destroy(ctxt, instance, [])
+    assert destination.left() == ([], [], [])
+
+
 def test_a_destination_without_the_source_s_volume_refuses_before_anything_moves(
     hosts: tuple[Host, Host], workdir: Path
 ) -> None:
