@@ -12,6 +12,7 @@ moved without a reboot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import threading
 import uuid
@@ -157,21 +158,9 @@ def test_an_aborted_live_migration_leaves_the_guest_running_at_the_source(
     name = mapping.machine_name(instance.name, instance.uuid)
     try:
         console(source.driver, instance, TICK)
-        data = prepare(source, destination, instance, {})
         # 1 MiB/s: 128 MiB cannot go over before the abort comes.
-        guest_conf.set_override("live_migration_bandwidth", 1, group="vmspawnd")
-        calls = Calls()
-        migrating = threading.Thread(
-            target=source.driver.live_migration,
-            args=(ctxt, instance, "destination", calls.post, calls.recover, False, data),
-        )
-        migrating.start()
-        try:
-            asyncio.run(wait_migration(destination.driver, name, {"active"}))
+        with migrating(ctxt, source, destination, instance, guest_conf, 1) as (calls, data):
             source.driver.live_migration_abort(instance)
-        finally:
-            migrating.join(MIGRATION)
-        assert not migrating.is_alive()
         assert calls.calls == [("recover", (ctxt, instance, "destination", data), {"migration_status": "cancelled"})]
         # What Nova's recover_method calls at the destination.
         destination.driver.rollback_live_migration_at_destination(ctxt, instance, [], {}, False, data)
@@ -196,25 +185,12 @@ def test_a_forced_live_migration_completes_and_the_guest_runs_on_at_the_destinat
     source, destination = hosts
     ctxt = nova_context.get_admin_context()
     instance = spawned(source)
-    name = mapping.machine_name(instance.name, instance.uuid)
     try:
         console(source.driver, instance, TICK)
-        data = prepare(source, destination, instance, {})
         # 8 MiB/s: slow enough for the force-complete to land while it runs.
-        guest_conf.set_override("live_migration_bandwidth", 8, group="vmspawnd")
-        calls = Calls()
-        migrating = threading.Thread(
-            target=source.driver.live_migration,
-            args=(ctxt, instance, "destination", calls.post, calls.recover, False, data),
-        )
-        migrating.start()
-        try:
-            asyncio.run(wait_migration(destination.driver, name, {"active"}))
+        with migrating(ctxt, source, destination, instance, guest_conf, 8) as (calls, data):
             before = last_tick(source.driver, instance)
             source.driver.live_migration_force_complete(instance)
-        finally:
-            migrating.join(MIGRATION)
-        assert not migrating.is_alive()
         assert calls.calls == [("post", (ctxt, instance, "destination", False, data), {})]
         # The source paused it to converge: it comes in paused, and runs on once Nova is done.
         assert destination.driver.get_info(instance).state == power_state.PAUSED
@@ -247,6 +223,30 @@ def test_a_destination_without_the_source_s_volume_refuses_before_anything_moves
         assert source.driver.get_info(instance).state == power_state.RUNNING
     finally:
         source.driver.destroy(ctxt, instance, [])
+
+
+@contextlib.contextmanager
+def migrating(
+    ctxt: Any, source: Host, destination: Host, instance: Any, guest_conf: Any, mib_per_s: int
+) -> Iterator[tuple[Calls, Any]]:
+    """`instance` live-migrating to `destination` at `mib_per_s` on a thread of
+    its own (as the compute manager runs it), under way at the destination when
+    the body runs; the thread is joined, bounded, when the body is done. The
+    test clears the bandwidth override."""
+    data = prepare(source, destination, instance, {})
+    guest_conf.set_override("live_migration_bandwidth", mib_per_s, group="vmspawnd")
+    calls = Calls()
+    thread = threading.Thread(
+        target=source.driver.live_migration,
+        args=(ctxt, instance, "destination", calls.post, calls.recover, False, data),
+    )
+    thread.start()
+    try:
+        asyncio.run(wait_migration(destination.driver, mapping.machine_name(instance.name, instance.uuid), {"active"}))
+        yield calls, data
+    finally:
+        thread.join(MIGRATION)
+    assert not thread.is_alive()
 
 
 async def wait_migration(driver: VmspawndDriver, name: str, wanted: set[str]) -> None:
