@@ -180,6 +180,9 @@ class TwoHostsTestCase(integrated_helpers.ProviderUsageBaseTestCase):
         self.assertEqual("running", props["State"])
         self.assertIn(str(volume), [d["path"] for d in props["Drives"]])
         # The same guest runs there (its volume unplugs), with no boot of its own.
+        # The computes share one process and one CONF.host (the last one started),
+        # and Nova's detach calls the driver only where CONF.host is the instance's.
+        self.flags(host=destination)
         self.api.delete_server_volume(server["id"], volume_id)
         self.wait_console(server, r"VMSPAWN-BLOCK-REMOVE \w+")
         self.assertNotIn("VMSPAWN-GUEST-READY", self.console_log(server).read_text(errors="replace"))
