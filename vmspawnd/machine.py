@@ -1233,6 +1233,12 @@ class Machine:
         self._tell(lambda o: o.drive_added(self, record))
         return record
 
+    def _take_fdset(self) -> int:
+        """The next fdset id for a hotplug: none the command line's files hold."""
+        fdset = next(i for i in itertools.count(self._next_fdset) if i not in self.plan.taken_fdsets)
+        self._next_fdset = fdset + 1
+        return fdset
+
     async def _pass_layers(
         self, dev: str, chain: OpenedChain, fdsets: dict[str, int], undo: list[tuple[str, dict[str, object]]]
     ) -> dict[str, str]:
@@ -1241,8 +1247,7 @@ class Machine:
         The undo is listed before each add-fd: one that times out may still
         be carried out, and removing an fdset QEMU never got is harmless."""
         for layer in chain.top.walk():
-            fdset = next(i for i in itertools.count(self._next_fdset) if i not in self.plan.taken_fdsets)
-            self._next_fdset = fdset + 1
+            fdset = self._take_fdset()
             undo.append(("remove-fd", {"fdset-id": fdset}))
             await self._monitor.pass_fd(chain.fds[layer.label], fdset, imagechain.opaque(dev, layer))
             fdsets[layer.label] = fdset
@@ -1250,11 +1255,14 @@ class Machine:
 
     # -- cdrom media ------------------------------------------------------------
 
+    def _drive(self, dev: str) -> Drive:
+        if (drive := self.drives.get(dev)) is None:
+            raise NoSuchDrive(f"machine {self.name} has no drive {dev!r}; see its Drives property")
+        return drive
+
     def media_drive(self, dev: str, method: str) -> Drive:
         """The cdrom `dev`, attached: the only kind whose medium changes under a running guest."""
-        drive = self.drives.get(dev)
-        if drive is None:
-            raise NoSuchDrive(f"machine {self.name} has no drive {dev!r}; see its Drives property")
+        drive = self._drive(dev)
         if drive.disk_type is not DiskType.VIRTIO_SCSI_CDROM:
             raise InvalidArgument(
                 f"{method}: drive {dev} is a {drive.disk_type} disk; only a cdrom (virtio-scsi-cdrom) has a "
@@ -1378,9 +1386,7 @@ class Machine:
 
     def job_drive(self, dev: str, method: str) -> Drive:
         """The drive `dev` a block job may run on: attached, a disk, and no other job on it."""
-        drive = self.drives.get(dev)
-        if drive is None:
-            raise NoSuchDrive(f"machine {self.name} has no drive {dev!r}; see its Drives property")
+        drive = self._drive(dev)
         if drive.disk_type is DiskType.VIRTIO_SCSI_CDROM:
             raise InvalidArgument(
                 f"{method}: drive {dev} is a cdrom: its medium is a file of yours already; change it with ReplaceDrive"
@@ -1456,8 +1462,7 @@ class Machine:
 
     async def _pass_fd_once(self, dev: str, fd: int, what: str) -> int:
         """`fd` into an fdset of its own; returns the fdset (removed by the caller)."""
-        fdset = next(i for i in itertools.count(self._next_fdset) if i not in self.plan.taken_fdsets)
-        self._next_fdset = fdset + 1
+        fdset = self._take_fdset()
         await self._monitor.pass_fd(fd, fdset, f"{dev}{blockjob.SNAPSHOT_SUFFIX}:{what}")
         return fdset
 
@@ -1955,8 +1960,7 @@ class Machine:
     async def drive_stats(self, dev: str) -> dict[str, int]:
         """The drive's I/O counters since it was plugged (QMP query-blockstats)."""
         async with self._request("DriveStats"):
-            if (drive := self.drives.get(dev)) is None:
-                raise NoSuchDrive(f"machine {self.name} has no drive {dev!r}; see its Drives property")
+            drive = self._drive(dev)
             reply = await self._run_command("query-blockstats", "DriveStats")
         entry = blockstats.entry_of(reply, dev, drive.block_node)
         if entry is None:

@@ -1,8 +1,9 @@
 """org.vmspawnd1.Machine: one object per VM."""
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated, Any, TypeVar
 
 from dbus_fast import Message, MessageFlag, PropertyAccess, Variant
@@ -131,14 +132,23 @@ def bus_ping() -> Message:
     )  # fmt: skip
 
 
-def check_passed(fd: int, passed: list[int], method: str) -> None:
-    """Without fds in the message dbus-fast hands over the bare index: never
-    take it for one of the daemon's own fds."""
-    if fd not in passed:
-        raise InvalidArgument(
-            f"{method} needs an open file descriptor sent with the call (busctl cannot send one; "
-            "use gdbus call --unix-fd or vmspawnctl)"
-        )
+@contextlib.contextmanager
+def passed_fd(fd: int, method: str) -> Iterator[None]:
+    """The fd argument `fd` must have come with the call: without fds in the
+    message dbus-fast hands over the bare index, never to be taken for one of
+    the daemon's own fds. Every fd of the call is closed once the body is done
+    (QEMU holds its own copies by then)."""
+    passed = caller.passed_fds()
+    try:
+        if fd not in passed:
+            raise InvalidArgument(
+                f"{method} needs an open file descriptor sent with the call (busctl cannot send one; "
+                "use gdbus call --unix-fd or vmspawnctl)"
+            )
+        yield
+    finally:
+        for each in passed:
+            os.close(each)
 
 
 class MachineInterface(ServiceInterface):
@@ -304,19 +314,13 @@ class MachineInterface(ServiceInterface):
     @dbus_method()
     @replies_errors
     async def AddDriveFd(self, fd: DBusUnixFd, options: Options) -> DrivePort:
-        passed = caller.passed_fds()
-        try:
-            check_passed(fd, passed, "AddDriveFd")
+        with passed_fd(fd, "AddDriveFd"):
             uid = await self._authorize(self.machine)
             # Relative backing names count from the directory the fd's file is in.
             drive, drive_id = parse.add_drive(os.readlink(f"/proc/self/fd/{fd}"), options)
             port = parse.add_drive_port(options, drive)
             self.machine.validate_drive(drive, drive_id, port)
             return await self._attach(drive, drive_id, port, uid, os.dup(fd))
-        finally:
-            # QEMU holds its own copy now.
-            for passed_fd in passed:
-                os.close(passed_fd)
 
     async def _attach(self, drive: DriveSpec, drive_id: str, port: str, uid: int, fd: int | None = None) -> list[str]:
         """Every layer of the drive's image opened as `uid` (the image itself
@@ -389,15 +393,10 @@ class MachineInterface(ServiceInterface):
     @replies_errors
     async def SnapshotDrive(self, drive_id: DBusStr, fd: DBusUnixFd, options: Options) -> None:
         """The drive as it is now, copied into the file `fd` the caller opened read-write; the guest runs on."""
-        passed = caller.passed_fds()
-        try:
-            check_passed(fd, passed, "SnapshotDrive")
+        with passed_fd(fd, "SnapshotDrive"):
             await self._authorize(self.machine)
             fmt, timeout, max_bandwidth = parse.block_job(options, "SnapshotDrive")
             await self.machine.snapshot_drive(drive_id, fd, fmt, timeout, max_bandwidth)
-        finally:
-            for passed_fd in passed:
-                os.close(passed_fd)
 
     @dbus_method()
     @replies_errors
@@ -412,18 +411,13 @@ class MachineInterface(ServiceInterface):
     @dbus_method()
     @replies_errors
     async def SwapDriveFd(self, drive_id: DBusStr, fd: DBusUnixFd, options: Options) -> None:
-        passed = caller.passed_fds()
-        try:
-            check_passed(fd, passed, "SwapDriveFd")
+        with passed_fd(fd, "SwapDriveFd"):
             uid = await self._authorize(self.machine)
             # Relative backing names count from the directory the fd's file is in.
             path = os.readlink(f"/proc/self/fd/{fd}")
             target, timeout, max_bandwidth = parse.swap_target(path, options, "SwapDriveFd")
             self.machine.check_swap(drive_id)
             await self._swap(drive_id, target, timeout, max_bandwidth, uid, os.dup(fd))
-        finally:
-            for passed_fd in passed:
-                os.close(passed_fd)
 
     async def _swap(
         self, drive_id: str, target: DriveSpec, timeout: float, max_bandwidth: int, uid: int, fd: int | None = None
@@ -462,16 +456,11 @@ class MachineInterface(ServiceInterface):
     @dbus_method()
     @replies_errors
     async def AddNetworkFd(self, tap_fd: DBusUnixFd, options: Options) -> DrivePort:
-        passed = caller.passed_fds()
-        try:
-            check_passed(tap_fd, passed, "AddNetworkFd")
+        with passed_fd(tap_fd, "AddNetworkFd"):
             await self._authorize(self.machine)
             nic_id, mac = parse.add_network_fd(options)
             name = tap.passed_tap(tap_fd)
             added = await self.machine.add_network(f"fd:{name}", nic_id, mac, tap_fd)
-        finally:
-            for fd in passed:
-                os.close(fd)
         return [added.id, added.port]
 
     @dbus_method()
@@ -531,14 +520,9 @@ class MachineInterface(ServiceInterface):
         """The caller's migration stream handed to QEMU by `start`; our
         copies closed at once after: a cancel closing QEMU's must reach the
         other side as the stream's end."""
-        passed = caller.passed_fds()
-        try:
-            check_passed(fd, passed, method)
+        with passed_fd(fd, method):
             await self._authorize(self.machine)
             return await start(fd)
-        finally:
-            for passed_fd in passed:
-                os.close(passed_fd)
 
     @dbus_method()
     @replies_errors
