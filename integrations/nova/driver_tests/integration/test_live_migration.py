@@ -174,7 +174,6 @@ def test_an_aborted_live_migration_leaves_the_guest_running_at_the_source(
         source.driver.live_migration_force_complete(instance)
         assert source.driver.get_info(instance).state == power_state.RUNNING
     finally:
-        guest_conf.clear_override("live_migration_bandwidth", group="vmspawnd")
         source.driver.destroy(ctxt, instance, [])
     assert source.left() == ([], [], [])
 
@@ -201,7 +200,6 @@ def test_a_forced_live_migration_completes_and_the_guest_runs_on_at_the_destinat
         moved = float(console(destination.driver, instance, TICK).group(1))
         assert moved > before
     finally:
-        guest_conf.clear_override("live_migration_bandwidth", group="vmspawnd")
         source.driver.destroy(ctxt, instance, [])
         destination.driver.destroy(ctxt, instance, [])
     assert destination.left() == ([], [], [])
@@ -231,21 +229,26 @@ def migrating(
 ) -> Iterator[tuple[Calls, Any]]:
     """`instance` live-migrating to `destination` at `mib_per_s` on a thread of
     its own (as the compute manager runs it), under way at the destination when
-    the body runs; the thread is joined, bounded, when the body is done. The
-    test clears the bandwidth override."""
+    the body runs; the thread is joined, bounded, and the bandwidth is as it
+    was, when the body is done."""
     data = prepare(source, destination, instance, {})
     guest_conf.set_override("live_migration_bandwidth", mib_per_s, group="vmspawnd")
-    calls = Calls()
-    thread = threading.Thread(
-        target=source.driver.live_migration,
-        args=(ctxt, instance, "destination", calls.post, calls.recover, False, data),
-    )
-    thread.start()
     try:
-        asyncio.run(wait_migration(destination.driver, mapping.machine_name(instance.name, instance.uuid), {"active"}))
-        yield calls, data
+        calls = Calls()
+        thread = threading.Thread(
+            target=source.driver.live_migration,
+            args=(ctxt, instance, "destination", calls.post, calls.recover, False, data),
+        )
+        thread.start()
+        try:
+            asyncio.run(
+                wait_migration(destination.driver, mapping.machine_name(instance.name, instance.uuid), {"active"})
+            )
+            yield calls, data
+        finally:
+            thread.join(MIGRATION)
     finally:
-        thread.join(MIGRATION)
+        guest_conf.clear_override("live_migration_bandwidth", group="vmspawnd")
     assert not thread.is_alive()
 
 
