@@ -103,6 +103,22 @@ class TwoHostsTestCase(integrated_helpers.ProviderUsageBaseTestCase):
     def wait_console(self, server: dict[str, Any], pattern: str, start: int = 0) -> None:
         asyncio.run(wait_console(self.console_log(server), pattern, timeout=BOOT, start=start))
 
+    def attach_local_volume(self, server: dict[str, Any]) -> tuple[str, Path]:
+        """A volume (a local file, as os-brick's local connector gives it)
+        attached through Nova's API and seen by the guest; its id and file."""
+        volume_id = str(uuid.uuid4())
+        volume = self.workdir / f"volume-{volume_id}"
+        volume.write_bytes(b"\0" * MiB)
+        self.stub_out(
+            "nova.tests.fixtures.cinder.CinderFixture.VOLUME_CONNECTION_INFO",
+            cinder_fixture.CinderFixture.VOLUME_CONNECTION_INFO
+            | {volume_id: {"driver_volume_type": "local", "data": {"device_path": str(volume)}}},
+        )
+        mark = len(self.console_log(server).read_text(errors="replace"))
+        self._attach_volume(server, volume_id)
+        self.wait_console(server, f"VMSPAWN-BLOCK-ADD \\w+ serial={mapping.serial(volume_id)}", start=mark)
+        return volume_id, volume
+
     def test_two_hosts(self) -> None:
         # Placement knows each host's hotplug ports.
         providers = {host: self._get_provider_uuid_by_host(host) for host in HOSTS}
@@ -126,18 +142,7 @@ class TwoHostsTestCase(integrated_helpers.ProviderUsageBaseTestCase):
         self._wait_for_server_parameter(server, {"status": "ACTIVE"}, max_retries=240)
         self.wait_console(server, "VMSPAWN-GUEST-READY", start=mark)
 
-        # A volume (a local file, as os-brick's local connector gives it) attached and seen.
-        volume_id = str(uuid.uuid4())
-        volume = self.workdir / f"volume-{volume_id}"
-        volume.write_bytes(b"\0" * MiB)
-        self.stub_out(
-            "nova.tests.fixtures.cinder.CinderFixture.VOLUME_CONNECTION_INFO",
-            cinder_fixture.CinderFixture.VOLUME_CONNECTION_INFO
-            | {volume_id: {"driver_volume_type": "local", "data": {"device_path": str(volume)}}},
-        )
-        mark = len(self.console_log(server).read_text(errors="replace"))
-        self._attach_volume(server, volume_id)
-        self.wait_console(server, f"VMSPAWN-BLOCK-ADD \\w+ serial={mapping.serial(volume_id)}", start=mark)
+        self.attach_local_volume(server)
 
         for s in servers:
             self._delete_server(s)
@@ -157,16 +162,7 @@ class TwoHostsTestCase(integrated_helpers.ProviderUsageBaseTestCase):
         source = server["OS-EXT-SRV-ATTR:host"]
         (destination,) = set(HOSTS) - {source}
         self.wait_console(server, "VMSPAWN-GUEST-READY")
-        volume_id = str(uuid.uuid4())
-        volume = self.workdir / f"volume-{volume_id}"
-        volume.write_bytes(b"\0" * MiB)
-        self.stub_out(
-            "nova.tests.fixtures.cinder.CinderFixture.VOLUME_CONNECTION_INFO",
-            cinder_fixture.CinderFixture.VOLUME_CONNECTION_INFO
-            | {volume_id: {"driver_volume_type": "local", "data": {"device_path": str(volume)}}},
-        )
-        self._attach_volume(server, volume_id)
-        self.wait_console(server, f"VMSPAWN-BLOCK-ADD \\w+ serial={mapping.serial(volume_id)}")
+        volume_id, volume = self.attach_local_volume(server)
 
         self.api.post_server_action(server["id"], {"os-migrateLive": {"host": None, "block_migration": "auto"}})
         server = self._wait_for_server_parameter(
